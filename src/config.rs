@@ -1,0 +1,195 @@
+//! Settings, read once from the environment; the same table prints `tenantd --help`, so the help
+//! can never disagree with what is parsed.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use log::LevelFilter;
+
+/// One environment variable: its name, default and meaning.
+pub struct Setting {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "DATABASE_URL",
+        default: "postgres://postgres:postgres@127.0.0.1:5432/sample_db",
+        help: "PostgreSQL database holding `tenants` and `messages`",
+    },
+    Setting {
+        name: "RABBITMQ_URL",
+        default: "amqp://guest:guest@127.0.0.1:5672/%2f",
+        help: "RabbitMQ broker holding the tenants' queues",
+    },
+    Setting {
+        name: "HTTP_ADDR",
+        default: "0.0.0.0:8080",
+        help: "address the HTTP API listens on",
+    },
+    Setting {
+        name: "DEFAULT_WORKERS",
+        default: "3",
+        help: "a new tenant's concurrency: batches of its messages in the pool at once",
+    },
+    Setting {
+        name: "MAX_WORKERS",
+        default: "64",
+        help: "the largest concurrency a tenant may be given",
+    },
+    Setting {
+        name: "WORKER_POOL_SIZE",
+        default: "8",
+        help: "threads in the shared pool, each with its own PostgreSQL connection",
+    },
+    Setting {
+        name: "BATCH_SIZE",
+        default: "100",
+        help: "most messages stored in one INSERT; prefetch = workers x BATCH_SIZE",
+    },
+    Setting {
+        name: "MAX_MESSAGE_BYTES",
+        default: "1048576",
+        help: "a message larger than this is rejected, never stored",
+    },
+    Setting {
+        name: "CONNECT_TIMEOUT_MS",
+        default: "5000",
+        help: "how long opening a broker or database connection may take",
+    },
+    Setting {
+        name: "SHUTDOWN_TIMEOUT",
+        default: "30",
+        help: "seconds SIGTERM may take to drain in-flight messages before exiting non-zero",
+    },
+    Setting {
+        name: "LOG_LEVEL",
+        default: "info",
+        help: "error, warn, info, debug or trace",
+    },
+];
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub database_url: String,
+    pub rabbitmq_url: String,
+    pub http_addr: String,
+    pub default_workers: u16,
+    pub max_workers: u16,
+    pub pool_size: usize,
+    pub batch_size: usize,
+    pub max_message_bytes: usize,
+    pub connect_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_level: LevelFilter,
+}
+
+impl Config {
+    /// Reads every setting from the process environment.
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads every setting through `lookup`, falling back to the defaults in `SETTINGS`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let get = |name: &str| -> String {
+            lookup(name)
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| default_of(name).to_string())
+        };
+        let config = Config {
+            database_url: get("DATABASE_URL"),
+            rabbitmq_url: get("RABBITMQ_URL"),
+            http_addr: get("HTTP_ADDR"),
+            default_workers: number(&get, "DEFAULT_WORKERS")?,
+            max_workers: number(&get, "MAX_WORKERS")?,
+            pool_size: number(&get, "WORKER_POOL_SIZE")?,
+            batch_size: number(&get, "BATCH_SIZE")?,
+            max_message_bytes: number(&get, "MAX_MESSAGE_BYTES")?,
+            connect_timeout: Duration::from_millis(number(&get, "CONNECT_TIMEOUT_MS")?),
+            shutdown_timeout: Duration::from_secs(number(&get, "SHUTDOWN_TIMEOUT")?),
+            log_level: get("LOG_LEVEL")
+                .parse()
+                .with_context(|| format!("LOG_LEVEL={:?} is not a log level", get("LOG_LEVEL")))?,
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.max_workers == 0 || self.default_workers == 0 {
+            bail!("DEFAULT_WORKERS and MAX_WORKERS must be at least 1");
+        }
+        if self.default_workers > self.max_workers {
+            bail!(
+                "DEFAULT_WORKERS={} is above MAX_WORKERS={}",
+                self.default_workers,
+                self.max_workers
+            );
+        }
+        if self.pool_size == 0 || self.batch_size == 0 {
+            bail!("WORKER_POOL_SIZE and BATCH_SIZE must be at least 1");
+        }
+        if usize::from(self.max_workers) * self.batch_size > usize::from(u16::MAX) {
+            bail!("MAX_WORKERS x BATCH_SIZE must fit a prefetch count (at most 65535)");
+        }
+        Ok(())
+    }
+
+    /// The broker prefetch for a tenant running `workers` batches at once.
+    pub fn prefetch(&self, workers: u16) -> u16 {
+        (usize::from(workers) * self.batch_size).min(usize::from(u16::MAX)) as u16
+    }
+}
+
+fn default_of(name: &str) -> &'static str {
+    SETTINGS
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| s.default)
+        .unwrap_or_default()
+}
+
+fn number<T: std::str::FromStr>(get: &impl Fn(&str) -> String, name: &str) -> Result<T> {
+    let raw = get(name);
+    raw.trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{name}={raw:?} is not a valid number"))
+}
+
+/// The text of `tenantd --help`.
+pub fn help_text() -> String {
+    let mut text = String::from(
+        "tenantd: multi-tenant message ingestion from RabbitMQ into partitioned PostgreSQL\n\n\
+         Usage: tenantd [--help]\n\nSettings (environment variables):\n",
+    );
+    for s in SETTINGS {
+        text.push_str(&format!(
+            "  {:<20} {}\n  {:<20} default: {}\n",
+            s.name, s.help, "", s.default
+        ));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let config = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(config.default_workers, 3);
+        assert_eq!(config.prefetch(3), 300);
+        assert_eq!(config.http_addr, "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn bad_numbers_name_the_variable() {
+        let err =
+            Config::from_lookup(|n| (n == "DEFAULT_WORKERS").then(|| "x".into())).unwrap_err();
+        assert!(err.to_string().contains("DEFAULT_WORKERS"), "{err}");
+    }
+}

@@ -1,0 +1,169 @@
+//! The HTTP front: a few threads taking requests from tiny_http, each with its own database
+//! connection. Bodies are capped here, because tiny_http reads whatever it is sent.
+
+pub mod error;
+mod routes;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{anyhow, Context, Result};
+use log::{debug, warn};
+use tiny_http::{Header, Request, Response, Server};
+
+use crate::service::Service;
+use crate::store::LazyClient;
+use error::ApiError;
+
+/// Requests larger than this are refused with 413 before they are read.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The running HTTP server: stopping it unblocks and joins every request thread.
+pub struct HttpServer {
+    server: Arc<Server>,
+    stopping: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    addr: SocketAddr,
+}
+
+impl HttpServer {
+    pub fn start(addr: &str, threads: usize, service: Arc<Service>) -> Result<HttpServer> {
+        let server =
+            Server::http(addr).map_err(|e| anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
+        let local = server
+            .server_addr()
+            .to_ip()
+            .context("HTTP server is not on an IP address")?;
+        let server = Arc::new(server);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|i| spawn_request_thread(i, &server, &stopping, &service))
+            .collect::<Result<_>>()?;
+        Ok(HttpServer {
+            server,
+            stopping,
+            threads,
+            addr: local,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops taking requests; a request being handled is finished first.
+    pub fn stop(self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for _ in &self.threads {
+            self.server.unblock();
+        }
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn spawn_request_thread(
+    i: usize,
+    server: &Arc<Server>,
+    stopping: &Arc<AtomicBool>,
+    service: &Arc<Service>,
+) -> Result<JoinHandle<()>> {
+    let (server, stopping, service) = (server.clone(), stopping.clone(), service.clone());
+    std::thread::Builder::new()
+        .name(format!("http-{i}"))
+        .spawn(move || {
+            let mut db =
+                LazyClient::new(&service.config.database_url, service.config.connect_timeout);
+            loop {
+                match server.recv() {
+                    Ok(request) => handle(&service, &mut db, request),
+                    Err(_) if stopping.load(Ordering::SeqCst) => return,
+                    Err(e) => warn!("accepting an HTTP connection failed: {e}"),
+                }
+            }
+        })
+        .context("spawning an HTTP thread")
+}
+
+/// A request as the routes see it: method, path, query and the (capped) body.
+pub struct ApiRequest {
+    pub method: tiny_http::Method,
+    pub path: String,
+    pub query: String,
+    pub body: Vec<u8>,
+}
+
+/// What a route answers: a status and a JSON body (none for 204).
+pub struct ApiResponse {
+    pub status: u16,
+    pub body: Option<serde_json::Value>,
+}
+
+fn handle(service: &Service, db: &mut LazyClient, mut request: Request) {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let url = request.url().to_string();
+    let result = read_request(&mut request).and_then(|r| routes::route(service, db, r));
+    let (status, response) = match result {
+        Ok(ok) => (ok.status, respond(ok.status, ok.body.as_ref(), None)),
+        Err(e) => {
+            let status = e.status();
+            let allow = match &e {
+                ApiError::MethodNotAllowed(allow) => Some(allow.join(", ")),
+                _ => None,
+            };
+            let body = serde_json::json!({ "error": e.message() });
+            (status, respond(status, Some(&body), allow))
+        }
+    };
+    debug!("{method} {url} -> {status} in {:?}", started.elapsed());
+    if let Err(e) = request.respond(response) {
+        debug!("could not send the response to {method} {url}: {e}");
+    }
+}
+
+fn read_request(request: &mut Request) -> Result<ApiRequest, ApiError> {
+    if request.body_length().is_some_and(|n| n > MAX_BODY_BYTES) {
+        return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+    }
+    let mut body = Vec::new();
+    request
+        .as_reader()
+        .take(MAX_BODY_BYTES as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+    if body.len() > MAX_BODY_BYTES {
+        return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+    }
+    let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
+    Ok(ApiRequest {
+        method: request.method().clone(),
+        path: path.to_string(),
+        query: query.to_string(),
+        body,
+    })
+}
+
+fn respond(
+    status: u16,
+    body: Option<&serde_json::Value>,
+    allow: Option<String>,
+) -> Response<std::io::Cursor<Vec<u8>>> {
+    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    let mut response = Response::from_data(bytes).with_status_code(status);
+    if body.is_some() {
+        response.add_header(header("Content-Type", "application/json"));
+    }
+    if let Some(allow) = allow {
+        response.add_header(header("Allow", &allow));
+    }
+    response
+}
+
+fn header(name: &str, value: &str) -> Header {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header is valid")
+}

@@ -1,0 +1,260 @@
+//! Routing and request parsing: turns an `ApiRequest` into a call on `Service`, and its answer
+//! into a status and JSON. Every way a request can be wrong is a 4xx here, before any work.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+use tiny_http::Method;
+
+use super::error::ApiError;
+use super::{ApiRequest, ApiResponse};
+use crate::ids::TenantId;
+use crate::model::Status;
+use crate::service::{NewTenant, Service, TenantPatch};
+use crate::store::LazyClient;
+use crate::url::percent_decode;
+
+const MAX_NAME_CHARS: usize = 200;
+const MAX_DESCRIPTION_CHARS: usize = 2000;
+const DEFAULT_LIMIT: usize = 10;
+const MAX_LIMIT: usize = 100;
+
+/// The resources, recognised by path alone, so a known path with a wrong method is a 405.
+enum Route {
+    Health,
+    Tenants,
+    Tenant(String),
+    Concurrency(String),
+    TenantMessages(String),
+    Messages,
+}
+
+impl Route {
+    fn parse(path: &str) -> Option<Route> {
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        let route = match segments.as_slice() {
+            ["healthz"] => Route::Health,
+            ["api", "tenants"] => Route::Tenants,
+            ["api", "tenants", id] => Route::Tenant(id.to_string()),
+            ["api", "tenants", id, "config", "concurrency"] => Route::Concurrency(id.to_string()),
+            ["api", "tenants", id, "messages"] => Route::TenantMessages(id.to_string()),
+            ["api", "messages"] => Route::Messages,
+            _ => return None,
+        };
+        Some(route)
+    }
+
+    fn allowed(&self) -> &'static [&'static str] {
+        match self {
+            Route::Health | Route::Messages => &["GET"],
+            Route::Tenants | Route::TenantMessages(_) => &["GET", "POST"],
+            Route::Tenant(_) => &["GET", "PATCH", "DELETE"],
+            Route::Concurrency(_) => &["PUT"],
+        }
+    }
+}
+
+pub fn route(
+    service: &Service,
+    db: &mut LazyClient,
+    req: ApiRequest,
+) -> Result<ApiResponse, ApiError> {
+    let route = Route::parse(&req.path)
+        .ok_or_else(|| ApiError::NotFound(format!("no such path: {}", req.path)))?;
+    let not_allowed = || ApiError::MethodNotAllowed(route.allowed());
+    match (&req.method, &route) {
+        (Method::Get, Route::Health) => ok(200, json!({ "status": "ok" })),
+        (Method::Post, Route::Tenants) => {
+            let new = parse_new_tenant(&req.body)?;
+            ok(201, service.create_tenant(db, new)?)
+        }
+        (Method::Get, Route::Tenants) => {
+            let (cursor, limit) = page_params(&req.query)?;
+            ok(200, service.list_tenants(db, cursor.as_deref(), limit)?)
+        }
+        (Method::Get, Route::Tenant(id)) => ok(200, service.tenant_view(db, tenant_id(id)?)?),
+        (Method::Patch, Route::Tenant(id)) => {
+            let id = tenant_id(id)?;
+            let patch = parse_patch(&req.body)?;
+            ok(200, service.update_tenant(db, id, patch)?)
+        }
+        (Method::Delete, Route::Tenant(id)) => {
+            service.delete_tenant(db, tenant_id(id)?)?;
+            Ok(ApiResponse {
+                status: 204,
+                body: None,
+            })
+        }
+        (Method::Put, Route::Concurrency(id)) => {
+            let id = tenant_id(id)?;
+            let workers = parse_workers(&req.body, service.config.max_workers)?;
+            ok(200, service.set_concurrency(db, id, workers)?)
+        }
+        (Method::Post, Route::TenantMessages(id)) => {
+            let id = tenant_id(id)?;
+            parse_json::<serde::de::IgnoredAny>(&req.body)?;
+            let message_id = service.publish(db, id, &req.body)?;
+            ok(202, json!({ "id": message_id, "queue": id.queue_name() }))
+        }
+        (Method::Get, Route::TenantMessages(id)) => {
+            let id = tenant_id(id)?;
+            let (cursor, limit) = page_params(&req.query)?;
+            ok(
+                200,
+                service.tenant_messages(db, id, cursor.as_deref(), limit)?,
+            )
+        }
+        (Method::Get, Route::Messages) => {
+            let (cursor, limit) = page_params(&req.query)?;
+            let page = match query_param(&req.query, "tenant_id")? {
+                Some(id) if !id.is_empty() => {
+                    service.tenant_messages(db, tenant_id(&id)?, cursor.as_deref(), limit)?
+                }
+                _ => service.all_messages(db, cursor.as_deref(), limit)?,
+            };
+            ok(200, page)
+        }
+        _ => Err(not_allowed()),
+    }
+}
+
+fn ok(status: u16, body: impl serde::Serialize) -> Result<ApiResponse, ApiError> {
+    let body = serde_json::to_value(body).map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(ApiResponse {
+        status,
+        body: Some(body),
+    })
+}
+
+fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a tenant id (a UUID)")))
+}
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::BadRequest(
+            "request body must be JSON; it is empty".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    status: Option<Status>,
+}
+
+fn parse_new_tenant(body: &[u8]) -> Result<NewTenant, ApiError> {
+    let body: CreateBody = parse_json(body)?;
+    check_text("name", &body.name, MAX_NAME_CHARS)?;
+    if let Some(d) = &body.description {
+        check_text("description", d, MAX_DESCRIPTION_CHARS)?;
+    }
+    Ok(NewTenant {
+        name: body.name,
+        description: body.description,
+        status: body.status.unwrap_or(Status::Active),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    description: Option<Option<String>>,
+    #[serde(default)]
+    status: Option<Status>,
+}
+
+/// Tells `"description": null` (clear it) from an absent field (keep it).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+fn parse_patch(body: &[u8]) -> Result<TenantPatch, ApiError> {
+    let body: PatchBody = parse_json(body)?;
+    if let Some(name) = &body.name {
+        check_text("name", name, MAX_NAME_CHARS)?;
+    }
+    if let Some(Some(d)) = &body.description {
+        check_text("description", d, MAX_DESCRIPTION_CHARS)?;
+    }
+    Ok(TenantPatch {
+        name: body.name,
+        description: body.description,
+        status: body.status,
+    })
+}
+
+fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), ApiError> {
+    let chars = value.chars().count();
+    if field == "name" && value.trim().is_empty() {
+        return Err(ApiError::BadRequest("name must not be empty".into()));
+    }
+    if chars > max_chars {
+        return Err(ApiError::BadRequest(format!(
+            "{field} must be at most {max_chars} characters; it has {chars}"
+        )));
+    }
+    if value.contains('\0') {
+        return Err(ApiError::BadRequest(format!(
+            "{field} must not contain NUL characters"
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConcurrencyBody {
+    workers: Value,
+}
+
+fn parse_workers(body: &[u8], max: u16) -> Result<u16, ApiError> {
+    let body: ConcurrencyBody = parse_json(body)?;
+    body.workers
+        .as_u64()
+        .filter(|n| (1..=u64::from(max)).contains(n))
+        .map(|n| n as u16)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!("workers must be an integer between 1 and {max}"))
+        })
+}
+
+fn query_param(query: &str, name: &str) -> Result<Option<String>, ApiError> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == name {
+            return percent_decode(value, true)
+                .map(Some)
+                .map_err(|_| ApiError::BadRequest(format!("query parameter {name} is malformed")));
+        }
+    }
+    Ok(None)
+}
+
+fn page_params(query: &str) -> Result<(Option<String>, usize), ApiError> {
+    let cursor = query_param(query, "cursor")?;
+    let limit = match query_param(query, "limit")? {
+        None => DEFAULT_LIMIT,
+        Some(raw) => raw
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "limit must be an integer between 1 and {MAX_LIMIT}"
+                ))
+            })?,
+    };
+    Ok((cursor, limit))
+}

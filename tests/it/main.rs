@@ -1,0 +1,8 @@
+//! The integration tests: one binary, the real tenantd against the real PostgreSQL and RabbitMQ.
+
+mod cli;
+mod ingest;
+mod lifecycle;
+mod pagination;
+mod support;
+mod tenants;
