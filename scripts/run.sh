@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the whole stack on this machine: PostgreSQL and RabbitMQ (started or installed as
+# needed), then tenantd in the foreground on :8080. Ctrl-C stops tenantd cleanly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/services.sh
+
+ensure_postgres
+ensure_rabbitmq
+ensure_cargo
+raise_file_limit
+cargo build --release --locked
+say "starting tenantd on ${HTTP_ADDR:-0.0.0.0:8080}"
+exec ./target/release/tenantd

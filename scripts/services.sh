@@ -1,0 +1,93 @@
+# Sourced by run.sh and test.sh: makes PostgreSQL and RabbitMQ reachable on 127.0.0.1, using
+# the servers already running, starting installed ones, or installing Debian's packages.
+# Every step says what it does; nothing is done twice.
+
+PG_HOST=127.0.0.1
+PG_PORT=5432
+AMQP_PORT=5672
+
+say() { printf 'tenantd: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else die "need root (or sudo) to run: $*"
+  fi
+}
+
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "$* missing and this is not a Debian/Ubuntu machine: install it, or use docker compose"
+  say "installing $* from Debian's packages"
+  if [ -z "${TENANTD_APT_UPDATED:-}" ]; then
+    as_root apt-get update -qq
+    TENANTD_APT_UPDATED=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+wait_for() { # what, seconds, command...
+  local what=$1 seconds=$2; shift 2
+  local i
+  for ((i = 0; i < seconds * 2; i++)); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.5
+  done
+  die "$what did not come up within ${seconds}s"
+}
+
+ensure_postgres() {
+  if ! port_open "$PG_PORT"; then
+    command -v pg_ctlcluster >/dev/null 2>&1 || apt_install postgresql
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    say "starting PostgreSQL $version"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    wait_for PostgreSQL 60 port_open "$PG_PORT"
+  fi
+  command -v psql >/dev/null 2>&1 || apt_install postgresql-client
+  local admin="postgres://postgres:postgres@$PG_HOST:$PG_PORT/postgres"
+  if ! psql "$admin" -Atqc 'SELECT 1' >/dev/null 2>&1; then
+    say "setting the postgres user's password to 'postgres' (the default DATABASE_URL)"
+    as_root su postgres -c "psql -qc \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null ||
+      die "cannot log in to PostgreSQL as postgres/postgres"
+  fi
+  if [ "$(psql "$admin" -Atqc "SELECT 1 FROM pg_database WHERE datname = 'sample_db'")" != 1 ]; then
+    say "creating database sample_db"
+    psql "$admin" -qc 'CREATE DATABASE sample_db'
+  fi
+}
+
+ensure_rabbitmq() {
+  port_open "$AMQP_PORT" && return 0
+  command -v rabbitmq-server >/dev/null 2>&1 || apt_install rabbitmq-server
+  local env_conf=/etc/rabbitmq/rabbitmq-env.conf
+  if ! grep -qs 'ulimit' "$env_conf"; then
+    # Started as root the broker gets 1024 files (~830 connections, one per tenant) and the
+    # next connection hangs; raise it to the hard limit before the broker starts.
+    say "raising RabbitMQ's file limit in $env_conf"
+    echo 'ulimit -S -n "$(ulimit -H -n)"' | as_root tee -a "$env_conf" >/dev/null
+  fi
+  if ! getent hosts "$(hostname)" >/dev/null && ! grep -qs '^NODENAME' "$env_conf"; then
+    echo 'NODENAME=rabbit@localhost' | as_root tee -a "$env_conf" >/dev/null
+  fi
+  say "starting RabbitMQ"
+  as_root rabbitmq-server -detached
+  wait_for RabbitMQ 90 as_root rabbitmqctl -q await_startup
+  wait_for RabbitMQ 30 port_open "$AMQP_PORT"
+}
+
+ensure_cargo() {
+  if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  command -v cargo >/dev/null 2>&1 ||
+    die "cargo not found: install Rust (https://rustup.rs), or use docker compose"
+}
+
+raise_file_limit() {
+  # One broker connection per tenant: thousands of tenants need thousands of descriptors.
+  ulimit -S -n "$(ulimit -H -n)" 2>/dev/null || true
+}

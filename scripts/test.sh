@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every test against real PostgreSQL and RabbitMQ (started or installed as needed):
+# formatting, lints, unit tests and the integration suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/services.sh
+
+ensure_postgres
+ensure_rabbitmq
+ensure_cargo
+raise_file_limit
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+cargo test --locked "$@"
