@@ -254,8 +254,9 @@ fn delivery_of(message: Result<ConsumerMessage, crossbeam_channel::RecvError>) -
     }
 }
 
-/// Stops taking deliveries and waits (until `deadline`) for the pool to finish what it holds.
-/// What is still unacked after that is requeued by the broker when the channel closes.
+/// Stops taking deliveries and waits (until `deadline`) for the pool to finish what it holds and
+/// for the broker to confirm the cancel (the consumer must outlive that confirmation, or amiquip
+/// fails the whole connection). What is unacked after that is requeued when the channel closes.
 fn drain(
     channel: &Channel,
     consumer: &Consumer,
@@ -264,12 +265,17 @@ fn drain(
     deadline: Instant,
 ) -> Result<()> {
     consumer.cancel()?;
-    while flight.busy > 0 {
+    let mut cancelled = false;
+    let timeout = after(deadline.saturating_duration_since(Instant::now()));
+    while flight.busy > 0 || !cancelled {
         select! {
             recv(replies) -> done => flight.complete(channel, done.context("worker replies closed")?)?,
-            // Deliveries that raced the cancel stay unacked and go back to the queue.
-            recv(consumer.receiver()) -> _ => {}
-            recv(after(deadline.saturating_duration_since(Instant::now()))) -> _ => {
+            recv(consumer.receiver()) -> message => match message {
+                // Deliveries that raced the cancel stay unacked and go back to the queue.
+                Ok(ConsumerMessage::Delivery(_)) => {}
+                _ => cancelled = true,
+            },
+            recv(timeout) -> _ => {
                 warn!(
                     "tenant_id={} stop deadline passed with {} batches in flight; they will be redelivered",
                     flight.tenant, flight.busy

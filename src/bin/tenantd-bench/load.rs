@@ -1,0 +1,112 @@
+//! Load on the broker: preloading queues, draining them with no work (the broker's own ceiling),
+//! and publishing at a fixed rate.
+
+use std::time::{Duration, Instant};
+
+use amiquip::{AmqpProperties, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
+use tenantd::broker::{self, BrokerAddr};
+use uuid::Uuid;
+
+fn connect(url: &str) -> amiquip::Connection {
+    let addr = BrokerAddr::parse(url).expect("RABBITMQ_URL");
+    broker::connect(&addr, Duration::from_secs(10), "tenantd-bench").expect("connecting to RabbitMQ")
+}
+
+/// A ~240-byte JSON body.
+pub fn body(seq: u64) -> Vec<u8> {
+    format!(
+        r#"{{"seq":{seq},"event":"order.created","customer":"c-{:06}","items":[{{"sku":"A-100","qty":2}},{{"sku":"B-220","qty":1}}],"total":{}.{:02},"currency":"EUR","note":"benchmark payload of roughly two hundred and forty bytes"}}"#,
+        seq % 1_000_000,
+        seq % 997,
+        seq % 100
+    )
+    .into_bytes()
+}
+
+/// Publishes `per_queue` messages with UUID message ids to each queue, one thread per queue,
+/// and returns once the broker confirmed them all.
+pub fn preload(url: &str, queues: &[String], per_queue: u64) {
+    std::thread::scope(|s| {
+        for queue in queues {
+            s.spawn(move || {
+                let mut connection = connect(url);
+                let channel = connection.open_channel(None).unwrap();
+                channel.enable_publisher_confirms().unwrap();
+                let confirms = channel.listen_for_publisher_confirms().unwrap();
+                let mut smoother = ConfirmSmoother::new();
+                let mut confirmed = 0;
+                for seq in 0..per_queue {
+                    let props = AmqpProperties::default()
+                        .with_message_id(Uuid::now_v7().to_string())
+                        .with_delivery_mode(2);
+                    channel.basic_publish("", Publish::with_properties(&body(seq), queue.as_str(), props)).unwrap();
+                    // Keep at most 1,000 unconfirmed, as a careful publisher would.
+                    while seq + 1 - confirmed > 1000 {
+                        confirmed += smoother.process(confirms.recv().unwrap()).count() as u64;
+                    }
+                }
+                while confirmed < per_queue {
+                    confirmed += smoother.process(confirms.recv().unwrap()).count() as u64;
+                }
+                let _ = connection.close();
+            });
+        }
+    });
+}
+
+/// Drains the queues with consume + ack and no work, at `prefetch`, acking like tenantd does
+/// (one multiple-ack when nothing more is waiting). Returns the messages per second.
+pub fn drain_rate(url: &str, queues: &[String], per_queue: u64, prefetch: u16) -> f64 {
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for queue in queues {
+            s.spawn(move || {
+                let mut connection = connect(url);
+                let channel = connection.open_channel(None).unwrap();
+                channel.qos(0, prefetch, true).unwrap();
+                let consumer = channel
+                    .basic_consume(queue.as_str(), ConsumerOptions::default())
+                    .unwrap();
+                let mut taken = 0;
+                while taken < per_queue {
+                    let mut last = match consumer.receiver().recv().unwrap() {
+                        ConsumerMessage::Delivery(d) => d,
+                        other => panic!("consumer ended: {other:?}"),
+                    };
+                    taken += 1;
+                    while let Ok(ConsumerMessage::Delivery(d)) = consumer.receiver().try_recv() {
+                        last = d;
+                        taken += 1;
+                    }
+                    consumer.ack_multiple(last).unwrap();
+                }
+                drop(consumer);
+                let _ = channel.close();
+                let _ = connection.close();
+            });
+        }
+    });
+    (per_queue * queues.len() as u64) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Publishes `{"seq": n, ...}` to `queue` at `rate` per second for `seconds`; returns the instant
+/// each message was handed to the broker.
+pub fn publish_at_rate(url: &str, queue: &str, rate: u64, seconds: u64) -> Vec<Instant> {
+    let mut connection = connect(url);
+    let channel = connection.open_channel(None).unwrap();
+    let total = rate * seconds;
+    let mut sent = Vec::with_capacity(total as usize);
+    let start = Instant::now();
+    for seq in 0..total {
+        let due = start + Duration::from_secs_f64(seq as f64 / rate as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let props = AmqpProperties::default().with_message_id(Uuid::now_v7().to_string());
+        sent.push(Instant::now());
+        channel.basic_publish("", Publish::with_properties(&body(seq), queue, props)).unwrap();
+    }
+    let _ = channel.close();
+    let _ = connection.close();
+    sent
+}
