@@ -104,10 +104,28 @@ fn tcp_connect(addr: &BrokerAddr, timeout: Duration) -> Result<TcpStream> {
 ///
 /// A message the tenant thread rejects (it can never be stored) is dead-lettered by the broker
 /// itself to `tenant_{id}_dlq`, atomically with the reject.
+///
+/// `tenant_{id}_retry` holds messages waiting for another attempt; each expires after its delay
+/// and the broker dead-letters it back to the tenant's queue.
 pub fn declare_tenant_queue(channel: &Channel, id: TenantId) -> Result<Queue<'_>> {
+    declare(channel, id.dlq_name(), FieldTable::new())?;
+    declare(channel, id.retry_name(), dead_letter_to(id.queue_name()))?;
+    declare(channel, id.queue_name(), dead_letter_to(id.dlq_name()))
+}
+
+fn declare(channel: &Channel, name: String, arguments: FieldTable) -> Result<Queue<'_>> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        arguments,
+        ..QueueDeclareOptions::default()
+    };
     channel
-        .queue_declare(id.dlq_name(), durable(FieldTable::new()))
-        .with_context(|| format!("declaring queue {}", id.dlq_name()))?;
+        .queue_declare(name.clone(), options)
+        .with_context(|| format!("declaring queue {name}"))
+}
+
+/// Arguments making the broker dead-letter to `queue` through the default exchange.
+fn dead_letter_to(queue: String) -> FieldTable {
     let mut arguments = FieldTable::new();
     arguments.insert(
         "x-dead-letter-exchange".into(),
@@ -115,19 +133,9 @@ pub fn declare_tenant_queue(channel: &Channel, id: TenantId) -> Result<Queue<'_>
     );
     arguments.insert(
         "x-dead-letter-routing-key".into(),
-        AmqpValue::LongString(id.dlq_name()),
+        AmqpValue::LongString(queue),
     );
-    channel
-        .queue_declare(id.queue_name(), durable(arguments))
-        .with_context(|| format!("declaring queue {}", id.queue_name()))
-}
-
-fn durable(arguments: FieldTable) -> QueueDeclareOptions {
-    QueueDeclareOptions {
-        durable: true,
-        arguments,
-        ..QueueDeclareOptions::default()
-    }
+    arguments
 }
 
 /// A queue's depth and consumer count, as the broker reports them.
@@ -216,6 +224,11 @@ impl BrokerAdmin {
         result
     }
 
+    /// Succeeds when the broker answers (opening a connection if there is none).
+    pub fn ping(&self) -> Result<()> {
+        self.with_session(|_| Ok(()))
+    }
+
     pub fn declare_queue(&self, id: TenantId) -> Result<()> {
         self.with_session(|s| declare_tenant_queue(&s.channel, id).map(drop))
     }
@@ -223,7 +236,7 @@ impl BrokerAdmin {
     /// Deletes every queue of the tenant; a queue already gone is not an error.
     pub fn delete_queues(&self, id: TenantId) -> Result<()> {
         self.with_session(|s| {
-            for name in [id.queue_name(), id.dlq_name()] {
+            for name in [id.queue_name(), id.retry_name(), id.dlq_name()] {
                 s.channel
                     .queue_delete(name.clone(), QueueDeleteOptions::default())
                     .with_context(|| format!("deleting queue {name}"))?;
@@ -273,7 +286,8 @@ impl Drop for BrokerAdmin {
     }
 }
 
-fn wait_for_confirm(confirms: &Receiver<Confirm>, tag: u64, timeout: Duration) -> Result<()> {
+/// Waits for the broker to confirm publish number `tag` of the channel.
+pub fn wait_for_confirm(confirms: &Receiver<Confirm>, tag: u64, timeout: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let confirm = confirms

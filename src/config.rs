@@ -41,8 +41,8 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "WORKER_POOL_SIZE",
-        default: "8",
-        help: "threads in the shared pool, each with its own PostgreSQL connection",
+        default: "cpus",
+        help: "threads in the shared pool, each with its own PostgreSQL connection (cpus: one per CPU)",
     },
     Setting {
         name: "BATCH_SIZE",
@@ -53,6 +53,11 @@ pub const SETTINGS: &[Setting] = &[
         name: "MAX_MESSAGE_BYTES",
         default: "1048576",
         help: "a message larger than this is rejected, never stored",
+    },
+    Setting {
+        name: "RETRY_DELAYS_MS",
+        default: "2000,4000,8000",
+        help: "delays before each retry of a message that failed; after the last, its DLQ",
     },
     Setting {
         name: "CONNECT_TIMEOUT_MS",
@@ -81,6 +86,7 @@ pub struct Config {
     pub pool_size: usize,
     pub batch_size: usize,
     pub max_message_bytes: usize,
+    pub retry_delays: Vec<Duration>,
     pub connect_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub log_level: LevelFilter,
@@ -105,9 +111,10 @@ impl Config {
             http_addr: get("HTTP_ADDR"),
             default_workers: number(&get, "DEFAULT_WORKERS")?,
             max_workers: number(&get, "MAX_WORKERS")?,
-            pool_size: number(&get, "WORKER_POOL_SIZE")?,
+            pool_size: pool_size(&get("WORKER_POOL_SIZE"))?,
             batch_size: number(&get, "BATCH_SIZE")?,
             max_message_bytes: number(&get, "MAX_MESSAGE_BYTES")?,
+            retry_delays: delays(&get("RETRY_DELAYS_MS"))?,
             connect_timeout: Duration::from_millis(number(&get, "CONNECT_TIMEOUT_MS")?),
             shutdown_timeout: Duration::from_secs(number(&get, "SHUTDOWN_TIMEOUT")?),
             log_level: get("LOG_LEVEL")
@@ -159,6 +166,32 @@ fn number<T: std::str::FromStr>(get: &impl Fn(&str) -> String, name: &str) -> Re
         .map_err(|_| anyhow::anyhow!("{name}={raw:?} is not a valid number"))
 }
 
+/// A number, or `cpus`: one thread per CPU (at least two). On a small machine that shares its
+/// cores with PostgreSQL and RabbitMQ, more threads only add contention (see the README).
+fn pool_size(raw: &str) -> Result<usize> {
+    if raw.trim() == "cpus" {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        return Ok(cpus.max(2));
+    }
+    raw.trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("WORKER_POOL_SIZE={raw:?} is not a number or `cpus`"))
+}
+
+/// `2000,4000,8000` → three delays; `none` → no retries.
+fn delays(raw: &str) -> Result<Vec<Duration>> {
+    if raw.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    raw.split(',')
+        .map(|part| {
+            part.trim().parse().map(Duration::from_millis).map_err(|_| {
+                anyhow::anyhow!("RETRY_DELAYS_MS={raw:?} is not a list of milliseconds")
+            })
+        })
+        .collect()
+}
+
 /// The text of `tenantd --help`.
 pub fn help_text() -> String {
     let mut text = String::from(
@@ -184,6 +217,20 @@ mod tests {
         assert_eq!(config.default_workers, 3);
         assert_eq!(config.prefetch(3), 300);
         assert_eq!(config.http_addr, "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn retry_delays_parse() {
+        let config =
+            Config::from_lookup(|n| (n == "RETRY_DELAYS_MS").then(|| "5, 10".into())).unwrap();
+        assert_eq!(
+            config.retry_delays,
+            [Duration::from_millis(5), Duration::from_millis(10)]
+        );
+        let none =
+            Config::from_lookup(|n| (n == "RETRY_DELAYS_MS").then(|| "none".into())).unwrap();
+        assert!(none.retry_delays.is_empty());
+        assert!(Config::from_lookup(|n| (n == "RETRY_DELAYS_MS").then(|| "1,x".into())).is_err());
     }
 
     #[test]

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use amiquip::{Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions, Delivery};
+use amiquip::{
+    AmqpProperties, AmqpValue, Channel, Confirm, Connection, Consumer, ConsumerMessage,
+    ConsumerOptions, Delivery, FieldTable, Publish,
+};
 use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{after, bounded, never, select, unbounded, Receiver, Sender};
 use log::{info, warn};
@@ -14,13 +17,21 @@ use uuid::Uuid;
 
 use crate::broker::{self, BrokerAddr};
 use crate::ids::TenantId;
-use crate::pool::{Batch, BatchDone, BatchResult, Item, WorkerPool};
+use crate::pool::{Batch, BatchDone, Item, Outcome, Poison, WorkerPool};
+use crate::stats::TenantStats;
+
+/// Header counting a message's failed attempts; it travels with the message, so the count
+/// survives restarts.
+const ATTEMPTS_HEADER: &str = "x-tenantd-attempts";
+/// Header saying why the last attempt failed.
+const REASON_HEADER: &str = "x-tenantd-reason";
 
 /// What every tenant thread shares.
 pub struct ConsumerContext {
     pub broker: BrokerAddr,
     pub connect_timeout: Duration,
     pub batch_size: usize,
+    pub retry_delays: Vec<Duration>,
     pub pool: Arc<WorkerPool>,
 }
 
@@ -92,12 +103,19 @@ impl Starting {
     }
 }
 
-pub fn spawn(ctx: Arc<ConsumerContext>, id: TenantId, workers: u16) -> Result<Starting> {
+/// One tenant's thread: who it is, its concurrency, its counters.
+pub struct TenantSpec {
+    pub id: TenantId,
+    pub workers: u16,
+    pub stats: Arc<TenantStats>,
+}
+
+pub fn spawn(ctx: Arc<ConsumerContext>, spec: TenantSpec) -> Result<Starting> {
     let (control_tx, control_rx) = unbounded();
     let (ready_tx, ready_rx) = bounded(1);
     let thread = std::thread::Builder::new()
-        .name(id.thread_name())
-        .spawn(move || run(&ctx, id, workers, &control_rx, ready_tx))
+        .name(spec.id.thread_name())
+        .spawn(move || run(&ctx, spec, &control_rx, ready_tx))
         .context("spawning a tenant thread")?;
     Ok(Starting {
         handle: ConsumerHandle {
@@ -111,15 +129,15 @@ pub fn spawn(ctx: Arc<ConsumerContext>, id: TenantId, workers: u16) -> Result<St
 /// The thread's body: sessions, one per broker connection, until told to stop.
 fn run(
     ctx: &ConsumerContext,
-    id: TenantId,
-    mut workers: u16,
+    mut spec: TenantSpec,
     control: &Receiver<Control>,
     ready: Sender<Result<()>>,
 ) {
+    let id = spec.id;
     let mut ready = Some(ready);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     loop {
-        let result = run_session(ctx, id, &mut workers, control, &mut ready, &mut backoff);
+        let result = run_session(ctx, &mut spec, control, &mut ready, &mut backoff);
         let err = match result {
             Ok(()) => return,
             Err(e) => e,
@@ -131,7 +149,7 @@ fn run(
         let delay = backoff.next();
         warn!("tenant_id={id} consumer lost the broker, reconnecting in {delay:?}: {err:#}");
         match control.recv_timeout(delay) {
-            Ok(Control::Resize(n)) => workers = n,
+            Ok(Control::Resize(n)) => spec.workers = n,
             Ok(Control::Stop { .. }) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 return
             }
@@ -142,53 +160,50 @@ fn run(
 
 fn run_session(
     ctx: &ConsumerContext,
-    id: TenantId,
-    workers: &mut u16,
+    spec: &mut TenantSpec,
     control: &Receiver<Control>,
     ready: &mut Option<Sender<Result<()>>>,
     backoff: &mut Backoff,
 ) -> Result<()> {
-    let label = format!("tenantd tenant {id}");
+    let label = format!("tenantd tenant {}", spec.id);
     let mut connection = broker::connect(&ctx.broker, ctx.connect_timeout, &label)?;
-    let result = consume(ctx, id, &mut connection, workers, control, ready, backoff);
+    let result = consume(ctx, spec, &mut connection, control, ready, backoff);
     let _ = connection.close();
     result
 }
 
 fn consume(
     ctx: &ConsumerContext,
-    id: TenantId,
+    spec: &mut TenantSpec,
     connection: &mut Connection,
-    workers: &mut u16,
     control: &Receiver<Control>,
     ready: &mut Option<Sender<Result<()>>>,
     backoff: &mut Backoff,
 ) -> Result<()> {
+    let id = spec.id;
     let channel = connection.open_channel(None)?;
     // Global: one limit for the channel, which a resize can change under the running consumer.
-    channel.qos(0, ctx.prefetch(*workers), true)?;
+    channel.qos(0, ctx.prefetch(spec.workers), true)?;
+    // Retries and dead letters are published here and acked only once the broker confirms them.
+    channel.enable_publisher_confirms()?;
+    let confirms = channel.listen_for_publisher_confirms()?;
     let queue = broker::declare_tenant_queue(&channel, id)?;
     let consumer = queue.consume(ConsumerOptions::default())?;
     info!(
         "consumer started tenant_id={id} consumer_tag={} prefetch={}",
         consumer.consumer_tag(),
-        ctx.prefetch(*workers)
+        ctx.prefetch(spec.workers)
     );
     if let Some(ready) = ready.take() {
         let _ = ready.send(Ok(()));
     }
     backoff.reset();
     let (reply_tx, reply_rx) = unbounded();
-    let mut flight = InFlight::new(id, *workers, ctx.batch_size, reply_tx);
-    let stop = event_loop(
-        ctx,
-        &channel,
-        &consumer,
-        &reply_rx,
-        control,
-        &mut flight,
-        workers,
-    )?;
+    let mut flight = InFlight::new(ctx, spec, reply_tx, confirms);
+    let stop = event_loop(ctx, &channel, &consumer, &reply_rx, control, &mut flight);
+    // A resize during this session applies to the next one too.
+    spec.workers = flight.workers as u16;
+    let stop = stop?;
     // Told to stop: from here on the session ends as stopped, whatever fails while closing,
     // so that a failed close is never mistaken for a lost connection and reconnected.
     let drained = drain(&channel, &consumer, &reply_rx, &mut flight, stop);
@@ -210,7 +225,6 @@ fn event_loop(
     replies: &Receiver<BatchDone>,
     control: &Receiver<Control>,
     flight: &mut InFlight,
-    workers: &mut u16,
 ) -> Result<Instant> {
     loop {
         let retry = flight.retry_at.map_or_else(never, |at| {
@@ -233,8 +247,7 @@ fn event_loop(
             recv(control) -> command => match command {
                 Ok(Control::Resize(n)) => {
                     channel.qos(0, ctx.prefetch(n), true)?;
-                    info!("concurrency changed tenant_id={} {} -> {n}", flight.tenant, *workers);
-                    *workers = n;
+                    info!("concurrency changed tenant_id={} {} -> {n}", flight.tenant, flight.workers);
                     flight.workers = usize::from(n);
                 }
                 Ok(Control::Stop { deadline }) => return Ok(deadline),
@@ -293,7 +306,12 @@ struct InFlight {
     tenant: TenantId,
     workers: usize,
     batch_size: usize,
+    retry_delays: Vec<Duration>,
+    stats: Arc<TenantStats>,
     reply: Sender<BatchDone>,
+    /// Publisher confirms of this channel, and how many messages it has published.
+    confirms: Receiver<Confirm>,
+    published: u64,
     /// Accepted, not yet handed to the pool.
     waiting: VecDeque<Item>,
     /// Every delivery neither acked nor rejected, by tag (bodies moved into `Item`s).
@@ -307,12 +325,21 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn new(tenant: TenantId, workers: u16, batch_size: usize, reply: Sender<BatchDone>) -> Self {
+    fn new(
+        ctx: &ConsumerContext,
+        spec: &TenantSpec,
+        reply: Sender<BatchDone>,
+        confirms: Receiver<Confirm>,
+    ) -> Self {
         InFlight {
-            tenant,
-            workers: usize::from(workers),
-            batch_size,
+            tenant: spec.id,
+            workers: usize::from(spec.workers),
+            batch_size: ctx.batch_size,
+            retry_delays: ctx.retry_delays.clone(),
+            stats: spec.stats.clone(),
             reply,
+            confirms,
+            published: 0,
             waiting: VecDeque::new(),
             unacked: BTreeMap::new(),
             committed: BTreeSet::new(),
@@ -331,6 +358,7 @@ impl InFlight {
         };
         self.waiting.push_back(item);
         self.unacked.insert(tag, delivery);
+        self.stats.consumed(1);
     }
 
     fn dispatch(&mut self, pool: &WorkerPool) {
@@ -350,18 +378,16 @@ impl InFlight {
 
     fn complete(&mut self, channel: &Channel, done: BatchDone) -> Result<()> {
         self.busy -= 1;
-        match done.result {
-            BatchResult::Done {
-                settled, poison, ..
-            } => {
+        for poison in done.poison {
+            self.retry_or_dead_letter(channel, poison)?;
+        }
+        match done.outcome {
+            Outcome::Stored { settled, inserted } => {
                 self.retry_backoff.reset();
-                for (tag, reason) in poison {
-                    self.reject(channel, tag, &reason)?;
-                }
+                self.stats.stored(settled.len() as u64, inserted);
                 self.committed.extend(settled);
-                self.ack_committed(channel)
             }
-            BatchResult::Transient { items, error } => {
+            Outcome::Transient { items, error } => {
                 let delay = self.retry_backoff.next();
                 warn!(
                     "tenant_id={} storing {} messages failed, retrying in {delay:?}: {error}",
@@ -372,18 +398,51 @@ impl InFlight {
                     self.waiting.push_front(item);
                 }
                 self.retry_at = Some(Instant::now() + delay);
-                Ok(())
             }
         }
+        self.ack_committed(channel)
     }
 
-    /// The broker dead-letters a rejected message to the tenant's DLQ.
-    fn reject(&mut self, channel: &Channel, tag: u64, reason: &str) -> Result<()> {
-        warn!("tenant_id={} message dead-lettered: {reason}", self.tenant);
-        match self.unacked.remove(&tag) {
-            Some(delivery) => Ok(delivery.reject(channel, false)?),
-            None => Ok(()),
+    /// Sends a message that failed to the retry queue (it comes back after the delay for its
+    /// attempt) or, after the last attempt, to the DLQ; acks it once the broker has the copy.
+    fn retry_or_dead_letter(&mut self, channel: &Channel, poison: Poison) -> Result<()> {
+        let Some(delivery) = self.unacked.remove(&poison.tag) else {
+            return Ok(());
+        };
+        let attempt = attempts(&delivery.properties) + 1;
+        let delay = self.retry_delays.get(attempt as usize - 1).copied();
+        let mut properties = copy_properties(&delivery.properties, attempt, &poison.reason);
+        let queue = match delay {
+            Some(delay) => {
+                properties = properties.with_expiration(delay.as_millis().to_string());
+                self.tenant.retry_name()
+            }
+            None => self.tenant.dlq_name(),
+        };
+        channel.basic_publish(
+            "",
+            Publish::with_properties(&poison.body, queue, properties),
+        )?;
+        self.published += 1;
+        broker::wait_for_confirm(&self.confirms, self.published, Duration::from_secs(10))?;
+        delivery.ack(channel)?;
+        match delay {
+            Some(delay) => {
+                self.stats.retried();
+                warn!(
+                    "tenant_id={} message failed (attempt {attempt}), retrying in {delay:?}: {}",
+                    self.tenant, poison.reason
+                );
+            }
+            None => {
+                self.stats.dead_lettered();
+                warn!(
+                    "tenant_id={} message dead-lettered after {attempt} attempts: {}",
+                    self.tenant, poison.reason
+                );
+            }
         }
+        Ok(())
     }
 
     /// Acks, with one `ack_multiple`, the longest run of committed deliveries at the low end.
@@ -400,6 +459,46 @@ impl InFlight {
             None => Ok(()),
         }
     }
+}
+
+/// How many times this message has failed before, from its header.
+fn attempts(properties: &AmqpProperties) -> u32 {
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.get(ATTEMPTS_HEADER));
+    let n = match value {
+        Some(AmqpValue::LongInt(n)) => i64::from(*n),
+        Some(AmqpValue::LongLongInt(n)) => *n,
+        Some(AmqpValue::ShortInt(n)) => i64::from(*n),
+        Some(AmqpValue::LongUInt(n)) => i64::from(*n),
+        _ => 0,
+    };
+    n.clamp(0, 1000) as u32
+}
+
+/// The properties a retried or dead-lettered copy keeps (not the publisher's expiration, which
+/// could make a dead letter vanish), plus the attempt count and the reason.
+fn copy_properties(original: &AmqpProperties, attempt: u32, reason: &str) -> AmqpProperties {
+    let mut headers: FieldTable = original.headers().clone().unwrap_or_default();
+    headers.insert(ATTEMPTS_HEADER.into(), AmqpValue::LongInt(attempt as i32));
+    headers.insert(REASON_HEADER.into(), AmqpValue::LongString(reason.into()));
+    let mut copy = AmqpProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    if let Some(id) = original.message_id() {
+        copy = copy.with_message_id(id.clone());
+    }
+    if let Some(content_type) = original.content_type() {
+        copy = copy.with_content_type(content_type.clone());
+    }
+    if let Some(correlation_id) = original.correlation_id() {
+        copy = copy.with_correlation_id(correlation_id.clone());
+    }
+    if let Some(timestamp) = original.timestamp() {
+        copy = copy.with_timestamp(*timestamp);
+    }
+    copy
 }
 
 /// The publisher's `message_id` when it is a UUID (so redeliveries are stored once), else a new

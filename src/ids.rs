@@ -29,6 +29,11 @@ impl TenantId {
         format!("tenant_{}_dlq", self.0.hyphenated())
     }
 
+    /// `tenant_{id}_retry`: messages waiting out the delay before their next attempt.
+    pub fn retry_name(self) -> String {
+        format!("tenant_{}_retry", self.0.hyphenated())
+    }
+
     /// `messages_{id with _}`: the tenant's partition of `messages`.
     pub fn partition_name(self) -> String {
         format!("messages_{}", self.0.hyphenated()).replace('-', "_")

@@ -14,6 +14,7 @@ mod manager;
 pub mod model;
 mod pool;
 mod service;
+mod stats;
 pub mod store;
 mod url;
 
@@ -61,6 +62,7 @@ pub fn start(config: Config) -> Result<App> {
         broker,
         connect_timeout: config.connect_timeout,
         batch_size: config.batch_size,
+        retry_delays: config.retry_delays.clone(),
         pool: pool.clone(),
     };
     let manager = TenantManager::new(ctx, config.connect_timeout * 2);

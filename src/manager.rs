@@ -9,13 +9,16 @@ use anyhow::Result;
 use log::{info, warn};
 use parking_lot::Mutex;
 
-use crate::consumer::{self, ConsumerContext, ConsumerHandle};
+use crate::consumer::{self, ConsumerContext, ConsumerHandle, Starting, TenantSpec};
 use crate::ids::TenantId;
+use crate::stats::{Counts, TenantStats};
 
 pub struct TenantManager {
     ctx: Arc<ConsumerContext>,
     start_timeout: Duration,
     consumers: Mutex<HashMap<TenantId, ConsumerHandle>>,
+    /// Counters outlive a consumer (pause, resume) and go with the tenant.
+    stats: Mutex<HashMap<TenantId, Arc<TenantStats>>>,
 }
 
 impl TenantManager {
@@ -24,7 +27,27 @@ impl TenantManager {
             ctx: Arc::new(ctx),
             start_timeout,
             consumers: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn spawn(&self, id: TenantId, workers: u16) -> Result<Starting> {
+        let stats = self.stats.lock().entry(id).or_default().clone();
+        consumer::spawn(self.ctx.clone(), TenantSpec { id, workers, stats })
+    }
+
+    /// The tenant's counters since tenantd started.
+    pub fn counts(&self, id: TenantId) -> Counts {
+        self.stats
+            .lock()
+            .get(&id)
+            .map(|s| s.counts())
+            .unwrap_or_default()
+    }
+
+    /// Drops the counters of a deleted tenant.
+    pub fn forget(&self, id: TenantId) {
+        self.stats.lock().remove(&id);
     }
 
     /// Starts the tenant's consumer and returns once the broker has registered it.
@@ -34,7 +57,7 @@ impl TenantManager {
             handle.resize(workers);
             return Ok(());
         }
-        let handle = consumer::spawn(self.ctx.clone(), id, workers)?.wait(self.start_timeout)?;
+        let handle = self.spawn(id, workers)?.wait(self.start_timeout)?;
         self.insert(id, handle);
         Ok(())
     }
@@ -45,7 +68,7 @@ impl TenantManager {
         let mut starting = Vec::with_capacity(tenants.len());
         let mut failed = Vec::new();
         for &(id, workers) in tenants {
-            match consumer::spawn(self.ctx.clone(), id, workers) {
+            match self.spawn(id, workers) {
                 Ok(s) => starting.push((id, s)),
                 Err(e) => failed.push((id, e)),
             }

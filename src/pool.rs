@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
-use log::{debug, warn};
+use log::debug;
 use parking_lot::Mutex;
 use postgres::{Client, Statement};
 use threadpool::ThreadPool;
@@ -28,19 +28,24 @@ pub struct Batch {
     pub reply: Sender<BatchDone>,
 }
 
+/// What became of a batch: messages that can never be stored, and the outcome for the rest.
 pub struct BatchDone {
-    pub result: BatchResult,
+    pub poison: Vec<Poison>,
+    pub outcome: Outcome,
 }
 
-pub enum BatchResult {
-    /// Committed: `settled` may be acked; `poison` can never be stored, with the reason.
-    Done {
-        settled: Vec<u64>,
-        poison: Vec<(u64, String)>,
-        inserted: u64,
-    },
-    /// Nothing was stored and nothing is wrong with the messages (the database is unreachable):
-    /// the items come back to be tried again.
+/// A message that can never be stored, its body back for a retry or the DLQ, and why.
+pub struct Poison {
+    pub tag: u64,
+    pub body: Vec<u8>,
+    pub reason: String,
+}
+
+pub enum Outcome {
+    /// Committed: `settled` may be acked; `inserted` of them were new rows.
+    Stored { settled: Vec<u64>, inserted: u64 },
+    /// Nothing is wrong with these messages, but they are not stored (the database is
+    /// unreachable): they come back to be tried again.
     Transient { items: Vec<Item>, error: String },
 }
 
@@ -89,11 +94,11 @@ impl WorkerPool {
         self.pool.execute(move || {
             let reply = batch.reply.clone();
             let mut db = idle.lock().pop();
-            let result = store_batch(&settings, &mut db, batch.tenant, batch.items);
+            let done = store_batch(&settings, &mut db, batch.tenant, batch.items);
             idle.lock().extend(db);
             // The tenant thread may have gone (stopped or reconnected): its deliveries are then
             // redelivered by the broker, and the message ids keep the rows single.
-            let _ = reply.send(BatchDone { result });
+            let _ = reply.send(done);
         });
     }
 
@@ -114,41 +119,45 @@ fn store_batch(
     slot: &mut Option<WorkerDb>,
     tenant: TenantId,
     items: Vec<Item>,
-) -> BatchResult {
-    let (good, mut poison) = split_poison(&items, settings.max_message_bytes);
+) -> BatchDone {
+    let (good, mut poison) = split_poison(items, settings.max_message_bytes);
+    let outcome = store_good(slot, settings, tenant, good, &mut poison);
+    BatchDone { poison, outcome }
+}
+
+fn store_good(
+    slot: &mut Option<WorkerDb>,
+    settings: &WorkerSettings,
+    tenant: TenantId,
+    good: Vec<Item>,
+    poison: &mut Vec<Poison>,
+) -> Outcome {
     if good.is_empty() {
-        return done(Vec::new(), poison, 0);
+        return stored(Vec::new(), 0);
     }
     let db = match open_db(slot, settings) {
         Ok(db) => db,
-        Err(error) => return BatchResult::Transient { items, error },
+        Err(error) => return Outcome::Transient { items: good, error },
     };
-    match insert(db, tenant, &items, &good) {
-        Ok(inserted) => done(tags(&items, &good), poison, inserted),
-        Err(e) if is_content_error(&e) => {
-            // One message PostgreSQL refuses must not hold back the others: store one by one.
-            match insert_one_by_one(db, tenant, &items, &good, &mut poison) {
-                Ok((settled, inserted)) => done(settled, poison, inserted),
-                Err(e) => transient(slot, items, e),
-            }
-        }
-        Err(e) => transient(slot, items, e),
+    match insert(db, tenant, &good) {
+        Ok(inserted) => stored(good.iter().map(|i| i.tag).collect(), inserted),
+        // One message PostgreSQL refuses must not hold back the others: store one by one.
+        Err(e) if is_content_error(&e) => match insert_one_by_one(db, tenant, good, poison) {
+            Ok((settled, inserted)) => stored(settled, inserted),
+            Err((items, e)) => transient(slot, items, e),
+        },
+        Err(e) => transient(slot, good, e),
     }
 }
 
-fn done(settled: Vec<u64>, poison: Vec<(u64, String)>, inserted: u64) -> BatchResult {
-    BatchResult::Done {
-        settled,
-        poison,
-        inserted,
-    }
+fn stored(settled: Vec<u64>, inserted: u64) -> Outcome {
+    Outcome::Stored { settled, inserted }
 }
 
-fn transient(slot: &mut Option<WorkerDb>, items: Vec<Item>, e: postgres::Error) -> BatchResult {
-    warn!("storing a batch failed, will retry: {e}");
+fn transient(slot: &mut Option<WorkerDb>, items: Vec<Item>, e: postgres::Error) -> Outcome {
     // The connection may be broken; the next batch opens a fresh one.
     *slot = None;
-    BatchResult::Transient {
+    Outcome::Transient {
         items,
         error: e.to_string(),
     }
@@ -173,14 +182,18 @@ fn open_db<'a>(
     Ok(slot.as_mut().expect("connection was just opened"))
 }
 
-/// Indices of the items that are storable JSON; the others with the reason they are not.
-fn split_poison(items: &[Item], max_bytes: usize) -> (Vec<usize>, Vec<(u64, String)>) {
+/// Splits the items into storable JSON and the others, with the reason they are not.
+fn split_poison(items: Vec<Item>, max_bytes: usize) -> (Vec<Item>, Vec<Poison>) {
     let mut good = Vec::with_capacity(items.len());
     let mut poison = Vec::new();
-    for (i, item) in items.iter().enumerate() {
+    for item in items {
         match check_payload(&item.body, max_bytes) {
-            Ok(()) => good.push(i),
-            Err(reason) => poison.push((item.tag, reason)),
+            Ok(()) => good.push(item),
+            Err(reason) => poison.push(Poison {
+                tag: item.tag,
+                body: item.body,
+                reason,
+            }),
         }
     }
     (good, poison)
@@ -198,42 +211,46 @@ fn check_payload(body: &[u8], max_bytes: usize) -> Result<(), String> {
         .map_err(|e| format!("message is not JSON: {e}"))
 }
 
-fn tags(items: &[Item], which: &[usize]) -> Vec<u64> {
-    which.iter().map(|&i| items[i].tag).collect()
-}
-
-fn insert(
-    db: &mut WorkerDb,
-    tenant: TenantId,
-    items: &[Item],
-    which: &[usize],
-) -> Result<u64, postgres::Error> {
-    let ids: Vec<Uuid> = which.iter().map(|&i| items[i].id).collect();
+fn insert(db: &mut WorkerDb, tenant: TenantId, items: &[Item]) -> Result<u64, postgres::Error> {
+    let ids: Vec<Uuid> = items.iter().map(|i| i.id).collect();
     // check_payload proved these are UTF-8 (serde_json only accepts UTF-8).
-    let payloads: Vec<&str> = which
+    let payloads: Vec<&str> = items
         .iter()
-        .map(|&i| std::str::from_utf8(&items[i].body).unwrap_or_default())
+        .map(|i| std::str::from_utf8(&i.body).unwrap_or_default())
         .collect();
     store::insert_messages(&mut db.client, &db.insert, tenant, &ids, &payloads)
 }
 
+/// Stores each item in its own statement; those PostgreSQL refuses become poison. On a
+/// transient failure, every item that is not poison comes back (the stored ones are skipped as
+/// duplicates when tried again: each item keeps its id).
 fn insert_one_by_one(
     db: &mut WorkerDb,
     tenant: TenantId,
-    items: &[Item],
-    good: &[usize],
-    poison: &mut Vec<(u64, String)>,
-) -> Result<(Vec<u64>, u64), postgres::Error> {
+    good: Vec<Item>,
+    poison: &mut Vec<Poison>,
+) -> Result<(Vec<u64>, u64), (Vec<Item>, postgres::Error)> {
     let mut settled = Vec::with_capacity(good.len());
+    let mut kept = Vec::with_capacity(good.len());
     let mut inserted = 0;
-    for &i in good {
-        match insert(db, tenant, items, &[i]) {
+    let mut items = good.into_iter();
+    while let Some(item) = items.next() {
+        match insert(db, tenant, std::slice::from_ref(&item)) {
             Ok(n) => {
                 inserted += n;
-                settled.push(items[i].tag);
+                settled.push(item.tag);
+                kept.push(item);
             }
-            Err(e) if is_content_error(&e) => poison.push((items[i].tag, db_reason(&e))),
-            Err(e) => return Err(e),
+            Err(e) if is_content_error(&e) => poison.push(Poison {
+                tag: item.tag,
+                reason: db_reason(&e),
+                body: item.body,
+            }),
+            Err(e) => {
+                kept.push(item);
+                kept.extend(items);
+                return Err((kept, e));
+            }
         }
     }
     Ok((settled, inserted))

@@ -13,6 +13,7 @@ use crate::http::error::ApiError;
 use crate::ids::TenantId;
 use crate::manager::TenantManager;
 use crate::model::{Status, StoredMessage, Tenant};
+use crate::stats::Counts;
 use crate::store::{self, LazyClient};
 
 /// At most this many tenants' partitions are read by one page of `/api/messages`.
@@ -49,7 +50,10 @@ pub struct Page<T> {
 pub struct TenantView {
     #[serde(flatten)]
     pub tenant: Tenant,
+    /// `None` while the broker cannot be asked.
     pub queue: Option<QueueView>,
+    /// Since tenantd started.
+    pub counts: Counts,
 }
 
 #[derive(Serialize)]
@@ -57,6 +61,7 @@ pub struct QueueView {
     pub name: String,
     pub messages: u32,
     pub consumers: u32,
+    pub retrying: u32,
     pub dead_letters: u32,
 }
 
@@ -118,6 +123,7 @@ impl Service {
         Ok(TenantView {
             tenant,
             queue: self.queue_view(id),
+            counts: self.manager.counts(id),
         })
     }
 
@@ -131,11 +137,13 @@ impl Service {
             }
         };
         let main: QueueStats = stats(&id.queue_name())?;
+        let retry = stats(&id.retry_name())?;
         let dlq = stats(&id.dlq_name())?;
         Some(QueueView {
             name: id.queue_name(),
             messages: main.messages,
             consumers: main.consumers,
+            retrying: retry.messages,
             dead_letters: dlq.messages,
         })
     }
@@ -165,6 +173,7 @@ impl Service {
         self.admin.delete_queues(id).map_err(ApiError::broker)?;
         db.with(|c| store::drop_tenant(c, id))
             .map_err(ApiError::database)?;
+        self.manager.forget(id);
         info!("tenant deleted tenant_id={id}");
         Ok(())
     }
@@ -330,6 +339,23 @@ impl Service {
         db.with(|c| store::tenant_ids_after(c, after, 1))
             .map(|ids| ids.into_iter().next())
             .map_err(ApiError::database)
+    }
+
+    /// Whether both dependencies answer now: `Err` names the one that does not.
+    pub fn readiness(&self, db: &mut LazyClient) -> Result<(), String> {
+        let database = db.with(|c| Ok(c.simple_query("SELECT 1")?)).err();
+        let broker = self.admin.ping().err();
+        let mut down = Vec::new();
+        if let Some(e) = database {
+            down.push(format!("database unavailable: {e:#}"));
+        }
+        if let Some(e) = broker {
+            down.push(format!("message broker unavailable: {e:#}"));
+        }
+        match down.is_empty() {
+            true => Ok(()),
+            false => Err(down.join("; ")),
+        }
     }
 
     /// Starts the consumers of every active tenant (at boot), in parallel.

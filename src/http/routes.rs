@@ -22,6 +22,7 @@ const MAX_LIMIT: usize = 100;
 /// The resources, recognised by path alone, so a known path with a wrong method is a 405.
 enum Route {
     Health,
+    Ready,
     Tenants,
     Tenant(String),
     Concurrency(String),
@@ -34,6 +35,7 @@ impl Route {
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let route = match segments.as_slice() {
             ["healthz"] => Route::Health,
+            ["readyz"] => Route::Ready,
             ["api", "tenants"] => Route::Tenants,
             ["api", "tenants", id] => Route::Tenant(id.to_string()),
             ["api", "tenants", id, "config", "concurrency"] => Route::Concurrency(id.to_string()),
@@ -46,7 +48,7 @@ impl Route {
 
     fn allowed(&self) -> &'static [&'static str] {
         match self {
-            Route::Health | Route::Messages => &["GET"],
+            Route::Health | Route::Ready | Route::Messages => &["GET"],
             Route::Tenants | Route::TenantMessages(_) => &["GET", "POST"],
             Route::Tenant(_) => &["GET", "PATCH", "DELETE"],
             Route::Concurrency(_) => &["PUT"],
@@ -64,6 +66,10 @@ pub fn route(
     let not_allowed = || ApiError::MethodNotAllowed(route.allowed());
     match (&req.method, &route) {
         (Method::Get, Route::Health) => ok(200, json!({ "status": "ok" })),
+        (Method::Get, Route::Ready) => match service.readiness(db) {
+            Ok(()) => ok(200, json!({ "status": "ready" })),
+            Err(why) => Err(ApiError::Unavailable(why)),
+        },
         (Method::Post, Route::Tenants) => {
             let new = parse_new_tenant(&req.body)?;
             ok(201, service.create_tenant(db, new)?)

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::support::{dlq_name, queue_name, wait_until, Amqp, TestApp};
+use crate::support::{queue_name, wait_until, Amqp, TestApp};
 
 #[test]
 fn every_published_message_is_stored_once_in_its_own_partition() {
@@ -108,26 +108,6 @@ fn a_redelivered_message_id_is_stored_once_with_that_id() {
         .unwrap()
         .get(0);
     assert_eq!(stored, 1, "the row carries the publisher's message_id");
-}
-
-#[test]
-fn a_message_that_is_not_json_is_dead_lettered_and_does_not_block_others() {
-    let app = TestApp::spawn();
-    let tenant = app.create_tenant("poison");
-    let mut amqp = Amqp::connect();
-    let queue = queue_name(&tenant);
-    amqp.publish(&queue, b"{\"ok\": 1}", None);
-    amqp.publish(&queue, b"this is not json", None);
-    amqp.publish(&queue, br#"{"nul": "\u0000"}"#, None); // JSON that jsonb refuses
-    amqp.publish(&queue, b"{\"ok\": 2}", None);
-    amqp.wait_confirms();
-    app.wait_rows(&tenant, 2);
-    wait_until(Duration::from_secs(10), "two messages in the DLQ", || {
-        amqp.queue_stats(&dlq_name(&tenant)).map(|s| s.0) == Some(2)
-    });
-    let (body, _) = amqp.take(&dlq_name(&tenant)).expect("a dead letter");
-    assert_eq!(body, b"this is not json");
-    assert!(!crate::support::logs::lines_with(&["dead-lettered", &tenant, "not JSON"]).is_empty());
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The integration tests: one binary, the real tenantd against the real PostgreSQL and RabbitMQ.
 
 mod cli;
+mod delivery;
 mod ingest;
 mod lifecycle;
 mod pagination;

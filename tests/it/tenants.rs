@@ -158,15 +158,20 @@ fn healthz_answers_once_tenantd_accepts_requests() {
 
 #[test]
 fn create_is_all_or_nothing_when_the_broker_is_down() {
-    let proxy = crate::support::proxy::Proxy::start("127.0.0.1:5672");
-    let port = proxy.port();
-    let app = TestApp::spawn_with(|c| {
-        c.rabbitmq_url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
-    });
+    let proxy = crate::support::proxy::Proxy::start(&crate::support::amqp_host_port());
+    let url = crate::support::amqp_url_via(proxy.port());
+    let app = TestApp::spawn_with(|c| c.rabbitmq_url = url);
     let before = app.create_tenant("before the outage");
     proxy.cut();
     let reply = app.request("POST", "/api/tenants", Some(r#"{"name": "during"}"#));
     reply.assert_error(503, "broker");
+    app.get("/readyz")
+        .assert_error(503, "message broker unavailable");
+    assert_eq!(
+        app.get("/healthz").status,
+        200,
+        "liveness does not depend on the broker"
+    );
     assert_eq!(
         app.tenant_ids(),
         vec![before.clone()],
@@ -188,4 +193,5 @@ fn create_is_all_or_nothing_when_the_broker_is_down() {
         amqp.consumers(&queue_name(&before)) == 1
     });
     app.create_tenant("after the outage");
+    assert_eq!(app.get("/readyz").status, 200);
 }

@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 fn connect(url: &str) -> amiquip::Connection {
     let addr = BrokerAddr::parse(url).expect("RABBITMQ_URL");
-    broker::connect(&addr, Duration::from_secs(10), "tenantd-bench").expect("connecting to RabbitMQ")
+    broker::connect(&addr, Duration::from_secs(10), "tenantd-bench")
+        .expect("connecting to RabbitMQ")
 }
 
 /// A ~240-byte JSON body.
@@ -39,7 +40,12 @@ pub fn preload(url: &str, queues: &[String], per_queue: u64) {
                     let props = AmqpProperties::default()
                         .with_message_id(Uuid::now_v7().to_string())
                         .with_delivery_mode(2);
-                    channel.basic_publish("", Publish::with_properties(&body(seq), queue.as_str(), props)).unwrap();
+                    channel
+                        .basic_publish(
+                            "",
+                            Publish::with_properties(&body(seq), queue.as_str(), props),
+                        )
+                        .unwrap();
                     // Keep at most 1,000 unconfirmed, as a careful publisher would.
                     while seq + 1 - confirmed > 1000 {
                         confirmed += smoother.process(confirms.recv().unwrap()).count() as u64;
@@ -104,7 +110,9 @@ pub fn publish_at_rate(url: &str, queue: &str, rate: u64, seconds: u64) -> Vec<I
         }
         let props = AmqpProperties::default().with_message_id(Uuid::now_v7().to_string());
         sent.push(Instant::now());
-        channel.basic_publish("", Publish::with_properties(&body(seq), queue, props)).unwrap();
+        channel
+            .basic_publish("", Publish::with_properties(&body(seq), queue, props))
+            .unwrap();
     }
     let _ = channel.close();
     let _ = connection.close();

@@ -34,7 +34,10 @@ impl Args {
         };
         let raw: Vec<String> = std::env::args().skip(1).collect();
         for pair in raw.chunks(2) {
-            let value = pair.get(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
+            let value = pair
+                .get(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| usage());
             match pair[0].as_str() {
                 "--messages" => args.messages = value,
                 "--tenants" => args.tenants = value,
@@ -63,7 +66,11 @@ struct Report(Vec<(&'static str, String, &'static str)>);
 
 impl Report {
     fn add(&mut self, key: &'static str, value: f64, unit: &'static str) {
-        let text = if value.fract() == 0.0 { format!("{value}") } else { format!("{value:.2}") };
+        let text = if value.fract() == 0.0 {
+            format!("{value}")
+        } else {
+            format!("{value:.2}")
+        };
         eprintln!("  {key} = {text} {unit}");
         self.0.push((key, text, unit));
     }
@@ -80,15 +87,23 @@ impl Report {
 
 fn main() {
     let args = Args::parse();
-    let pg = std::env::var("BENCH_PG").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into());
-    let amqp = std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let pg = std::env::var("BENCH_PG")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into());
+    let amqp = std::env::var("RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let mut stack = Stack::new(&pg, &amqp);
     let mut report = Report(Vec::new());
     let mut created = Vec::new();
 
-    eprintln!("ingest: {} messages over {} tenants", args.messages, args.tenants);
+    eprintln!(
+        "ingest: {} messages over {} tenants",
+        args.messages, args.tenants
+    );
     ingest(&mut stack, &args, &mut report, &mut created);
-    eprintln!("latency and isolation: {} msg/s for {} s", args.rate, args.seconds);
+    eprintln!(
+        "latency and isolation: {} msg/s for {} s",
+        args.rate, args.seconds
+    );
     latency(&mut stack, &args, &mut report, &mut created);
     eprintln!("tenants: creating {}", args.create);
     tenants(&mut stack, &args, &mut report, &mut created);
@@ -99,10 +114,14 @@ fn main() {
 
 fn ingest(stack: &mut Stack, args: &Args, report: &mut Report, created: &mut Vec<String>) {
     stack.start(&[]);
-    let tenants: Vec<String> =
-        (0..args.tenants).map(|i| stack.create_tenant(&format!("bench-{i}"), "inactive")).collect();
+    let tenants: Vec<String> = (0..args.tenants)
+        .map(|i| stack.create_tenant(&format!("bench-{i}"), "inactive"))
+        .collect();
     created.extend(tenants.iter().cloned());
-    let queues: Vec<String> = tenants.iter().map(|t| format!("tenant_{t}_queue")).collect();
+    let queues: Vec<String> = tenants
+        .iter()
+        .map(|t| format!("tenant_{t}_queue"))
+        .collect();
     let per_queue = args.messages / args.tenants;
     let total = per_queue * args.tenants;
 
@@ -111,7 +130,14 @@ fn ingest(stack: &mut Stack, args: &Args, report: &mut Report, created: &mut Vec
     report.add("ingest_msgs_per_s", rate.round(), "msg/s");
 
     load::preload(&stack.amqp_url, &queues, per_queue);
-    let prefetch = 3 * 100; // DEFAULT_WORKERS x BATCH_SIZE, as tenantd uses
+    let setting = |name: &str, default: u16| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    // tenantd's prefetch: DEFAULT_WORKERS x BATCH_SIZE (the child inherits these variables).
+    let prefetch = setting("DEFAULT_WORKERS", 3) * setting("BATCH_SIZE", 100);
     let broker = load::drain_rate(&stack.amqp_url, &queues, per_queue, prefetch);
     report.add("broker_msgs_per_s", broker.round(), "msg/s");
     report.add("ingest_ratio", rate / broker, "");
@@ -170,7 +196,11 @@ fn latency(stack: &mut Stack, args: &Args, report: &mut Report, created: &mut Ve
     report.add("latency_p99_ms", percentile(&quiet, 0.99), "ms");
     let churned = latencies(stack, args, created, true);
     report.add("churn_latency_p99_ms", percentile(&churned, 0.99), "ms");
-    report.add("churn_latency_ratio", percentile(&churned, 0.99) / percentile(&quiet, 0.99), "");
+    report.add(
+        "churn_latency_ratio",
+        percentile(&churned, 0.99) / percentile(&quiet, 0.99),
+        "",
+    );
 }
 
 /// Publish → row committed and visible, in ms, for a fresh tenant at the fixed rate; with
@@ -179,24 +209,43 @@ fn latencies(stack: &mut Stack, args: &Args, created: &mut Vec<String>, churn: b
     let tenant = stack.create_tenant("latency", "active");
     created.push(tenant.clone());
     let total = (args.rate * args.seconds) as usize;
-    let watcher = watch_rows(stack, &tenant, total, Duration::from_secs(args.seconds + 30));
+    let watcher = watch_rows(
+        stack,
+        &tenant,
+        total,
+        Duration::from_secs(args.seconds + 30),
+    );
     let churner = churn.then(|| {
         let base = stack.base.clone();
         std::thread::spawn(move || churn_tenants(&base, 100))
     });
-    let sent = load::publish_at_rate(&stack.amqp_url, &format!("tenant_{tenant}_queue"), args.rate, args.seconds);
+    let sent = load::publish_at_rate(
+        &stack.amqp_url,
+        &format!("tenant_{tenant}_queue"),
+        args.rate,
+        args.seconds,
+    );
     if let Some(churner) = churner {
         churner.join().unwrap();
     }
     let seen = watcher.join().unwrap();
     sent.iter()
         .zip(seen)
-        .map(|(s, v)| v.map_or(f64::INFINITY, |v| v.saturating_duration_since(*s).as_secs_f64() * 1000.0))
+        .map(|(s, v)| {
+            v.map_or(f64::INFINITY, |v| {
+                v.saturating_duration_since(*s).as_secs_f64() * 1000.0
+            })
+        })
         .collect()
 }
 
 /// Polls the tenant's partition every millisecond; returns when each `seq` first became visible.
-fn watch_rows(stack: &Stack, tenant: &str, total: usize, limit: Duration) -> std::thread::JoinHandle<Vec<Option<Instant>>> {
+fn watch_rows(
+    stack: &Stack,
+    tenant: &str,
+    total: usize,
+    limit: Duration,
+) -> std::thread::JoinHandle<Vec<Option<Instant>>> {
     let mut pg = stack.pg();
     let tenant: uuid::Uuid = tenant.parse().unwrap();
     std::thread::spawn(move || {
@@ -258,13 +307,19 @@ fn tenants(stack: &mut Stack, args: &Args, report: &mut Report, created: &mut Ve
     let before = procstat::cpu_time(pid);
     std::thread::sleep(Duration::from_secs(args.idle_seconds));
     let used = procstat::cpu_time(pid) - before;
-    report.add("idle_cpu_pct", 100.0 * used.as_secs_f64() / args.idle_seconds as f64, "% of a core");
+    report.add(
+        "idle_cpu_pct",
+        100.0 * used.as_secs_f64() / args.idle_seconds as f64,
+        "% of a core",
+    );
 }
 
 /// Deletes what the run made in RabbitMQ; the database goes with the next run's DROP.
 fn cleanup(stack: &Stack, created: &[String]) {
     let addr = tenantd::broker::BrokerAddr::parse(&stack.amqp_url).unwrap();
-    let Ok(mut connection) = tenantd::broker::connect(&addr, Duration::from_secs(10), "bench cleanup") else {
+    let Ok(mut connection) =
+        tenantd::broker::connect(&addr, Duration::from_secs(10), "bench cleanup")
+    else {
         return;
     };
     let channel = connection.open_channel(None).unwrap();

@@ -27,7 +27,9 @@ impl Stack {
             format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"),
             format!("CREATE DATABASE {db_name}"),
         ] {
-            admin.batch_execute(&sql).expect("creating the bench database");
+            admin
+                .batch_execute(&sql)
+                .expect("creating the bench database");
         }
         Stack {
             pg_server: pg_server.into(),
@@ -54,7 +56,10 @@ impl Stack {
         // One broker connection per tenant: raise the soft file limit as scripts/run.sh does.
         cmd.args(["-c", "ulimit -S -n \"$(ulimit -H -n)\"; exec \"$0\""])
             .arg(&exe)
-            .env("DATABASE_URL", format!("{}/{}", self.pg_server, self.db_name))
+            .env(
+                "DATABASE_URL",
+                format!("{}/{}", self.pg_server, self.db_name),
+            )
             .env("RABBITMQ_URL", &self.amqp_url)
             .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("LOG_LEVEL", "warn")
@@ -62,7 +67,10 @@ impl Stack {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().expect("starting tenantd (build it with --release)"));
+        self.child = Some(
+            cmd.spawn()
+                .expect("starting tenantd (build it with --release)"),
+        );
         self.base = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(120);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -78,7 +86,9 @@ impl Stack {
     /// SIGTERM and wait: the same clean shutdown an operator gets.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
             let _ = child.wait();
         }
     }
@@ -89,18 +99,28 @@ impl Stack {
     }
 
     pub fn create_tenant(&self, name: &str, status: &str) -> String {
-        let reply = self.request("POST", "/api/tenants", Some(json!({"name": name, "status": status})));
+        let reply = self.request(
+            "POST",
+            "/api/tenants",
+            Some(json!({"name": name, "status": status})),
+        );
         assert_eq!(reply.status, 201, "{}", reply.text());
         reply.json()["id"].as_str().unwrap().to_string()
     }
 
     pub fn set_status(&self, tenant: &str, status: &str) {
-        let reply = self.request("PATCH", &format!("/api/tenants/{tenant}"), Some(json!({"status": status})));
+        let reply = self.request(
+            "PATCH",
+            &format!("/api/tenants/{tenant}"),
+            Some(json!({"status": status})),
+        );
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
 
     pub fn rows(&self, pg: &mut Client) -> i64 {
-        pg.query_one("SELECT count(*) FROM messages", &[]).unwrap().get(0)
+        pg.query_one("SELECT count(*) FROM messages", &[])
+            .unwrap()
+            .get(0)
     }
 }
 

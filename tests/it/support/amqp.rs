@@ -92,7 +92,12 @@ impl Amqp {
     }
 
     pub fn delete_tenant_queues(&mut self, tenant: &str) {
-        for queue in [super::queue_name(tenant), super::dlq_name(tenant)] {
+        let queues = [
+            super::queue_name(tenant),
+            super::retry_name(tenant),
+            super::dlq_name(tenant),
+        ];
+        for queue in queues {
             let _ = self
                 .channel
                 .queue_delete(queue, QueueDeleteOptions::default());

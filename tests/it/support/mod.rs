@@ -2,6 +2,7 @@
 //! client, an AMQP publisher, a TCP proxy to cut, captured log lines, and deadline waits.
 
 pub mod amqp;
+pub mod child;
 pub mod http;
 pub mod logs;
 pub mod proxy;
@@ -25,6 +26,30 @@ pub fn pg_server() -> String {
 pub fn rabbitmq_url() -> String {
     std::env::var("TENANTD_TEST_AMQP")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// `host:port` of the PostgreSQL server, for a proxy in front of it.
+pub fn pg_host_port() -> String {
+    let server = pg_server();
+    let after_at = server.rsplit('@').next().unwrap_or(&server);
+    after_at.trim_start_matches("postgres://").to_string()
+}
+
+/// `host:port` of the RabbitMQ server, for a proxy in front of it.
+pub fn amqp_host_port() -> String {
+    let url = rabbitmq_url();
+    let after_at = url.rsplit('@').next().unwrap_or(&url);
+    after_at.split('/').next().unwrap_or(after_at).to_string()
+}
+
+/// The PostgreSQL URL of `db` reached through a proxy listening on `port`.
+pub fn pg_url_via(port: u16, db: &TestDb) -> String {
+    pg_server().replace(&pg_host_port(), &format!("127.0.0.1:{port}")) + "/" + &db.name
+}
+
+/// The RabbitMQ URL reached through a proxy listening on `port`.
+pub fn amqp_url_via(port: u16) -> String {
+    rabbitmq_url().replace(&amqp_host_port(), &format!("127.0.0.1:{port}"))
 }
 
 pub fn pg_admin() -> Client {
@@ -207,6 +232,10 @@ pub fn partition_name(tenant: &str) -> String {
 
 pub fn queue_name(tenant: &str) -> String {
     format!("tenant_{tenant}_queue")
+}
+
+pub fn retry_name(tenant: &str) -> String {
+    format!("tenant_{tenant}_retry")
 }
 
 pub fn dlq_name(tenant: &str) -> String {

@@ -1,0 +1,113 @@
+//! tenantd as an operator runs it: the real binary in a child process, its log collected, so a
+//! test can SIGTERM or SIGKILL it and read what it said.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+pub struct Tenantd {
+    process: std::process::Child,
+    log: Arc<Mutex<Vec<String>>>,
+    pub base: String,
+}
+
+impl Tenantd {
+    /// Starts the binary with these settings (HTTP on an ephemeral port) and waits until it
+    /// listens.
+    pub fn start(env: &[(&str, String)]) -> Tenantd {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tenantd"));
+        cmd.env_clear()
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut process = cmd.spawn().expect("starting tenantd");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = process.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().push(line);
+            }
+        });
+        let mut child = Tenantd {
+            process,
+            log,
+            base: String::new(),
+        };
+        child.base = child.wait_for_listening();
+        child
+    }
+
+    fn wait_for_listening(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self.lines().iter().find_map(|l| {
+                l.split("listening on ")
+                    .nth(1)
+                    .map(|a| a.trim().to_string())
+            });
+            if let Some(base) = found {
+                return base;
+            }
+            if let Some(status) = self.process.try_wait().unwrap() {
+                panic!(
+                    "tenantd exited with {status} before listening: {:?}",
+                    self.lines()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tenantd never listened: {:?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().clone()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let pid = self.process.id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// Waits for the process to exit; its exit code (`None` when killed by a signal).
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.process.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tenantd did not exit: {:?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        self.signal("-KILL");
+        self.wait(Duration::from_secs(10));
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> super::Reply {
+        super::http::request(&self.base, method, path, body.map(str::as_bytes))
+    }
+}
+
+impl Drop for Tenantd {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
