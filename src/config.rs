@@ -74,6 +74,16 @@ pub const SETTINGS: &[Setting] = &[
         default: "info",
         help: "error, warn, info, debug or trace",
     },
+    Setting {
+        name: "LOG_FORMAT",
+        default: "text",
+        help: "text, or json: one JSON object per line",
+    },
+    Setting {
+        name: "API_TOKEN",
+        default: "",
+        help: "when set, every /api request needs `Authorization: Bearer <token>`",
+    },
 ];
 
 #[derive(Clone, Debug)]
@@ -90,6 +100,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub log_level: LevelFilter,
+    pub log_format: crate::logging::Format,
+    /// `None`: no authentication.
+    pub api_token: Option<String>,
 }
 
 impl Config {
@@ -120,6 +133,12 @@ impl Config {
             log_level: get("LOG_LEVEL")
                 .parse()
                 .with_context(|| format!("LOG_LEVEL={:?} is not a log level", get("LOG_LEVEL")))?,
+            log_format: match get("LOG_FORMAT").as_str() {
+                "text" => crate::logging::Format::Text,
+                "json" => crate::logging::Format::Json,
+                other => bail!("LOG_FORMAT={other:?} is neither text nor json"),
+            },
+            api_token: lookup("API_TOKEN").filter(|t| !t.is_empty()),
         };
         config.check()?;
         Ok(config)
@@ -199,9 +218,14 @@ pub fn help_text() -> String {
          Usage: tenantd [--help]\n\nSettings (environment variables):\n",
     );
     for s in SETTINGS {
+        let default = if s.default.is_empty() {
+            "(unset)"
+        } else {
+            s.default
+        };
         text.push_str(&format!(
-            "  {:<20} {}\n  {:<20} default: {}\n",
-            s.name, s.help, "", s.default
+            "  {:<20} {}\n  {:<20} default: {default}\n",
+            s.name, s.help, ""
         ));
     }
     text

@@ -26,7 +26,7 @@ fn run() -> Result<()> {
         bail!("unknown argument {arg:?}; settings come from the environment, see --help");
     }
     let config = tenantd::Config::from_env()?;
-    tenantd::logging::init(config.log_level);
+    tenantd::logging::init(config.log_level, config.log_format);
     // Registered before starting, so a signal during start-up is not lost.
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     let app = tenantd::start(config)?;

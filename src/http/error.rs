@@ -5,9 +5,11 @@ use log::error;
 #[derive(Debug)]
 pub enum ApiError {
     BadRequest(String),
+    Unauthorized,
     NotFound(String),
     MethodNotAllowed(&'static [&'static str]),
     PayloadTooLarge(usize),
+    UnsupportedMediaType(String),
     /// A dependency (database or broker) cannot do it right now; the request changed nothing.
     Unavailable(String),
     Internal(anyhow::Error),
@@ -17,9 +19,11 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             ApiError::BadRequest(_) => 400,
+            ApiError::Unauthorized => 401,
             ApiError::NotFound(_) => 404,
             ApiError::MethodNotAllowed(_) => 405,
             ApiError::PayloadTooLarge(_) => 413,
+            ApiError::UnsupportedMediaType(_) => 415,
             ApiError::Unavailable(_) => 503,
             ApiError::Internal(_) => 500,
         }
@@ -28,6 +32,12 @@ impl ApiError {
     pub fn message(&self) -> String {
         match self {
             ApiError::BadRequest(m) | ApiError::NotFound(m) | ApiError::Unavailable(m) => m.clone(),
+            ApiError::Unauthorized => {
+                "missing or wrong bearer token (Authorization: Bearer <token>)".into()
+            }
+            ApiError::UnsupportedMediaType(t) => {
+                format!("request body must be application/json, not {t}")
+            }
             ApiError::MethodNotAllowed(allow) => {
                 format!("method not allowed here; allowed: {}", allow.join(", "))
             }

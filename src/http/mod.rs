@@ -1,5 +1,6 @@
 //! The HTTP front: a few threads taking requests from tiny_http, each with its own database
-//! connection. Bodies are capped here, because tiny_http reads whatever it is sent.
+//! connection. Bodies are capped, tokens checked and request ids given here, because tiny_http
+//! does none of it.
 
 pub mod error;
 mod routes;
@@ -11,9 +12,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::{anyhow, Context, Result};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use tiny_http::{Header, Request, Response, Server};
 
+use crate::logging;
 use crate::service::Service;
 use crate::store::LazyClient;
 use error::ApiError;
@@ -105,24 +107,107 @@ pub struct ApiResponse {
 
 fn handle(service: &Service, db: &mut LazyClient, mut request: Request) {
     let started = std::time::Instant::now();
+    let request_id = request_id_of(&request);
+    logging::set_request_id(Some(&request_id));
     let method = request.method().clone();
-    let url = request.url().to_string();
-    let result = read_request(&mut request).and_then(|r| routes::route(service, db, r));
-    let (status, response) = match result {
-        Ok(ok) => (ok.status, respond(ok.status, ok.body.as_ref(), None)),
-        Err(e) => {
-            let status = e.status();
-            let allow = match &e {
-                ApiError::MethodNotAllowed(allow) => Some(allow.join(", ")),
-                _ => None,
-            };
-            let body = serde_json::json!({ "error": e.message() });
-            (status, respond(status, Some(&body), allow))
-        }
+    let path = request.url().split('?').next().unwrap_or("").to_string();
+    let result = authorize(service.config.api_token.as_deref(), &request)
+        .and_then(|()| read_request(&mut request))
+        .and_then(|r| routes::route(service, db, r));
+    let (status, mut response) = match result {
+        Ok(ok) => (ok.status, respond(ok.status, ok.body.as_ref())),
+        Err(e) => error_response(&e),
     };
-    debug!("{method} {url} -> {status} in {:?}", started.elapsed());
+    response.add_header(header("X-Request-Id", &request_id));
+    info!(
+        "{method} {path} -> {status} in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     if let Err(e) = request.respond(response) {
-        debug!("could not send the response to {method} {url}: {e}");
+        debug!("could not send the response to {method} {path}: {e}");
+    }
+    logging::set_request_id(None);
+}
+
+fn error_response(e: &ApiError) -> (u16, Response<std::io::Cursor<Vec<u8>>>) {
+    let status = e.status();
+    let body = serde_json::json!({ "error": e.message() });
+    let mut response = respond(status, Some(&body));
+    match e {
+        ApiError::MethodNotAllowed(allow) => {
+            response.add_header(header("Allow", &allow.join(", ")))
+        }
+        ApiError::Unauthorized => response.add_header(header("WWW-Authenticate", "Bearer")),
+        _ => {}
+    }
+    (status, response)
+}
+
+/// The caller's `X-Request-Id` when it is a sane token, else a new one.
+fn request_id_of(request: &Request) -> String {
+    let given = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("X-Request-Id"))
+        .map(|h| h.value.as_str().to_string());
+    match given {
+        Some(id)
+            if !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+        {
+            id
+        }
+        _ => uuid::Uuid::new_v4().simple().to_string(),
+    }
+}
+
+/// With `API_TOKEN` set, `/api/*` needs `Authorization: Bearer <token>`; the probes stay open.
+fn authorize(token: Option<&str>, request: &Request) -> Result<(), ApiError> {
+    let Some(token) = token else {
+        return Ok(());
+    };
+    if !request.url().starts_with("/api/") && request.url() != "/api" {
+        return Ok(());
+    }
+    let presented = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Authorization"))
+        .and_then(|h| h.value.as_str().strip_prefix("Bearer "))
+        .unwrap_or("");
+    match constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+        true => Ok(()),
+        false => Err(ApiError::Unauthorized),
+    }
+}
+
+/// Compares without stopping at the first difference, so timing does not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in b.iter().enumerate() {
+        diff |= usize::from(x ^ a.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+/// A body must be JSON; a request that says it is something else is refused.
+fn check_content_type(request: &Request) -> Result<(), ApiError> {
+    let Some(value) = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Content-Type"))
+        .map(|h| h.value.as_str().to_ascii_lowercase())
+    else {
+        return Ok(());
+    };
+    let essence = value.split(';').next().unwrap_or("").trim().to_string();
+    if essence == "application/json" || essence.ends_with("+json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(essence))
     }
 }
 
@@ -139,6 +224,9 @@ fn read_request(request: &mut Request) -> Result<ApiRequest, ApiError> {
     if body.len() > MAX_BODY_BYTES {
         return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
     }
+    if !body.is_empty() {
+        check_content_type(request)?;
+    }
     let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
     Ok(ApiRequest {
         method: request.method().clone(),
@@ -148,18 +236,11 @@ fn read_request(request: &mut Request) -> Result<ApiRequest, ApiError> {
     })
 }
 
-fn respond(
-    status: u16,
-    body: Option<&serde_json::Value>,
-    allow: Option<String>,
-) -> Response<std::io::Cursor<Vec<u8>>> {
+fn respond(status: u16, body: Option<&serde_json::Value>) -> Response<std::io::Cursor<Vec<u8>>> {
     let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
     let mut response = Response::from_data(bytes).with_status_code(status);
     if body.is_some() {
         response.add_header(header("Content-Type", "application/json"));
-    }
-    if let Some(allow) = allow {
-        response.add_header(header("Allow", &allow));
     }
     response
 }

@@ -2,6 +2,7 @@
 
 mod cli;
 mod delivery;
+mod front;
 mod ingest;
 mod lifecycle;
 mod pagination;

@@ -43,15 +43,36 @@ impl Reply {
 }
 
 pub fn request(base: &str, method: &str, path: &str, body: Option<&[u8]>) -> Reply {
+    request_with(
+        base,
+        method,
+        path,
+        &[("Content-Type", "application/json")],
+        body,
+    )
+}
+
+/// A request with exactly these headers (besides Host, Content-Length and Connection).
+pub fn request_with(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Reply {
     let addr = base.trim_start_matches("http://");
     let mut stream = TcpStream::connect(addr).expect("connecting to tenantd");
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let body = body.unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\n\
+         Connection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).unwrap();

@@ -4,6 +4,7 @@ use std::sync::OnceLock;
 
 use log::{Log, Metadata, Record};
 use parking_lot::Mutex;
+use tenantd::logging::Format;
 
 struct Capture {
     lines: Mutex<Vec<String>>,
@@ -18,10 +19,10 @@ impl Log for Capture {
 
     fn log(&self, record: &Record) {
         if self.enabled(record.metadata()) {
-            let line = format!("[{}] {}", record.level(), record.args());
+            let message = record.args().to_string();
+            let line = tenantd::logging::format_line(Format::Text, record.level(), &message);
             if std::env::var_os("TENANTD_TEST_LOG").is_some() {
-                let thread = std::thread::current();
-                eprintln!("({}) {line}", thread.name().unwrap_or("?"));
+                eprintln!("{line}");
             }
             self.lines.lock().push(line);
         }
