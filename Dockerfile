@@ -1,4 +1,4 @@
-# Build stage: also the image the compose `tests` service runs the test suite in.
+# Build stage.
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 RUN rustup component add rustfmt clippy
@@ -6,6 +6,11 @@ COPY Cargo.toml Cargo.lock schema.sql ./
 COPY src ./src
 COPY tests ./tests
 RUN cargo build --release --locked
+
+# Test stage: the build plus promtool, for `docker compose run --rm tests`.
+FROM builder AS tests
+RUN apt-get update && apt-get install -y --no-install-recommends prometheus \
+    && rm -rf /var/lib/apt/lists/*
 
 # Runtime stage: the binary alone on a slim Debian.
 FROM debian:bookworm-slim

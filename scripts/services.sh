@@ -87,6 +87,11 @@ ensure_cargo() {
     die "cargo not found: install Rust (https://rustup.rs), or use docker compose"
 }
 
+ensure_promtool() {
+  # The metrics test checks /metrics with `promtool check metrics`.
+  command -v promtool >/dev/null 2>&1 || apt_install --no-install-recommends prometheus
+}
+
 raise_file_limit() {
   # One broker connection per tenant: thousands of tenants need thousands of descriptors.
   ulimit -S -n "$(ulimit -H -n)" 2>/dev/null || true

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 ensure_postgres
 ensure_rabbitmq
 ensure_cargo
+ensure_promtool
 raise_file_limit
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::broker::{self, BrokerAddr};
 use crate::ids::TenantId;
+use crate::metrics::metrics;
 use crate::pool::{Batch, BatchDone, Item, Outcome, Poison, WorkerPool};
 use crate::stats::TenantStats;
 
@@ -198,6 +199,7 @@ fn consume(
         let _ = ready.send(Ok(()));
     }
     backoff.reset();
+    set_workers_gauge(id, spec.workers);
     let (reply_tx, reply_rx) = unbounded();
     let mut flight = InFlight::new(ctx, spec, reply_tx, confirms);
     let stop = event_loop(ctx, &channel, &consumer, &reply_rx, control, &mut flight);
@@ -249,6 +251,7 @@ fn event_loop(
                     channel.qos(0, ctx.prefetch(n), true)?;
                     info!("concurrency changed tenant_id={} {} -> {n}", flight.tenant, flight.workers);
                     flight.workers = usize::from(n);
+                    set_workers_gauge(flight.tenant, n);
                 }
                 Ok(Control::Stop { deadline }) => return Ok(deadline),
                 Err(_) => return Ok(Instant::now()),
@@ -257,6 +260,14 @@ fn event_loop(
         }
         flight.dispatch(&ctx.pool);
     }
+}
+
+fn set_workers_gauge(id: TenantId, workers: u16) {
+    let label = id.to_string();
+    metrics()
+        .workers
+        .with_label_values(&[label.as_str()])
+        .set(i64::from(workers));
 }
 
 fn delivery_of(message: Result<ConsumerMessage, crossbeam_channel::RecvError>) -> Result<Delivery> {
@@ -355,6 +366,7 @@ impl InFlight {
             tag,
             id: message_id(&delivery),
             body: std::mem::take(&mut delivery.body),
+            accepted: Instant::now(),
         };
         self.waiting.push_back(item);
         self.unacked.insert(tag, delivery);

@@ -11,6 +11,7 @@ pub mod http;
 pub mod ids;
 pub mod logging;
 mod manager;
+pub mod metrics;
 pub mod model;
 mod pool;
 mod service;
@@ -70,6 +71,7 @@ pub fn start(config: Config) -> Result<App> {
         config,
         admin,
         manager,
+        queues_read_at: parking_lot::Mutex::new(None),
     });
     let mut app = App {
         http: None,

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 
 use crate::consumer::{self, ConsumerContext, ConsumerHandle, Starting, TenantSpec};
 use crate::ids::TenantId;
+use crate::metrics::metrics;
 use crate::stats::{Counts, TenantStats};
 
 pub struct TenantManager {
@@ -32,7 +33,12 @@ impl TenantManager {
     }
 
     fn spawn(&self, id: TenantId, workers: u16) -> Result<Starting> {
-        let stats = self.stats.lock().entry(id).or_default().clone();
+        let stats = self
+            .stats
+            .lock()
+            .entry(id)
+            .or_insert_with(|| Arc::new(TenantStats::new(id)))
+            .clone();
         consumer::spawn(self.ctx.clone(), TenantSpec { id, workers, stats })
     }
 
@@ -48,6 +54,12 @@ impl TenantManager {
     /// Drops the counters of a deleted tenant.
     pub fn forget(&self, id: TenantId) {
         self.stats.lock().remove(&id);
+        metrics().remove_tenant(&id.to_string());
+    }
+
+    /// The tenants with a running consumer.
+    pub fn running_ids(&self) -> Vec<TenantId> {
+        self.consumers.lock().keys().copied().collect()
     }
 
     /// Starts the tenant's consumer and returns once the broker has registered it.
@@ -90,6 +102,7 @@ impl TenantManager {
                 true => Some(handle),
                 false => {
                     consumers.insert(id, handle);
+                    metrics().tenants_running.set(consumers.len() as i64);
                     None
                 }
             }
@@ -116,7 +129,12 @@ impl TenantManager {
     /// Stops the tenant's consumer gracefully; the lock is not held while it drains, so other
     /// tenants are created and stopped meanwhile.
     pub fn stop(&self, id: TenantId, timeout: Duration) -> bool {
-        let handle = self.consumers.lock().remove(&id);
+        let handle = {
+            let mut consumers = self.consumers.lock();
+            let handle = consumers.remove(&id);
+            metrics().tenants_running.set(consumers.len() as i64);
+            handle
+        };
         match handle {
             Some(handle) => {
                 handle.stop(Instant::now() + timeout);
@@ -129,6 +147,7 @@ impl TenantManager {
     /// Stops every consumer: all are told at once, so they drain in parallel, then each is joined.
     pub fn stop_all(&self, deadline: Instant) {
         let handles: Vec<_> = self.consumers.lock().drain().collect();
+        metrics().tenants_running.set(0);
         info!("stopping {} consumers", handles.len());
         for (_, handle) in &handles {
             handle.request_stop(deadline);

@@ -2,7 +2,7 @@
 //! one tenant's messages, then report the outcome to that tenant's thread, which acks.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use log::debug;
@@ -12,6 +12,7 @@ use threadpool::ThreadPool;
 use uuid::Uuid;
 
 use crate::ids::TenantId;
+use crate::metrics::metrics;
 use crate::store;
 
 /// One delivery, as a worker sees it: its tag (for the reply), its id and its body.
@@ -19,6 +20,8 @@ pub struct Item {
     pub tag: u64,
     pub id: Uuid,
     pub body: Vec<u8>,
+    /// When the tenant thread took the delivery: the start of its commit latency.
+    pub accepted: Instant,
 }
 
 /// Messages of one tenant, stored in one transaction.
@@ -140,13 +143,26 @@ fn store_good(
         Err(error) => return Outcome::Transient { items: good, error },
     };
     match insert(db, tenant, &good) {
-        Ok(inserted) => stored(good.iter().map(|i| i.tag).collect(), inserted),
+        Ok(inserted) => {
+            observe(&good);
+            stored(good.iter().map(|i| i.tag).collect(), inserted)
+        }
         // One message PostgreSQL refuses must not hold back the others: store one by one.
         Err(e) if is_content_error(&e) => match insert_one_by_one(db, tenant, good, poison) {
             Ok((settled, inserted)) => stored(settled, inserted),
             Err((items, e)) => transient(slot, items, e),
         },
         Err(e) => transient(slot, good, e),
+    }
+}
+
+/// Records the batch's size and each message's delivery-to-commit latency.
+fn observe(batch: &[Item]) {
+    let m = metrics();
+    m.batch_messages.observe(batch.len() as f64);
+    for item in batch {
+        m.commit_seconds
+            .observe(item.accepted.elapsed().as_secs_f64());
     }
 }
 

@@ -12,17 +12,25 @@ use crate::cursor::{self, AllPosition};
 use crate::http::error::ApiError;
 use crate::ids::TenantId;
 use crate::manager::TenantManager;
+use crate::metrics::metrics;
 use crate::model::{Status, StoredMessage, Tenant};
 use crate::stats::Counts;
 use crate::store::{self, LazyClient};
+use parking_lot::Mutex;
+use std::time::{Duration, Instant};
 
 /// At most this many tenants' partitions are read by one page of `/api/messages`.
 const PARTITIONS_PER_PAGE: usize = 50;
+
+/// Queue depths in `/metrics` are read from the broker at most this often.
+const QUEUE_METRICS_EVERY: Duration = Duration::from_secs(15);
 
 pub struct Service {
     pub config: Config,
     pub admin: BrokerAdmin,
     pub manager: TenantManager,
+    /// When the queue gauges were last read from the broker.
+    pub queues_read_at: Mutex<Option<Instant>>,
 }
 
 /// What a tenant may be created with.
@@ -339,6 +347,48 @@ impl Service {
         db.with(|c| store::tenant_ids_after(c, after, 1))
             .map(|ids| ids.into_iter().next())
             .map_err(ApiError::database)
+    }
+
+    /// `/metrics`: refreshes the queue gauges when they are older than `QUEUE_METRICS_EVERY`
+    /// (one scrape in that interval pays for reading thousands of queues; the others are cheap).
+    pub fn metrics_text(&self, db: &mut LazyClient) -> String {
+        let stale = {
+            let mut at = self.queues_read_at.lock();
+            let stale = at.is_none_or(|t| t.elapsed() >= QUEUE_METRICS_EVERY);
+            if stale {
+                *at = Some(Instant::now());
+            }
+            stale
+        };
+        if stale {
+            self.read_queue_gauges(db);
+        }
+        metrics().render()
+    }
+
+    fn read_queue_gauges(&self, db: &mut LazyClient) {
+        let ids = match db.with(store::all_tenant_ids) {
+            Ok(ids) => ids,
+            Err(e) => return warn!("metrics: cannot list tenants: {e:#}"),
+        };
+        let m = metrics();
+        for id in ids {
+            let id = TenantId::from(id);
+            match self.admin.queue_stats(&id.queue_name()) {
+                Ok(Some(stats)) => {
+                    let label = id.to_string();
+                    let label = [label.as_str()];
+                    m.queue_messages
+                        .with_label_values(&label)
+                        .set(i64::from(stats.messages));
+                    m.queue_consumers
+                        .with_label_values(&label)
+                        .set(i64::from(stats.consumers));
+                }
+                Ok(None) => {}
+                Err(e) => return warn!("metrics: cannot read queue depths: {e:#}"),
+            }
+        }
     }
 
     /// Whether both dependencies answer now: `Err` names the one that does not.

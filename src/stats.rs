@@ -1,17 +1,18 @@
-//! Per-tenant counters since tenantd started, kept across pauses and reconnects, shown by
-//! `GET /api/tenants/{id}`.
+//! Per-tenant counters since tenantd started, kept across pauses and reconnects; they are the
+//! Prometheus series of the tenant, and `GET /api/tenants/{id}` shows them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use prometheus::IntCounter;
 use serde::Serialize;
 
-#[derive(Default)]
+use crate::ids::TenantId;
+use crate::metrics::metrics;
+
 pub struct TenantStats {
-    consumed: AtomicU64,
-    stored: AtomicU64,
-    duplicates: AtomicU64,
-    retried: AtomicU64,
-    dead_lettered: AtomicU64,
+    consumed: IntCounter,
+    stored: IntCounter,
+    duplicates: IntCounter,
+    retried: IntCounter,
+    dead_lettered: IntCounter,
 }
 
 /// A copy of the counters at one moment.
@@ -25,32 +26,44 @@ pub struct Counts {
 }
 
 impl TenantStats {
+    pub fn new(id: TenantId) -> TenantStats {
+        let m = metrics();
+        let label = id.to_string();
+        let of = |v: &prometheus::IntCounterVec| v.with_label_values(&[label.as_str()]);
+        TenantStats {
+            consumed: of(&m.consumed),
+            stored: of(&m.stored),
+            duplicates: of(&m.duplicates),
+            retried: of(&m.retried),
+            dead_lettered: of(&m.dead_lettered),
+        }
+    }
+
     pub fn consumed(&self, n: u64) {
-        self.consumed.fetch_add(n, Ordering::Relaxed);
+        self.consumed.inc_by(n);
     }
 
     /// `settled` messages committed, of which `inserted` were new rows.
     pub fn stored(&self, settled: u64, inserted: u64) {
-        self.stored.fetch_add(inserted, Ordering::Relaxed);
-        self.duplicates
-            .fetch_add(settled.saturating_sub(inserted), Ordering::Relaxed);
+        self.stored.inc_by(inserted);
+        self.duplicates.inc_by(settled.saturating_sub(inserted));
     }
 
     pub fn retried(&self) {
-        self.retried.fetch_add(1, Ordering::Relaxed);
+        self.retried.inc();
     }
 
     pub fn dead_lettered(&self) {
-        self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.dead_lettered.inc();
     }
 
     pub fn counts(&self) -> Counts {
         Counts {
-            consumed: self.consumed.load(Ordering::Relaxed),
-            stored: self.stored.load(Ordering::Relaxed),
-            duplicates: self.duplicates.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            consumed: self.consumed.get(),
+            stored: self.stored.get(),
+            duplicates: self.duplicates.get(),
+            retried: self.retried.get(),
+            dead_lettered: self.dead_lettered.get(),
         }
     }
 }

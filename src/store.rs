@@ -282,6 +282,11 @@ pub fn page_messages(
         .collect())
 }
 
+pub fn all_tenant_ids(client: &mut Client) -> Result<Vec<Uuid>> {
+    let rows = client.query("SELECT id FROM tenants", &[])?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Tenant ids after `after` in id order: the walk order of `/api/messages` over all tenants.
 pub fn tenant_ids_after(client: &mut Client, after: Option<Uuid>, limit: i64) -> Result<Vec<Uuid>> {
     let rows = client.query(

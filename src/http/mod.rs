@@ -16,6 +16,7 @@ use log::{debug, info, warn};
 use tiny_http::{Header, Request, Response, Server};
 
 use crate::logging;
+use crate::metrics::metrics;
 use crate::service::Service;
 use crate::store::LazyClient;
 use error::ApiError;
@@ -99,10 +100,17 @@ pub struct ApiRequest {
     pub body: Vec<u8>,
 }
 
-/// What a route answers: a status and a JSON body (none for 204).
+/// What a route answers: a status and a body.
 pub struct ApiResponse {
     pub status: u16,
-    pub body: Option<serde_json::Value>,
+    pub body: Body,
+}
+
+pub enum Body {
+    Json(serde_json::Value),
+    /// Prometheus text exposition.
+    Metrics(String),
+    Empty,
 }
 
 fn handle(service: &Service, db: &mut LazyClient, mut request: Request) {
@@ -115,14 +123,18 @@ fn handle(service: &Service, db: &mut LazyClient, mut request: Request) {
         .and_then(|()| read_request(&mut request))
         .and_then(|r| routes::route(service, db, r));
     let (status, mut response) = match result {
-        Ok(ok) => (ok.status, respond(ok.status, ok.body.as_ref())),
+        Ok(ok) => (ok.status, respond(ok.status, ok.body)),
         Err(e) => error_response(&e),
     };
     response.add_header(header("X-Request-Id", &request_id));
-    info!(
-        "{method} {path} -> {status} in {:.1} ms",
-        started.elapsed().as_secs_f64() * 1000.0
-    );
+    let elapsed = started.elapsed().as_secs_f64();
+    let route = routes::label(&path);
+    let m = metrics();
+    m.http_requests
+        .with_label_values(&[route, &status.to_string()])
+        .inc();
+    m.http_seconds.with_label_values(&[route]).observe(elapsed);
+    info!("{method} {path} -> {status} in {:.1} ms", elapsed * 1000.0);
     if let Err(e) = request.respond(response) {
         debug!("could not send the response to {method} {path}: {e}");
     }
@@ -132,7 +144,7 @@ fn handle(service: &Service, db: &mut LazyClient, mut request: Request) {
 fn error_response(e: &ApiError) -> (u16, Response<std::io::Cursor<Vec<u8>>>) {
     let status = e.status();
     let body = serde_json::json!({ "error": e.message() });
-    let mut response = respond(status, Some(&body));
+    let mut response = respond(status, Body::Json(body));
     match e {
         ApiError::MethodNotAllowed(allow) => {
             response.add_header(header("Allow", &allow.join(", ")))
@@ -236,11 +248,15 @@ fn read_request(request: &mut Request) -> Result<ApiRequest, ApiError> {
     })
 }
 
-fn respond(status: u16, body: Option<&serde_json::Value>) -> Response<std::io::Cursor<Vec<u8>>> {
-    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+fn respond(status: u16, body: Body) -> Response<std::io::Cursor<Vec<u8>>> {
+    let (bytes, content_type) = match body {
+        Body::Json(value) => (value.to_string().into_bytes(), Some("application/json")),
+        Body::Metrics(text) => (text.into_bytes(), Some("text/plain; version=0.0.4")),
+        Body::Empty => (Vec::new(), None),
+    };
     let mut response = Response::from_data(bytes).with_status_code(status);
-    if body.is_some() {
-        response.add_header(header("Content-Type", "application/json"));
+    if let Some(content_type) = content_type {
+        response.add_header(header("Content-Type", content_type));
     }
     response
 }

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use tiny_http::Method;
 
 use super::error::ApiError;
-use super::{ApiRequest, ApiResponse};
+use super::{ApiRequest, ApiResponse, Body};
 use crate::ids::TenantId;
 use crate::model::Status;
 use crate::service::{NewTenant, Service, TenantPatch};
@@ -23,6 +23,7 @@ const MAX_LIMIT: usize = 100;
 enum Route {
     Health,
     Ready,
+    Metrics,
     Tenants,
     Tenant(String),
     Concurrency(String),
@@ -36,6 +37,7 @@ impl Route {
         let route = match segments.as_slice() {
             ["healthz"] => Route::Health,
             ["readyz"] => Route::Ready,
+            ["metrics"] => Route::Metrics,
             ["api", "tenants"] => Route::Tenants,
             ["api", "tenants", id] => Route::Tenant(id.to_string()),
             ["api", "tenants", id, "config", "concurrency"] => Route::Concurrency(id.to_string()),
@@ -46,14 +48,33 @@ impl Route {
         Some(route)
     }
 
+    /// The route's template, the `route` label of the HTTP metrics.
+    fn template(&self) -> &'static str {
+        match self {
+            Route::Health => "/healthz",
+            Route::Ready => "/readyz",
+            Route::Metrics => "/metrics",
+            Route::Tenants => "/api/tenants",
+            Route::Tenant(_) => "/api/tenants/{id}",
+            Route::Concurrency(_) => "/api/tenants/{id}/config/concurrency",
+            Route::TenantMessages(_) => "/api/tenants/{id}/messages",
+            Route::Messages => "/api/messages",
+        }
+    }
+
     fn allowed(&self) -> &'static [&'static str] {
         match self {
-            Route::Health | Route::Ready | Route::Messages => &["GET"],
+            Route::Health | Route::Ready | Route::Metrics | Route::Messages => &["GET"],
             Route::Tenants | Route::TenantMessages(_) => &["GET", "POST"],
             Route::Tenant(_) => &["GET", "PATCH", "DELETE"],
             Route::Concurrency(_) => &["PUT"],
         }
     }
+}
+
+/// The route template a path belongs to, or `other`.
+pub fn label(path: &str) -> &'static str {
+    Route::parse(path).map_or("other", |r| r.template())
 }
 
 pub fn route(
@@ -70,6 +91,10 @@ pub fn route(
             Ok(()) => ok(200, json!({ "status": "ready" })),
             Err(why) => Err(ApiError::Unavailable(why)),
         },
+        (Method::Get, Route::Metrics) => Ok(ApiResponse {
+            status: 200,
+            body: Body::Metrics(service.metrics_text(db)),
+        }),
         (Method::Post, Route::Tenants) => {
             let new = parse_new_tenant(&req.body)?;
             ok(201, service.create_tenant(db, new)?)
@@ -88,7 +113,7 @@ pub fn route(
             service.delete_tenant(db, tenant_id(id)?)?;
             Ok(ApiResponse {
                 status: 204,
-                body: None,
+                body: Body::Empty,
             })
         }
         (Method::Put, Route::Concurrency(id)) => {
@@ -128,7 +153,7 @@ fn ok(status: u16, body: impl serde::Serialize) -> Result<ApiResponse, ApiError>
     let body = serde_json::to_value(body).map_err(|e| ApiError::Internal(e.into()))?;
     Ok(ApiResponse {
         status,
-        body: Some(body),
+        body: Body::Json(body),
     })
 }
 

@@ -5,6 +5,7 @@ mod delivery;
 mod front;
 mod ingest;
 mod lifecycle;
+mod metrics;
 mod pagination;
 mod support;
 mod tenants;

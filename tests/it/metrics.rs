@@ -1,0 +1,110 @@
+//! `/metrics`: the Prometheus series an operator scrapes, valid by `promtool check metrics`.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::support::{queue_name, wait_until, Amqp, TestApp};
+use serde_json::json;
+use std::time::Duration;
+
+fn scrape(app: &TestApp) -> String {
+    let reply = app.get("/metrics");
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.header("content-type"),
+        Some("text/plain; version=0.0.4")
+    );
+    reply.text()
+}
+
+/// The value of the series `name{labels}` in a scrape.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_count_each_tenants_messages_and_pass_promtool() {
+    let app = TestApp::spawn_with(|c| c.api_token = Some("t0ken".into()));
+    let base = app.base();
+    let auth = [
+        ("Authorization", "Bearer t0ken"),
+        ("Content-Type", "application/json"),
+    ];
+    let create = |body: serde_json::Value| {
+        let body = body.to_string();
+        let reply = crate::support::http::request_with(
+            &base,
+            "POST",
+            "/api/tenants",
+            &auth,
+            Some(body.as_bytes()),
+        );
+        assert_eq!(reply.status, 201, "{}", reply.text());
+        reply.json()["id"].as_str().unwrap().to_string()
+    };
+    let active = create(json!({"name": "measured"}));
+    let paused = create(json!({"name": "waiting", "status": "inactive"}));
+    let mut amqp = Amqp::connect();
+    for i in 0..25 {
+        amqp.publish(
+            &queue_name(&active),
+            json!({ "i": i }).to_string().as_bytes(),
+            None,
+        );
+    }
+    for i in 0..5 {
+        amqp.publish(
+            &queue_name(&paused),
+            json!({ "i": i }).to_string().as_bytes(),
+            None,
+        );
+    }
+    amqp.wait_confirms();
+    app.wait_rows(&active, 25);
+
+    let text = scrape(&app); // open without the token
+    let stored = format!("tenantd_messages_stored_total{{tenant_id=\"{active}\"}}");
+    wait_until(Duration::from_secs(5), "stored count", || {
+        value(&scrape(&app), &stored) == Some(25.0)
+    });
+    let workers = format!("tenantd_tenant_workers{{tenant_id=\"{active}\"}}");
+    assert_eq!(value(&text, &workers), Some(3.0));
+    let waiting = format!("tenantd_queue_messages{{tenant_id=\"{paused}\"}}");
+    assert_eq!(
+        value(&text, &waiting),
+        Some(5.0),
+        "queue depth read from the broker"
+    );
+    let created = "tenantd_http_requests_total{route=\"/api/tenants\",status=\"201\"}";
+    assert!(value(&text, created).unwrap_or(0.0) >= 2.0, "{text}");
+    assert!(text.contains("tenantd_delivery_to_commit_seconds_bucket"));
+    assert!(text.contains("tenantd_batch_messages_count"));
+    assert!(
+        value(&text, "process_threads").unwrap_or(0.0) > 0.0,
+        "process metrics"
+    );
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
