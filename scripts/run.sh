@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 ensure_postgres
 ensure_rabbitmq
 ensure_cargo
-raise_file_limit
+raise_limits
 cargo build --release --locked
 say "starting tenantd on ${HTTP_ADDR:-0.0.0.0:8080}"
 exec ./target/release/tenantd

@@ -92,7 +92,12 @@ ensure_promtool() {
   command -v promtool >/dev/null 2>&1 || apt_install --no-install-recommends prometheus
 }
 
-raise_file_limit() {
-  # One broker connection per tenant: thousands of tenants need thousands of descriptors.
-  ulimit -S -n "$(ulimit -H -n)" 2>/dev/null || true
+raise_limits() {
+  # Each tenant holds one broker connection (~4 file descriptors in tenantd) and 3 threads.
+  # 5,000 tenants need ~20,000 descriptors and ~15,000 threads: raise the file limit (the hard
+  # one too when root), and the kernel's map count, which caps a process near 16,000 threads.
+  ulimit -n 1048576 2>/dev/null || ulimit -S -n "$(ulimit -H -n)" 2>/dev/null || true
+  if [ "$(id -u)" = 0 ] && [ "$(cat /proc/sys/vm/max_map_count 2>/dev/null || echo 0)" -lt 262144 ]; then
+    sysctl -qw vm.max_map_count=262144 2>/dev/null || say "could not raise vm.max_map_count (thousands of tenants need it)"
+  fi
 }

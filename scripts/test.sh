@@ -9,7 +9,7 @@ ensure_postgres
 ensure_rabbitmq
 ensure_cargo
 ensure_promtool
-raise_file_limit
+raise_limits
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked "$@"

@@ -53,8 +53,9 @@ impl Stack {
             .port();
         let exe = std::env::current_exe().unwrap().with_file_name("tenantd");
         let mut cmd = Command::new("sh");
-        // One broker connection per tenant: raise the soft file limit as scripts/run.sh does.
-        cmd.args(["-c", "ulimit -S -n \"$(ulimit -H -n)\"; exec \"$0\""])
+        // ~4 file descriptors per tenant: raise the file limit as scripts/run.sh does.
+        let raise = r#"ulimit -n 1048576 2>/dev/null || ulimit -S -n "$(ulimit -H -n)"; exec "$0""#;
+        cmd.args(["-c", raise])
             .arg(&exe)
             .env(
                 "DATABASE_URL",
