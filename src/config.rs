@@ -30,6 +30,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "address the HTTP API listens on",
     },
     Setting {
+        name: "HTTP_TIMEOUT_MS",
+        default: "15000",
+        help: "an HTTP client silent this long (idle or slow) is disconnected",
+    },
+    Setting {
         name: "DEFAULT_WORKERS",
         default: "3",
         help: "a new tenant's concurrency: batches of its messages in the pool at once",
@@ -91,6 +96,7 @@ pub struct Config {
     pub database_url: String,
     pub rabbitmq_url: String,
     pub http_addr: String,
+    pub http_timeout: Duration,
     pub default_workers: u16,
     pub max_workers: u16,
     pub pool_size: usize,
@@ -122,6 +128,7 @@ impl Config {
             database_url: get("DATABASE_URL"),
             rabbitmq_url: get("RABBITMQ_URL"),
             http_addr: get("HTTP_ADDR"),
+            http_timeout: Duration::from_millis(number(&get, "HTTP_TIMEOUT_MS")?),
             default_workers: number(&get, "DEFAULT_WORKERS")?,
             max_workers: number(&get, "MAX_WORKERS")?,
             pool_size: pool_size(&get("WORKER_POOL_SIZE"))?,

@@ -6,13 +6,15 @@ pub mod error;
 mod routes;
 
 use std::io::Read;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::{anyhow, Context, Result};
 use log::{debug, info, warn};
+use parking_lot::RwLock;
+use socket2::{Domain, Socket, Type};
 use tiny_http::{Header, Request, Response, Server};
 
 use crate::logging;
@@ -26,28 +28,67 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// The running HTTP server: stopping it unblocks and joins every request thread.
 pub struct HttpServer {
-    server: Arc<Server>,
-    stopping: Arc<AtomicBool>,
+    front: Arc<Front>,
     threads: Vec<JoinHandle<()>>,
     addr: SocketAddr,
 }
 
+/// The listening socket and the tiny_http server accepting on it. tiny_http's accept thread
+/// ends for good on the first accept error (e.g. out of file descriptors); the front then starts
+/// a new server on the same socket, so the API outlives the error.
+struct Front {
+    listener: TcpListener,
+    server: RwLock<Arc<Server>>,
+    stopping: AtomicBool,
+    threads: usize,
+}
+
+impl Front {
+    fn current(&self) -> Arc<Server> {
+        self.server.read().clone()
+    }
+
+    /// Replaces `failed` (once, whichever thread sees it first) and wakes the threads on it.
+    fn replace(&self, failed: &Arc<Server>, error: &std::io::Error) {
+        let mut current = self.server.write();
+        if !Arc::ptr_eq(&current, failed) {
+            return;
+        }
+        warn!("HTTP stopped accepting connections ({error}); accepting again");
+        // Give whatever ran out (file descriptors) a moment to come back.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        match self
+            .listener
+            .try_clone()
+            .map(|l| Server::from_listener(l, None))
+        {
+            Ok(Ok(server)) => *current = Arc::new(server),
+            Ok(Err(e)) => warn!("restarting HTTP failed: {e}"),
+            Err(e) => warn!("restarting HTTP failed: {e}"),
+        }
+        for _ in 0..self.threads {
+            failed.unblock();
+        }
+    }
+}
+
 impl HttpServer {
     pub fn start(addr: &str, threads: usize, service: Arc<Service>) -> Result<HttpServer> {
-        let server =
-            Server::http(addr).map_err(|e| anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
-        let local = server
-            .server_addr()
-            .to_ip()
-            .context("HTTP server is not on an IP address")?;
-        let server = Arc::new(server);
-        let stopping = Arc::new(AtomicBool::new(false));
+        let listener = listen(addr, service.config.http_timeout)?;
+        let local = listener.local_addr()?;
+        let server = Server::from_listener(listener.try_clone()?, None)
+            .map_err(|e| anyhow!("cannot serve HTTP on {addr}: {e}"))?;
+        let front = Arc::new(Front {
+            listener,
+            server: RwLock::new(Arc::new(server)),
+            stopping: AtomicBool::new(false),
+            threads,
+        });
         let threads = (0..threads)
-            .map(|i| spawn_request_thread(i, &server, &stopping, &service))
+            .map(|i| spawn_request_thread(i, &front, &service))
             .collect::<Result<_>>()?;
         Ok(HttpServer {
-            server,
-            stopping,
+            front,
             threads,
             addr: local,
         })
@@ -59,9 +100,10 @@ impl HttpServer {
 
     /// Stops taking requests; a request being handled is finished first.
     pub fn stop(self) {
-        self.stopping.store(true, Ordering::SeqCst);
+        self.front.stopping.store(true, Ordering::SeqCst);
+        let server = self.front.current();
         for _ in &self.threads {
-            self.server.unblock();
+            server.unblock();
         }
         for thread in self.threads {
             let _ = thread.join();
@@ -69,23 +111,43 @@ impl HttpServer {
     }
 }
 
+/// Binds `addr` with read and write timeouts that every accepted connection inherits (Linux
+/// copies SO_RCVTIMEO and SO_SNDTIMEO to accepted sockets): a client silent for `timeout`,
+/// idle or slow, is disconnected and its tiny_http thread ends.
+fn listen(addr: &str, timeout: std::time::Duration) -> Result<TcpListener> {
+    let addr: SocketAddr = addr
+        .to_socket_addrs()
+        .with_context(|| format!("HTTP_ADDR={addr:?} is not an address"))?
+        .next()
+        .with_context(|| format!("HTTP_ADDR={addr:?} resolves to nothing"))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.set_write_timeout(Some(timeout))?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 fn spawn_request_thread(
     i: usize,
-    server: &Arc<Server>,
-    stopping: &Arc<AtomicBool>,
+    front: &Arc<Front>,
     service: &Arc<Service>,
 ) -> Result<JoinHandle<()>> {
-    let (server, stopping, service) = (server.clone(), stopping.clone(), service.clone());
+    let (front, service) = (front.clone(), service.clone());
     std::thread::Builder::new()
         .name(format!("http-{i}"))
         .spawn(move || {
-            let mut db =
-                LazyClient::new(&service.config.database_url, service.config.connect_timeout);
+            let config = &service.config;
+            let mut db = LazyClient::new(&config.database_url, config.connect_timeout);
             loop {
+                let server = front.current();
                 match server.recv() {
                     Ok(request) => handle(&service, &mut db, request),
-                    Err(_) if stopping.load(Ordering::SeqCst) => return,
-                    Err(e) => warn!("accepting an HTTP connection failed: {e}"),
+                    Err(_) if front.stopping.load(Ordering::SeqCst) => return,
+                    Err(e) => front.replace(&server, &e),
                 }
             }
         })

@@ -91,3 +91,51 @@ fn a_body_that_says_it_is_not_json_is_refused_with_415() {
     assert_eq!(none.status, 201, "no Content-Type is taken as JSON");
     assert_eq!(app.tenant_ids().len(), 2);
 }
+
+#[test]
+fn tenantd_answers_while_2000_idle_connections_are_open() {
+    let app = TestApp::spawn();
+    let addr = app.base().trim_start_matches("http://").to_string();
+    let idle: Vec<std::net::TcpStream> = (0..2000)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("an idle connection"))
+        .collect();
+    let started = std::time::Instant::now();
+    assert_eq!(app.get("/healthz").status, 200);
+    app.create_tenant("served despite idle connections");
+    assert_eq!(app.get("/api/tenants").status, 200);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
+
+#[test]
+fn a_silent_or_slow_client_is_disconnected_after_the_timeout() {
+    use std::io::{Read, Write};
+    let app = TestApp::spawn_with(|c| c.http_timeout = std::time::Duration::from_millis(300));
+    let addr = app.base().trim_start_matches("http://").to_string();
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap(); // and never the end
+    for stream in [&mut idle, &mut slow] {
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf).unwrap_or(0);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the server closed it"
+        );
+        assert!(
+            n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 4"),
+            "{:?}",
+            &buf[..n]
+        );
+    }
+    assert_eq!(app.get("/healthz").status, 200, "others are still served");
+}
