@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test against real PostgreSQL and RabbitMQ (started or installed as needed):
-# formatting, lints, unit tests and the integration suite.
+# formatting, lints, the API contract (schemathesis), unit tests and the integration suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/services.sh
@@ -12,4 +12,5 @@ ensure_promtool
 raise_limits
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
+./scripts/contract.sh
 cargo test --locked "$@"

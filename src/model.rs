@@ -48,10 +48,10 @@ impl Tenant {
 }
 
 /// A message as stored and as paged through.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct StoredMessage {
     pub id: Uuid,
     pub tenant_id: Uuid,
-    pub payload: serde_json::Value,
+    pub payload: Box<serde_json::value::RawValue>,
     pub created_at: DateTime<Utc>,
 }

@@ -257,7 +257,9 @@ pub fn page_messages(
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> Result<Vec<StoredMessage>> {
-    const COLUMNS: &str = "SELECT id, tenant_id, payload, created_at FROM messages";
+    // The payload as PostgreSQL prints it, passed through untouched: no second parse, and no
+    // number that serde_json could not represent.
+    const COLUMNS: &str = "SELECT id, tenant_id, payload::text, created_at FROM messages";
     let rows = match after {
         Some((at, id)) => client.query(
             &format!(
@@ -271,15 +273,18 @@ pub fn page_messages(
             &[&tenant.uuid(), &limit],
         )?,
     };
-    Ok(rows
-        .iter()
-        .map(|r| StoredMessage {
-            id: r.get(0),
-            tenant_id: r.get(1),
-            payload: r.get(2),
-            created_at: r.get(3),
+    rows.iter()
+        .map(|r| {
+            let payload: String = r.try_get(2)?;
+            Ok(StoredMessage {
+                id: r.try_get(0)?,
+                tenant_id: r.try_get(1)?,
+                payload: serde_json::value::RawValue::from_string(payload)
+                    .context("a stored payload is not JSON")?,
+                created_at: r.try_get(3)?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 pub fn all_tenant_ids(client: &mut Client) -> Result<Vec<Uuid>> {

@@ -145,7 +145,7 @@ fn spawn_request_thread(
             loop {
                 let server = front.current();
                 match server.recv() {
-                    Ok(request) => handle(&service, &mut db, request),
+                    Ok(request) => handle_guarded(&service, &mut db, request),
                     Err(_) if front.stopping.load(Ordering::SeqCst) => return,
                     Err(e) => front.replace(&server, &e),
                 }
@@ -169,7 +169,8 @@ pub struct ApiResponse {
 }
 
 pub enum Body {
-    Json(serde_json::Value),
+    /// Serialized JSON (straight from the values: a stored payload passes through as written).
+    Json(String),
     /// Prometheus text exposition.
     Metrics(String),
     Empty,
@@ -203,10 +204,23 @@ fn handle(service: &Service, db: &mut LazyClient, mut request: Request) {
     logging::set_request_id(None);
 }
 
+/// A panic while handling one request must not take an HTTP thread down: it is logged, the
+/// client gets tiny_http's 500, and the connection to the database is opened afresh.
+fn handle_guarded(service: &Service, db: &mut LazyClient, request: Request) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        handle(service, db, request)
+    }));
+    if outcome.is_err() {
+        log::error!("a request handler panicked; the thread goes on");
+        logging::set_request_id(None);
+        *db = LazyClient::new(&service.config.database_url, service.config.connect_timeout);
+    }
+}
+
 fn error_response(e: &ApiError) -> (u16, Response<std::io::Cursor<Vec<u8>>>) {
     let status = e.status();
     let body = serde_json::json!({ "error": e.message() });
-    let mut response = respond(status, Body::Json(body));
+    let mut response = respond(status, Body::Json(body.to_string()));
     match e {
         ApiError::MethodNotAllowed(allow) => {
             response.add_header(header("Allow", &allow.join(", ")))
@@ -312,7 +326,7 @@ fn read_request(request: &mut Request) -> Result<ApiRequest, ApiError> {
 
 fn respond(status: u16, body: Body) -> Response<std::io::Cursor<Vec<u8>>> {
     let (bytes, content_type) = match body {
-        Body::Json(value) => (value.to_string().into_bytes(), Some("application/json")),
+        Body::Json(text) => (text.into_bytes(), Some("application/json")),
         Body::Metrics(text) => (text.into_bytes(), Some("text/plain; version=0.0.4")),
         Body::Empty => (Vec::new(), None),
     };

@@ -24,6 +24,7 @@ enum Route {
     Health,
     Ready,
     Metrics,
+    OpenApi,
     Tenants,
     Tenant(String),
     Concurrency(String),
@@ -38,6 +39,7 @@ impl Route {
             ["healthz"] => Route::Health,
             ["readyz"] => Route::Ready,
             ["metrics"] => Route::Metrics,
+            ["api", "openapi.json"] => Route::OpenApi,
             ["api", "tenants"] => Route::Tenants,
             ["api", "tenants", id] => Route::Tenant(id.to_string()),
             ["api", "tenants", id, "config", "concurrency"] => Route::Concurrency(id.to_string()),
@@ -54,6 +56,7 @@ impl Route {
             Route::Health => "/healthz",
             Route::Ready => "/readyz",
             Route::Metrics => "/metrics",
+            Route::OpenApi => "/api/openapi.json",
             Route::Tenants => "/api/tenants",
             Route::Tenant(_) => "/api/tenants/{id}",
             Route::Concurrency(_) => "/api/tenants/{id}/config/concurrency",
@@ -64,7 +67,9 @@ impl Route {
 
     fn allowed(&self) -> &'static [&'static str] {
         match self {
-            Route::Health | Route::Ready | Route::Metrics | Route::Messages => &["GET"],
+            Route::Health | Route::Ready | Route::Metrics | Route::OpenApi | Route::Messages => {
+                &["GET"]
+            }
             Route::Tenants | Route::TenantMessages(_) => &["GET", "POST"],
             Route::Tenant(_) => &["GET", "PATCH", "DELETE"],
             Route::Concurrency(_) => &["PUT"],
@@ -91,6 +96,10 @@ pub fn route(
             Ok(()) => ok(200, json!({ "status": "ready" })),
             Err(why) => Err(ApiError::Unavailable(why)),
         },
+        (Method::Get, Route::OpenApi) => Ok(ApiResponse {
+            status: 200,
+            body: Body::Json(OPENAPI.to_string()),
+        }),
         (Method::Get, Route::Metrics) => Ok(ApiResponse {
             status: 200,
             body: Body::Metrics(service.metrics_text(db)),
@@ -149,8 +158,11 @@ pub fn route(
     }
 }
 
+/// The API's contract, served as written (the contract test holds it to the routes).
+const OPENAPI: &str = include_str!("openapi.json");
+
 fn ok(status: u16, body: impl serde::Serialize) -> Result<ApiResponse, ApiError> {
-    let body = serde_json::to_value(body).map_err(|e| ApiError::Internal(e.into()))?;
+    let body = serde_json::to_string(&body).map_err(|e| ApiError::Internal(e.into()))?;
     Ok(ApiResponse {
         status,
         body: Body::Json(body),
@@ -228,7 +240,7 @@ fn parse_patch(body: &[u8]) -> Result<TenantPatch, ApiError> {
 
 fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), ApiError> {
     let chars = value.chars().count();
-    if field == "name" && value.trim().is_empty() {
+    if field == "name" && value.is_empty() {
         return Err(ApiError::BadRequest("name must not be empty".into()));
     }
     if chars > max_chars {

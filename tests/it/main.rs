@@ -1,6 +1,7 @@
 //! The integration tests: one binary, the real tenantd against the real PostgreSQL and RabbitMQ.
 
 mod cli;
+mod contract;
 mod delivery;
 mod front;
 mod ingest;

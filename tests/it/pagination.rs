@@ -187,3 +187,21 @@ fn bad_page_parameters_are_refused() {
     app.get(&format!("/api/tenants/{unknown}/messages"))
         .assert_error(404, "not found");
 }
+
+#[test]
+fn payloads_come_back_as_stored_even_beyond_f64() {
+    let app = TestApp::spawn();
+    let tenant = app.create_tenant("big numbers");
+    let mut amqp = Amqp::connect();
+    let body = r#"{"big": 1e400, "exact": 123456789012345678901234567890}"#;
+    amqp.publish(&queue_name(&tenant), body.as_bytes(), None);
+    amqp.wait_confirms();
+    app.wait_rows(&tenant, 1);
+    let page = app.get(&format!("/api/tenants/{tenant}/messages"));
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert!(
+        page.text().contains("123456789012345678901234567890"),
+        "{}",
+        page.text()
+    );
+}
