@@ -5,10 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/services.sh
 
-ensure_postgres
-ensure_rabbitmq
-ensure_cargo
-raise_limits
+ensure_stack
 cargo build --release --locked
 say "starting tenantd on ${HTTP_ADDR:-0.0.0.0:8080}"
 exec ./target/release/tenantd

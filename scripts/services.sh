@@ -101,3 +101,11 @@ raise_limits() {
     sysctl -qw vm.max_map_count=262144 2>/dev/null || say "could not raise vm.max_map_count (thousands of tenants need it)"
   fi
 }
+
+# Everything tenantd and its tests need on this machine.
+ensure_stack() {
+  ensure_postgres
+  ensure_rabbitmq
+  ensure_cargo
+  raise_limits
+}

@@ -5,11 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/services.sh
 
-ensure_postgres
-ensure_rabbitmq
-ensure_cargo
+ensure_stack
 ensure_promtool
-raise_limits
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 ./scripts/contract.sh

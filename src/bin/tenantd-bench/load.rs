@@ -13,10 +13,23 @@ fn connect(url: &str) -> amiquip::Connection {
         .expect("connecting to RabbitMQ")
 }
 
-/// A ~240-byte JSON body.
+/// Extra bytes of padding in every body (`--payload-bytes` minus the ~240 of the base body).
+static PADDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Makes every body about `bytes` long (never below the ~240-byte base).
+pub fn set_payload_bytes(bytes: usize) {
+    let base = body(0).len();
+    PADDING.store(
+        bytes.saturating_sub(base),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// A ~240-byte JSON order event, padded to the chosen size.
 pub fn body(seq: u64) -> Vec<u8> {
+    let pad = "x".repeat(PADDING.load(std::sync::atomic::Ordering::Relaxed));
     format!(
-        r#"{{"seq":{seq},"event":"order.created","customer":"c-{:06}","items":[{{"sku":"A-100","qty":2}},{{"sku":"B-220","qty":1}}],"total":{}.{:02},"currency":"EUR","note":"benchmark payload of roughly two hundred and forty bytes"}}"#,
+        r#"{{"seq":{seq},"event":"order.created","customer":"c-{:06}","items":[{{"sku":"A-100","qty":2}},{{"sku":"B-220","qty":1}}],"total":{}.{:02},"currency":"EUR","note":"benchmark payload of roughly two hundred and forty bytes{pad}"}}"#,
         seq % 1_000_000,
         seq % 997,
         seq % 100

@@ -20,6 +20,7 @@ struct Args {
     seconds: u64,
     create: u64,
     idle_seconds: u64,
+    payload_bytes: u64,
 }
 
 impl Args {
@@ -31,6 +32,7 @@ impl Args {
             seconds: 10,
             create: 1000,
             idle_seconds: 30,
+            payload_bytes: 240,
         };
         let raw: Vec<String> = std::env::args().skip(1).collect();
         for pair in raw.chunks(2) {
@@ -45,6 +47,7 @@ impl Args {
                 "--seconds" => args.seconds = value,
                 "--create" => args.create = value,
                 "--idle-seconds" => args.idle_seconds = value,
+                "--payload-bytes" => args.payload_bytes = value,
                 _ => usage(),
             }
         }
@@ -55,7 +58,7 @@ impl Args {
 fn usage() -> ! {
     eprintln!(
         "usage: tenantd-bench [--messages 200000] [--tenants 10] [--rate 1000] [--seconds 10] \
-         [--create 1000] [--idle-seconds 30]\n\
+         [--create 1000] [--idle-seconds 30] [--payload-bytes 240]\n\
          env: BENCH_PG (default postgres://postgres:postgres@127.0.0.1:5432), RABBITMQ_URL"
     );
     std::process::exit(2)
@@ -87,6 +90,7 @@ impl Report {
 
 fn main() {
     let args = Args::parse();
+    load::set_payload_bytes(args.payload_bytes as usize);
     let pg = std::env::var("BENCH_PG")
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into());
     let amqp = std::env::var("RABBITMQ_URL")
