@@ -97,6 +97,11 @@ raise_limits() {
   # 5,000 tenants need ~20,000 descriptors and ~15,000 threads: raise the file limit (the hard
   # one too when root), and the kernel's map count, which caps a process near 16,000 threads.
   ulimit -n 1048576 2>/dev/null || ulimit -S -n "$(ulimit -H -n)" 2>/dev/null || true
+  local files
+  files=$(ulimit -n)
+  if [ "$files" != unlimited ] && [ "$files" -lt 32768 ]; then
+    say "file limit is $files: tenantd can hold about $(((files - 100) / 4)) tenants (raise the hard limit for more)"
+  fi
   if [ "$(id -u)" = 0 ] && [ "$(cat /proc/sys/vm/max_map_count 2>/dev/null || echo 0)" -lt 262144 ]; then
     sysctl -qw vm.max_map_count=262144 2>/dev/null || say "could not raise vm.max_map_count (thousands of tenants need it)"
   fi

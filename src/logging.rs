@@ -29,9 +29,12 @@ struct Logger {
 
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        // Our own lines at the chosen level; the libraries' only when they warn.
-        let ours = metadata.target().starts_with("tenantd");
-        metadata.level() <= self.level && (ours || metadata.level() <= Level::Warn)
+        // Our own lines at the chosen level; the libraries' only when they warn, except
+        // tiny_http's accept errors, which the HTTP front reports (and handles) itself.
+        let target = metadata.target();
+        let ours = target.starts_with("tenantd");
+        let library = metadata.level() <= Level::Warn && !target.starts_with("tiny_http");
+        metadata.level() <= self.level && (ours || library)
     }
 
     fn log(&self, record: &Record) {

@@ -49,14 +49,27 @@ impl Front {
     }
 
     /// Replaces `failed` (once, whichever thread sees it first) and wakes the threads on it.
+    ///
+    /// The listening socket carries the read timeout its connections inherit, and on Linux that
+    /// timeout also ends an `accept` that waited that long: after a quiet spell tiny_http's
+    /// accept thread stops with EAGAIN. That is routine and replaced at once; connections
+    /// arriving meanwhile wait in the socket's backlog, none is lost. Any other error is logged.
     fn replace(&self, failed: &Arc<Server>, error: &std::io::Error) {
         let mut current = self.server.write();
         if !Arc::ptr_eq(&current, failed) {
             return;
         }
-        warn!("HTTP stopped accepting connections ({error}); accepting again");
-        // Give whatever ran out (file descriptors) a moment to come back.
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        let quiet = matches!(
+            error.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        );
+        if quiet {
+            debug!("HTTP accept timed out after a quiet spell; accepting again");
+        } else {
+            warn!("HTTP stopped accepting connections ({error}); accepting again");
+            // Give whatever ran out (file descriptors) a moment to come back.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         match self
             .listener
             .try_clone()

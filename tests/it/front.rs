@@ -138,4 +138,9 @@ fn a_silent_or_slow_client_is_disconnected_after_the_timeout() {
         );
     }
     assert_eq!(app.get("/healthz").status, 200, "others are still served");
+    // Quiet spells longer than the timeout (which also ends a waiting accept) change nothing.
+    for _ in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(400)); // the quiet spell itself
+        assert_eq!(app.get("/healthz").status, 200);
+    }
 }
