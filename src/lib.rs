@@ -3,12 +3,14 @@
 
 #![forbid(unsafe_code)]
 
+mod backoff;
 pub mod broker;
 pub mod config;
 mod consumer;
 mod cursor;
 pub mod http;
 pub mod ids;
+mod inflight;
 pub mod logging;
 mod manager;
 pub mod metrics;

@@ -1,0 +1,244 @@
+//! The book a tenant thread keeps of its deliveries between the broker and the database: which
+//! wait, which are in the pool, which are committed and may be acked, and what becomes of a
+//! message that failed (retry queue or DLQ, acked only once the broker holds the copy).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amiquip::{AmqpProperties, AmqpValue, Channel, Confirm, Delivery, FieldTable, Publish};
+use anyhow::Result;
+use crossbeam_channel::{Receiver, Sender};
+use log::warn;
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::broker;
+use crate::consumer::{ConsumerContext, TenantSpec};
+use crate::ids::TenantId;
+use crate::pool::{Batch, BatchDone, Item, Outcome, Poison, WorkerPool};
+use crate::stats::TenantStats;
+
+/// Header counting a message's failed attempts; it travels with the message, so the count
+/// survives restarts.
+const ATTEMPTS_HEADER: &str = "x-tenantd-attempts";
+/// Header saying why the last attempt failed.
+const REASON_HEADER: &str = "x-tenantd-reason";
+
+/// Deliveries between the broker and the database: which wait, which are in the pool, which are
+/// committed and not yet acked.
+pub struct InFlight {
+    pub(crate) tenant: TenantId,
+    pub(crate) workers: usize,
+    batch_size: usize,
+    retry_delays: Vec<Duration>,
+    stats: Arc<TenantStats>,
+    reply: Sender<BatchDone>,
+    /// Publisher confirms of this channel, and how many messages it has published.
+    confirms: Receiver<Confirm>,
+    published: u64,
+    /// Accepted, not yet handed to the pool.
+    waiting: VecDeque<Item>,
+    /// Every delivery neither acked nor rejected, by tag (bodies moved into `Item`s).
+    unacked: BTreeMap<u64, Delivery>,
+    /// Committed, waiting for every lower tag so one `ack_multiple` settles them all.
+    committed: BTreeSet<u64>,
+    /// Batches in the pool.
+    pub(crate) busy: usize,
+    pub(crate) retry_at: Option<Instant>,
+    retry_backoff: Backoff,
+}
+
+impl InFlight {
+    pub fn new(
+        ctx: &ConsumerContext,
+        spec: &TenantSpec,
+        reply: Sender<BatchDone>,
+        confirms: Receiver<Confirm>,
+    ) -> Self {
+        InFlight {
+            tenant: spec.id,
+            workers: usize::from(spec.workers),
+            batch_size: ctx.batch_size,
+            retry_delays: ctx.retry_delays.clone(),
+            stats: spec.stats.clone(),
+            reply,
+            confirms,
+            published: 0,
+            waiting: VecDeque::new(),
+            unacked: BTreeMap::new(),
+            committed: BTreeSet::new(),
+            busy: 0,
+            retry_at: None,
+            retry_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
+        }
+    }
+
+    /// Whether a batch is still filling: take more deliveries that are already waiting.
+    pub fn filling(&self) -> bool {
+        self.waiting.len() < self.batch_size
+    }
+
+    pub fn accept(&mut self, mut delivery: Delivery) {
+        let tag = delivery.delivery_tag();
+        let item = Item {
+            tag,
+            id: message_id(&delivery),
+            body: std::mem::take(&mut delivery.body),
+            accepted: Instant::now(),
+        };
+        self.waiting.push_back(item);
+        self.unacked.insert(tag, delivery);
+        self.stats.consumed(1);
+    }
+
+    pub fn dispatch(&mut self, pool: &WorkerPool) {
+        if self.retry_at.is_some() {
+            return;
+        }
+        while self.busy < self.workers && !self.waiting.is_empty() {
+            let n = self.waiting.len().min(self.batch_size);
+            pool.submit(Batch {
+                tenant: self.tenant,
+                items: self.waiting.drain(..n).collect(),
+                reply: self.reply.clone(),
+            });
+            self.busy += 1;
+        }
+    }
+
+    pub fn complete(&mut self, channel: &Channel, done: BatchDone) -> Result<()> {
+        self.busy -= 1;
+        for poison in done.poison {
+            self.retry_or_dead_letter(channel, poison)?;
+        }
+        match done.outcome {
+            Outcome::Stored { settled, inserted } => {
+                self.retry_backoff.reset();
+                self.stats.stored(settled.len() as u64, inserted);
+                self.committed.extend(settled);
+            }
+            Outcome::Transient { items, error } => {
+                let delay = self.retry_backoff.next();
+                warn!(
+                    "tenant_id={} storing {} messages failed, retrying in {delay:?}: {error}",
+                    self.tenant,
+                    items.len()
+                );
+                for item in items.into_iter().rev() {
+                    self.waiting.push_front(item);
+                }
+                self.retry_at = Some(Instant::now() + delay);
+            }
+        }
+        self.ack_committed(channel)
+    }
+
+    /// Sends a message that failed to the retry queue (it comes back after the delay for its
+    /// attempt) or, after the last attempt, to the DLQ; acks it once the broker has the copy.
+    fn retry_or_dead_letter(&mut self, channel: &Channel, poison: Poison) -> Result<()> {
+        let Some(delivery) = self.unacked.remove(&poison.tag) else {
+            return Ok(());
+        };
+        let attempt = attempts(&delivery.properties) + 1;
+        let delay = self.retry_delays.get(attempt as usize - 1).copied();
+        let mut properties = copy_properties(&delivery.properties, attempt, &poison.reason);
+        let queue = match delay {
+            Some(delay) => {
+                properties = properties.with_expiration(delay.as_millis().to_string());
+                self.tenant.retry_name()
+            }
+            None => self.tenant.dlq_name(),
+        };
+        channel.basic_publish(
+            "",
+            Publish::with_properties(&poison.body, queue, properties),
+        )?;
+        self.published += 1;
+        broker::wait_for_confirm(&self.confirms, self.published, Duration::from_secs(10))?;
+        delivery.ack(channel)?;
+        match delay {
+            Some(delay) => {
+                self.stats.retried();
+                warn!(
+                    "tenant_id={} message failed (attempt {attempt}), retrying in {delay:?}: {}",
+                    self.tenant, poison.reason
+                );
+            }
+            None => {
+                self.stats.dead_lettered();
+                warn!(
+                    "tenant_id={} message dead-lettered after {attempt} attempts: {}",
+                    self.tenant, poison.reason
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Acks, with one `ack_multiple`, the longest run of committed deliveries at the low end.
+    fn ack_committed(&mut self, channel: &Channel) -> Result<()> {
+        let mut last = None;
+        while let Some(entry) = self.unacked.first_entry() {
+            if !self.committed.remove(entry.key()) {
+                break;
+            }
+            last = Some(entry.remove());
+        }
+        match last {
+            Some(delivery) => Ok(delivery.ack_multiple(channel)?),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How many times this message has failed before, from its header.
+fn attempts(properties: &AmqpProperties) -> u32 {
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.get(ATTEMPTS_HEADER));
+    let n = match value {
+        Some(AmqpValue::LongInt(n)) => i64::from(*n),
+        Some(AmqpValue::LongLongInt(n)) => *n,
+        Some(AmqpValue::ShortInt(n)) => i64::from(*n),
+        Some(AmqpValue::LongUInt(n)) => i64::from(*n),
+        _ => 0,
+    };
+    n.clamp(0, 1000) as u32
+}
+
+/// The properties a retried or dead-lettered copy keeps (not the publisher's expiration, which
+/// could make a dead letter vanish), plus the attempt count and the reason.
+fn copy_properties(original: &AmqpProperties, attempt: u32, reason: &str) -> AmqpProperties {
+    let mut headers: FieldTable = original.headers().clone().unwrap_or_default();
+    headers.insert(ATTEMPTS_HEADER.into(), AmqpValue::LongInt(attempt as i32));
+    headers.insert(REASON_HEADER.into(), AmqpValue::LongString(reason.into()));
+    let mut copy = AmqpProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    if let Some(id) = original.message_id() {
+        copy = copy.with_message_id(id.clone());
+    }
+    if let Some(content_type) = original.content_type() {
+        copy = copy.with_content_type(content_type.clone());
+    }
+    if let Some(correlation_id) = original.correlation_id() {
+        copy = copy.with_correlation_id(correlation_id.clone());
+    }
+    if let Some(timestamp) = original.timestamp() {
+        copy = copy.with_timestamp(*timestamp);
+    }
+    copy
+}
+
+/// The publisher's `message_id` when it is a UUID (so redeliveries are stored once), else a new
+/// time-ordered id.
+fn message_id(delivery: &Delivery) -> Uuid {
+    delivery
+        .properties
+        .message_id()
+        .as_deref()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .unwrap_or_else(Uuid::now_v7)
+}
