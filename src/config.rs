@@ -57,7 +57,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "MAX_MESSAGE_BYTES",
         default: "1048576",
-        help: "a message larger than this is rejected, never stored",
+        help: "a larger message is never stored: retried, then dead-lettered",
     },
     Setting {
         name: "RETRY_DELAYS_MS",

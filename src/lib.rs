@@ -37,8 +37,9 @@ use pool::WorkerPool;
 use service::Service;
 use store::LazyClient;
 
-/// Threads answering HTTP requests; creating a tenant is quick, so a few suffice.
-const HTTP_THREADS: usize = 4;
+/// Threads answering HTTP requests. Most requests take milliseconds; a DELETE waits for the
+/// tenant's in-flight messages, so there are enough threads for a few of those at once.
+const HTTP_THREADS: usize = 8;
 
 /// A running tenantd.
 pub struct App {
