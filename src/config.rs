@@ -32,7 +32,12 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "HTTP_TIMEOUT_MS",
         default: "15000",
-        help: "an HTTP client silent this long (idle or slow) is disconnected",
+        help: "HTTP: silence allowed between requests, and time for a whole request head",
+    },
+    Setting {
+        name: "HTTP_MAX_CONNECTIONS",
+        default: "512",
+        help: "open HTTP connections at most; past it the longest idle one is closed, else 503",
     },
     Setting {
         name: "DEFAULT_WORKERS",
@@ -97,6 +102,7 @@ pub struct Config {
     pub rabbitmq_url: String,
     pub http_addr: String,
     pub http_timeout: Duration,
+    pub http_max_connections: usize,
     pub default_workers: u16,
     pub max_workers: u16,
     pub pool_size: usize,
@@ -129,6 +135,7 @@ impl Config {
             rabbitmq_url: get("RABBITMQ_URL"),
             http_addr: get("HTTP_ADDR"),
             http_timeout: Duration::from_millis(number(&get, "HTTP_TIMEOUT_MS")?),
+            http_max_connections: number(&get, "HTTP_MAX_CONNECTIONS")?,
             default_workers: number(&get, "DEFAULT_WORKERS")?,
             max_workers: number(&get, "MAX_WORKERS")?,
             pool_size: pool_size(&get("WORKER_POOL_SIZE"))?,
@@ -161,6 +168,9 @@ impl Config {
                 self.default_workers,
                 self.max_workers
             );
+        }
+        if self.http_max_connections == 0 {
+            bail!("HTTP_MAX_CONNECTIONS must be at least 1");
         }
         if self.pool_size == 0 || self.batch_size == 0 {
             bail!("WORKER_POOL_SIZE and BATCH_SIZE must be at least 1");

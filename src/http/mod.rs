@@ -1,12 +1,15 @@
-//! The HTTP front: a few threads taking requests from tiny_http, each with its own database
-//! connection. Bodies are capped, tokens checked and request ids given here, because tiny_http
-//! does none of it.
+//! The HTTP front: the guard (limits) before tiny_http, and a few threads taking requests from
+//! tiny_http, each with its own database connection. Bodies are capped, tokens checked and
+//! request ids given here, because tiny_http does none of it.
 
 pub mod error;
+mod guard;
 mod routes;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -22,22 +25,26 @@ use crate::metrics::metrics;
 use crate::service::Service;
 use crate::store::LazyClient;
 use error::ApiError;
+use guard::{Guard, Limits};
 
 /// Requests larger than this are refused with 413 before they are read.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// The running HTTP server: stopping it unblocks and joins every request thread.
+/// The running HTTP server: the guard on the public socket, tiny_http behind it on a private
+/// Unix socket, and the request threads. Stopping it unblocks and joins every one.
 pub struct HttpServer {
+    guard: Guard,
     front: Arc<Front>,
     threads: Vec<JoinHandle<()>>,
     addr: SocketAddr,
+    socket_dir: PathBuf,
 }
 
-/// The listening socket and the tiny_http server accepting on it. tiny_http's accept thread
-/// ends for good on the first accept error (e.g. out of file descriptors); the front then starts
-/// a new server on the same socket, so the API outlives the error.
+/// The private socket and the tiny_http server accepting on it. tiny_http's accept thread ends
+/// for good on the first accept error (e.g. out of file descriptors); the front then starts a
+/// new server on the same socket, so the API outlives the error.
 struct Front {
-    listener: TcpListener,
+    listener: UnixListener,
     server: RwLock<Arc<Server>>,
     stopping: AtomicBool,
     threads: usize,
@@ -49,27 +56,15 @@ impl Front {
     }
 
     /// Replaces `failed` (once, whichever thread sees it first) and wakes the threads on it.
-    ///
-    /// The listening socket carries the read timeout its connections inherit, and on Linux that
-    /// timeout also ends an `accept` that waited that long: after a quiet spell tiny_http's
-    /// accept thread stops with EAGAIN. That is routine and replaced at once; connections
-    /// arriving meanwhile wait in the socket's backlog, none is lost. Any other error is logged.
+    /// Connections arriving meanwhile wait in the socket's backlog; none is lost.
     fn replace(&self, failed: &Arc<Server>, error: &std::io::Error) {
         let mut current = self.server.write();
         if !Arc::ptr_eq(&current, failed) {
             return;
         }
-        let quiet = matches!(
-            error.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        );
-        if quiet {
-            debug!("HTTP accept timed out after a quiet spell; accepting again");
-        } else {
-            warn!("HTTP stopped accepting connections ({error}); accepting again");
-            // Give whatever ran out (file descriptors) a moment to come back.
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        warn!("HTTP stopped accepting connections ({error}); accepting again");
+        // Give whatever ran out (file descriptors) a moment to come back.
+        std::thread::sleep(std::time::Duration::from_millis(100));
         match self
             .listener
             .try_clone()
@@ -87,10 +82,13 @@ impl Front {
 
 impl HttpServer {
     pub fn start(addr: &str, threads: usize, service: Arc<Service>) -> Result<HttpServer> {
-        let listener = listen(addr, service.config.http_timeout)?;
-        let local = listener.local_addr()?;
+        let public = listen(addr)?;
+        let local = public.local_addr()?;
+        let socket_dir = private_dir()?;
+        let socket = socket_dir.join("http.sock");
+        let listener = UnixListener::bind(&socket).context("binding the private HTTP socket")?;
         let server = Server::from_listener(listener.try_clone()?, None)
-            .map_err(|e| anyhow!("cannot serve HTTP on {addr}: {e}"))?;
+            .map_err(|e| anyhow!("cannot serve HTTP: {e}"))?;
         let front = Arc::new(Front {
             listener,
             server: RwLock::new(Arc::new(server)),
@@ -100,10 +98,19 @@ impl HttpServer {
         let threads = (0..threads)
             .map(|i| spawn_request_thread(i, &front, &service))
             .collect::<Result<_>>()?;
+        let config = &service.config;
+        let limits = Limits {
+            max_connections: config.http_max_connections,
+            timeout: config.http_timeout,
+            max_body_bytes: MAX_BODY_BYTES,
+        };
+        let guard = Guard::start(public, socket, limits)?;
         Ok(HttpServer {
+            guard,
             front,
             threads,
             addr: local,
+            socket_dir,
         })
     }
 
@@ -111,23 +118,25 @@ impl HttpServer {
         self.addr
     }
 
-    /// Stops taking requests; a request being handled is finished first.
-    pub fn stop(self) {
+    /// Stops taking connections, lets the requests being handled finish, then closes every
+    /// connection.
+    pub fn stop(mut self) {
+        self.guard.stop_accepting();
         self.front.stopping.store(true, Ordering::SeqCst);
         let server = self.front.current();
         for _ in &self.threads {
             server.unblock();
         }
-        for thread in self.threads {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+        self.guard.close_all();
+        let _ = std::fs::remove_dir_all(&self.socket_dir);
     }
 }
 
-/// Binds `addr` with read and write timeouts that every accepted connection inherits (Linux
-/// copies SO_RCVTIMEO and SO_SNDTIMEO to accepted sockets): a client silent for `timeout`,
-/// idle or slow, is disconnected and its tiny_http thread ends.
-fn listen(addr: &str, timeout: std::time::Duration) -> Result<TcpListener> {
+/// Binds the public address (the guard accepts on it).
+fn listen(addr: &str) -> Result<TcpListener> {
     let addr: SocketAddr = addr
         .to_socket_addrs()
         .with_context(|| format!("HTTP_ADDR={addr:?} is not an address"))?
@@ -135,13 +144,28 @@ fn listen(addr: &str, timeout: std::time::Duration) -> Result<TcpListener> {
         .with_context(|| format!("HTTP_ADDR={addr:?} resolves to nothing"))?;
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
-    socket.set_read_timeout(Some(timeout))?;
-    socket.set_write_timeout(Some(timeout))?;
     socket
         .bind(&addr.into())
         .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
     socket.listen(1024)?;
     Ok(socket.into())
+}
+
+/// A directory only this user can enter, for the socket between the guard and tiny_http: no
+/// other local user can reach tiny_http around the guard.
+fn private_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let name = format!(
+        "tenantd-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let dir = std::env::temp_dir().join(name);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 fn spawn_request_thread(

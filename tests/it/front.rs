@@ -2,7 +2,7 @@
 
 use crate::support::http::request_with;
 use crate::support::logs::lines_with;
-use crate::support::TestApp;
+use crate::support::{wait_until, TestApp};
 
 #[test]
 fn with_a_token_every_api_request_needs_it_and_the_probes_stay_open() {
@@ -143,4 +143,63 @@ fn a_silent_or_slow_client_is_disconnected_after_the_timeout() {
         std::thread::sleep(std::time::Duration::from_millis(400)); // the quiet spell itself
         assert_eq!(app.get("/healthz").status, 200);
     }
+}
+
+#[test]
+fn oversized_heads_and_chunked_bodies_are_refused_by_the_guard() {
+    let app = TestApp::spawn();
+    let big = "y".repeat(20_000);
+    let reply = request_with(&app.base(), "GET", "/healthz", &[("X-Big", &big)], None);
+    reply.assert_error(431, "larger than 16384");
+    let chunked = request_with(
+        &app.base(),
+        "POST",
+        "/api/tenants",
+        &[("Transfer-Encoding", "chunked")],
+        None,
+    );
+    chunked.assert_error(411, "content-length");
+    assert_eq!(app.get("/healthz").status, 200);
+}
+
+#[test]
+fn past_the_connection_limit_idle_ones_make_room_and_busy_ones_get_503() {
+    use std::io::Write;
+    use std::time::Duration;
+    let app = TestApp::spawn_with(|c| {
+        c.http_max_connections = 8;
+        c.http_timeout = Duration::from_secs(2);
+    });
+    let addr = app.base().trim_start_matches("http://").to_string();
+    let idle: Vec<_> = (0..8)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    assert_eq!(
+        app.get("/healthz").status,
+        200,
+        "an idle connection made room"
+    );
+    // Slow-loris: connections that start a request head and never end it, added until they
+    // hold every slot (a connection that has not been read from yet still counts as idle).
+    let mut slow = Vec::new();
+    wait_until(
+        Duration::from_secs(5),
+        "a 503 once slow heads hold every slot",
+        || {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            slow.push(s);
+            app.get("/healthz").status == 503
+        },
+    );
+    app.get("/healthz")
+        .assert_error(503, "too many connections");
+    // The slow heads time out (408) and others are served again.
+    wait_until(
+        Duration::from_secs(10),
+        "service after the slow heads timed out",
+        || app.get("/healthz").status == 200,
+    );
+    drop((idle, slow));
 }
