@@ -367,7 +367,10 @@ fn respond(status: u16, body: Body) -> Response<std::io::Cursor<Vec<u8>>> {
         Body::Metrics(text) => (text.into_bytes(), Some("text/plain; version=0.0.4")),
         Body::Empty => (Vec::new(), None),
     };
-    let mut response = Response::from_data(bytes).with_status_code(status);
+    // Always a Content-Length (tiny_http would switch to chunked past 32 KiB).
+    let mut response = Response::from_data(bytes)
+        .with_status_code(status)
+        .with_chunked_threshold(usize::MAX);
     if let Some(content_type) = content_type {
         response.add_header(header("Content-Type", content_type));
     }
