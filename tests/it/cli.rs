@@ -1,10 +1,10 @@
 //! The binary as an operator runs it: help, clear start-up errors, clean exit on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{rabbitmq_url, TestDb};
+use crate::support::child::Tenantd;
+use crate::support::{rabbitmq_url, Amqp, TestDb};
 
 fn tenantd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tenantd"));
@@ -59,50 +59,60 @@ fn a_missing_broker_is_a_one_line_error_and_a_failure_exit() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-#[test]
-fn sigterm_stops_tenantd_cleanly_with_exit_status_0() {
+fn stops_cleanly_on(signal: &str, name: &str) {
     let db = TestDb::create();
-    let mut child = tenantd()
-        .env("DATABASE_URL", db.url())
-        .env("RABBITMQ_URL", rabbitmq_url())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let listening = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|l| l.contains("listening on"));
-    assert!(listening.is_some(), "tenantd never said it was listening");
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let status = wait_exit(&mut child, Duration::from_secs(20));
-    assert_eq!(status, Some(0), "log: {rest:?}");
-    assert!(
-        rest.iter().any(|l| l.contains("received SIGTERM")),
-        "{rest:?}"
+    let env = [("DATABASE_URL", db.url()), ("RABBITMQ_URL", rabbitmq_url())];
+    let mut child = Tenantd::start(&env);
+    child.signal(signal);
+    assert_eq!(
+        child.wait(Duration::from_secs(20)),
+        Some(0),
+        "{:?}",
+        child.lines()
     );
-    assert!(
-        rest.iter().any(|l| l.contains("shutdown complete")),
-        "{rest:?}"
-    );
+    let log = child.lines().join("\n");
+    assert!(log.contains(&format!("received {name}")), "{log}");
+    assert!(log.contains("shutdown complete"), "{log}");
 }
 
-fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+#[test]
+fn sigterm_stops_tenantd_cleanly_with_exit_status_0() {
+    stops_cleanly_on("-TERM", "SIGTERM");
+}
+
+#[test]
+fn sigint_stops_tenantd_cleanly_with_exit_status_0() {
+    stops_cleanly_on("-INT", "SIGINT");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let db = TestDb::create();
+    let env = [
+        ("DATABASE_URL", db.url()),
+        ("RABBITMQ_URL", rabbitmq_url()),
+        ("LOG_FORMAT", "json".to_string()),
+    ];
+    let mut child = Tenantd::start(&env);
+    let reply = child.request("POST", "/api/tenants", Some(r#"{"name": "logged"}"#));
+    let tenant = reply.json()["id"].as_str().unwrap().to_string();
+    child.signal("-TERM");
+    assert_eq!(child.wait(Duration::from_secs(20)), Some(0));
+    let lines: Vec<serde_json::Value> = child
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let created = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("tenant created"))
+        })
+        .expect("a tenant created line");
+    assert_eq!(created["tenant_id"], tenant.as_str());
+    assert_eq!(created["level"], "INFO");
+    assert!(created["request_id"].is_string() && created["time"].is_string());
+    Amqp::connect().delete_tenant_queues(&tenant);
 }

@@ -46,10 +46,14 @@ impl Tenantd {
     fn wait_for_listening(&mut self) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // Text or JSON logs: the address runs to the next blank or quote.
             let found = self.lines().iter().find_map(|l| {
-                l.split("listening on ")
-                    .nth(1)
-                    .map(|a| a.trim().to_string())
+                let rest = l.split("listening on ").nth(1)?;
+                Some(
+                    rest.chars()
+                        .take_while(|c| !c.is_whitespace() && *c != '"')
+                        .collect::<String>(),
+                )
             });
             if let Some(base) = found {
                 return base;
