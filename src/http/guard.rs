@@ -32,8 +32,10 @@ struct Conn {
     id: u64,
     /// A clone of the client socket, to close it from outside (eviction, shutdown).
     stream: TcpStream,
-    /// True between requests: the connection may be evicted without cutting a request.
+    /// True between requests: the connection may be closed without cutting a request.
     idle: Arc<AtomicBool>,
+    /// Closed to make room; its thread is ending.
+    closing: AtomicBool,
     thread: JoinHandle<()>,
 }
 
@@ -119,18 +121,27 @@ fn accept_loop(
     }
 }
 
-/// Below the limit, or brought below it by closing the longest-idle connection: true.
+/// Below the limit, or making room by closing an idle connection: true. Closed connections
+/// stay listed until their thread has ended, so every thread is either joined here (ended) or
+/// at shutdown.
 fn make_room(conns: &Mutex<Vec<Conn>>, max: usize) -> bool {
     let mut conns = conns.lock();
     conns.retain(|c| !c.thread.is_finished());
-    if conns.len() < max {
+    let open = conns
+        .iter()
+        .filter(|c| !c.closing.load(Ordering::SeqCst))
+        .count();
+    if open < max {
         return true;
     }
-    match conns.iter().position(|c| c.idle.load(Ordering::SeqCst)) {
-        Some(i) => {
-            let evicted = conns.remove(i);
-            debug!("evicting idle HTTP connection {} to make room", evicted.id);
-            let _ = evicted.stream.shutdown(Shutdown::Both);
+    let idle = conns
+        .iter()
+        .find(|c| c.idle.load(Ordering::SeqCst) && !c.closing.load(Ordering::SeqCst));
+    match idle {
+        Some(conn) => {
+            debug!("closing idle HTTP connection {} to make room", conn.id);
+            conn.closing.store(true, Ordering::SeqCst);
+            let _ = conn.stream.shutdown(Shutdown::Both);
             true
         }
         None => false,
@@ -160,6 +171,7 @@ fn admit(
         id,
         stream,
         idle,
+        closing: AtomicBool::new(false),
         thread,
     });
     Ok(())
