@@ -74,11 +74,12 @@ impl Guard {
         }
     }
 
-    /// Closes every open connection and joins its threads.
+    /// Ends every open connection and joins its thread. Only the reading side is shut: a
+    /// response still being copied reaches its client, then the connection ends.
     pub fn close_all(&mut self) {
         let conns: Vec<Conn> = std::mem::take(&mut *self.conns.lock());
         for conn in &conns {
-            let _ = conn.stream.shutdown(Shutdown::Both);
+            let _ = conn.stream.shutdown(Shutdown::Read);
         }
         for conn in conns {
             let _ = conn.thread.join();
