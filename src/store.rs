@@ -250,6 +250,17 @@ pub fn insert_messages(
     client.execute(insert, &[&tenant.uuid(), &ids, &payloads])
 }
 
+/// A page of a tenant's messages after a `(created_at, id)` position: a keyset read of the
+/// partition's `(tenant_id, created_at, id)` index, as cheap deep in the partition as at its
+/// start. The payload is passed through as PostgreSQL prints it: no second parse, and no number
+/// that serde_json could not represent.
+pub const MESSAGES_AFTER: &str = "SELECT id, tenant_id, payload::text, created_at FROM messages
+     WHERE tenant_id = $1 AND (created_at, id) > ($2, $3) ORDER BY created_at, id LIMIT $4";
+
+/// The first page of a tenant's messages.
+pub const MESSAGES_FIRST: &str = "SELECT id, tenant_id, payload::text, created_at FROM messages
+     WHERE tenant_id = $1 ORDER BY created_at, id LIMIT $2";
+
 /// A tenant's messages oldest first, strictly after `after` (a `(created_at, id)` position).
 pub fn page_messages(
     client: &mut Client,
@@ -257,21 +268,9 @@ pub fn page_messages(
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> Result<Vec<StoredMessage>> {
-    // The payload as PostgreSQL prints it, passed through untouched: no second parse, and no
-    // number that serde_json could not represent.
-    const COLUMNS: &str = "SELECT id, tenant_id, payload::text, created_at FROM messages";
     let rows = match after {
-        Some((at, id)) => client.query(
-            &format!(
-                "{COLUMNS} WHERE tenant_id = $1 AND (created_at, id) > ($2, $3)
-                 ORDER BY created_at, id LIMIT $4"
-            ),
-            &[&tenant.uuid(), &at, &id, &limit],
-        )?,
-        None => client.query(
-            &format!("{COLUMNS} WHERE tenant_id = $1 ORDER BY created_at, id LIMIT $2"),
-            &[&tenant.uuid(), &limit],
-        )?,
+        Some((at, id)) => client.query(MESSAGES_AFTER, &[&tenant.uuid(), &at, &id, &limit])?,
+        None => client.query(MESSAGES_FIRST, &[&tenant.uuid(), &limit])?,
     };
     rows.iter()
         .map(|r| {

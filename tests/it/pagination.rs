@@ -205,3 +205,65 @@ fn payloads_come_back_as_stored_even_beyond_f64() {
         page.text()
     );
 }
+
+#[test]
+fn a_deep_page_reads_no_more_rows_than_the_first() {
+    let app = TestApp::spawn();
+    let tenant = app.create_tenant("deep");
+    let id: Uuid = tenant.parse().unwrap();
+    let mut pg = app.pg();
+    pg.execute(
+        "INSERT INTO messages (id, tenant_id, payload, created_at)
+         SELECT gen_random_uuid(), $1, '{}'::jsonb, now() - n * interval '1 ms'
+         FROM generate_series(1, 20000) n",
+        &[&id],
+    )
+    .unwrap();
+    pg.batch_execute("ANALYZE messages").unwrap();
+    let deep: (chrono::DateTime<chrono::Utc>, Uuid) = {
+        let row = pg
+            .query_one(
+                "SELECT created_at, id FROM messages ORDER BY created_at, id OFFSET 19000 LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let explain = format!(
+        "EXPLAIN (ANALYZE, FORMAT JSON) {}",
+        tenantd::store::MESSAGES_AFTER
+    );
+    let plan: serde_json::Value = pg
+        .query_one(&explain, &[&id, &deep.0, &deep.1, &11i64])
+        .unwrap()
+        .get(0);
+    let text = plan.to_string();
+    assert!(
+        text.contains("created_at_id_idx"),
+        "uses the keyset index: {text}"
+    );
+    assert!(!text.contains("\"Sort\""), "no sort: {text}");
+    let scanned = max_actual_rows(&plan);
+    assert!(
+        scanned <= 11.0,
+        "a page 19,000 rows deep read {scanned} rows: {text}"
+    );
+}
+
+/// The most rows any node of a plan produced.
+fn max_actual_rows(plan: &Value) -> f64 {
+    match plan {
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| {
+                if k == "Actual Rows" {
+                    v.as_f64().unwrap_or(0.0)
+                } else {
+                    max_actual_rows(v)
+                }
+            })
+            .fold(0.0, f64::max),
+        Value::Array(items) => items.iter().map(max_actual_rows).fold(0.0, f64::max),
+        _ => 0.0,
+    }
+}
