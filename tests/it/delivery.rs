@@ -183,7 +183,7 @@ fn sigterm_under_load_drains_exits_0_and_stores_everything_once() {
     let stored_at_exit = count(&mut pg);
     assert!(stored_at_exit < N, "the shutdown happened under load");
 
-    let _second = Tenantd::start(&env);
+    let mut second = Tenantd::start(&env);
     wait_until(Duration::from_secs(60), "every message stored", || {
         count(&mut pg) >= N
     });
@@ -197,6 +197,7 @@ fn sigterm_under_load_drains_exits_0_and_stores_everything_once() {
         (N, N),
         "nothing lost, nothing doubled"
     );
+    second.kill(); // before deleting its queues, which its consumer would declare again
     amqp.delete_tenant_queues(&tenant);
 }
 
@@ -270,7 +271,7 @@ fn every_good_message_is_stored_once_and_every_poison_dead_lettered_through_faul
     pg_proxy.restore();
     wait_until(deadline, "35,000 rows", || rows() > 35_000);
     tenantd.kill();
-    let _tenantd = Tenantd::start(&env);
+    let mut tenantd = Tenantd::start(&env);
     publisher.join().unwrap();
 
     let good: HashSet<&str> = plan.iter().filter(|p| !p.2).map(|p| p.1.as_str()).collect();
@@ -308,6 +309,10 @@ fn every_good_message_is_stored_once_and_every_poison_dead_lettered_through_faul
             dead.iter().all(|id| expected.contains(id.as_str())),
             "only poison in the DLQ"
         );
+    }
+    // Stopped first: a running consumer would declare its queues again.
+    tenantd.kill();
+    for tenant in &tenants {
         amqp.delete_tenant_queues(tenant);
     }
 }
