@@ -1,7 +1,6 @@
 //! The binary as an operator runs it: help, clear start-up errors, clean exit on SIGTERM.
 
 use std::process::Command;
-use std::time::Duration;
 
 use crate::support::child::Tenantd;
 use crate::support::{rabbitmq_url, Amqp, TestDb};
@@ -62,15 +61,7 @@ fn a_missing_broker_is_a_one_line_error_and_a_failure_exit() {
 fn stops_cleanly_on(signal: &str, name: &str) {
     let db = TestDb::create();
     let env = [("DATABASE_URL", db.url()), ("RABBITMQ_URL", rabbitmq_url())];
-    let mut child = Tenantd::start(&env);
-    child.signal(signal);
-    assert_eq!(
-        child.wait(Duration::from_secs(20)),
-        Some(0),
-        "{:?}",
-        child.lines()
-    );
-    let log = child.lines().join("\n");
+    let log = Tenantd::start(&env).stop_cleanly(signal);
     assert!(log.contains(&format!("received {name}")), "{log}");
     assert!(log.contains("shutdown complete"), "{log}");
 }
@@ -96,11 +87,9 @@ fn json_logs_are_one_object_per_line() {
     let mut child = Tenantd::start(&env);
     let reply = child.request("POST", "/api/tenants", Some(r#"{"name": "logged"}"#));
     let tenant = reply.json()["id"].as_str().unwrap().to_string();
-    child.signal("-TERM");
-    assert_eq!(child.wait(Duration::from_secs(20)), Some(0));
-    let lines: Vec<serde_json::Value> = child
+    let log = child.stop_cleanly("-TERM");
+    let lines: Vec<serde_json::Value> = log
         .lines()
-        .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
     let created = lines

@@ -99,6 +99,14 @@ impl Tenantd {
         }
     }
 
+    /// Sends `signal` and asserts a clean exit (status 0); returns the whole log.
+    pub fn stop_cleanly(&mut self, signal: &str) -> String {
+        self.signal(signal);
+        let status = self.wait(Duration::from_secs(30));
+        assert_eq!(status, Some(0), "{:?}", self.lines());
+        self.lines().join("\n")
+    }
+
     pub fn kill(&mut self) {
         self.signal("-KILL");
         self.wait(Duration::from_secs(10));
