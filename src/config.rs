@@ -22,7 +22,22 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "RABBITMQ_URL",
         default: "amqp://guest:guest@127.0.0.1:5672/%2f",
-        help: "RabbitMQ broker holding the tenants' queues",
+        help: "RabbitMQ broker holding the tenants' queues; several, comma-separated, for a cluster",
+    },
+    Setting {
+        name: "QUEUE_TYPE",
+        default: "classic",
+        help: "classic, or quorum: queues replicated by a RabbitMQ cluster (for tenants created from then on)",
+    },
+    Setting {
+        name: "REPLICA_ID",
+        default: "",
+        help: "this replica's name among those sharing the database (default: <hostname>-<random>)",
+    },
+    Setting {
+        name: "FAILOVER_TIMEOUT",
+        default: "10",
+        help: "seconds within which a replica that died has its tenants running on another",
     },
     Setting {
         name: "HTTP_ADDR",
@@ -75,6 +90,16 @@ pub const SETTINGS: &[Setting] = &[
         help: "how long opening a broker or database connection may take",
     },
     Setting {
+        name: "STATEMENT_TIMEOUT_MS",
+        default: "30000",
+        help: "longest a database statement may run (a store that hangs is retried); 0: no limit",
+    },
+    Setting {
+        name: "DB_KEEPALIVE_MS",
+        default: "10000",
+        help: "a database connection silent this long (keepalives unanswered) is closed and reopened",
+    },
+    Setting {
         name: "SHUTDOWN_TIMEOUT",
         default: "30",
         help: "seconds SIGTERM may take to drain in-flight messages before exiting non-zero",
@@ -100,6 +125,9 @@ pub const SETTINGS: &[Setting] = &[
 pub struct Config {
     pub database_url: String,
     pub rabbitmq_url: String,
+    pub queue_type: crate::broker::QueueType,
+    pub replica_id: String,
+    pub failover_timeout: Duration,
     pub http_addr: String,
     pub http_timeout: Duration,
     pub http_max_connections: usize,
@@ -110,6 +138,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub retry_delays: Vec<Duration>,
     pub connect_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub db_keepalive: Duration,
     pub shutdown_timeout: Duration,
     pub log_level: LevelFilter,
     pub log_format: crate::logging::Format,
@@ -133,6 +163,11 @@ impl Config {
         let config = Config {
             database_url: get("DATABASE_URL"),
             rabbitmq_url: get("RABBITMQ_URL"),
+            queue_type: crate::broker::QueueType::parse(&get("QUEUE_TYPE"))?,
+            replica_id: lookup("REPLICA_ID")
+                .filter(|v| !v.trim().is_empty())
+                .unwrap_or_else(default_replica_id),
+            failover_timeout: Duration::from_secs(number(&get, "FAILOVER_TIMEOUT")?),
             http_addr: get("HTTP_ADDR"),
             http_timeout: Duration::from_millis(number(&get, "HTTP_TIMEOUT_MS")?),
             http_max_connections: number(&get, "HTTP_MAX_CONNECTIONS")?,
@@ -143,6 +178,8 @@ impl Config {
             max_message_bytes: number(&get, "MAX_MESSAGE_BYTES")?,
             retry_delays: delays(&get("RETRY_DELAYS_MS"))?,
             connect_timeout: Duration::from_millis(number(&get, "CONNECT_TIMEOUT_MS")?),
+            statement_timeout: Duration::from_millis(number(&get, "STATEMENT_TIMEOUT_MS")?),
+            db_keepalive: Duration::from_millis(number(&get, "DB_KEEPALIVE_MS")?),
             shutdown_timeout: Duration::from_secs(number(&get, "SHUTDOWN_TIMEOUT")?),
             log_level: get("LOG_LEVEL")
                 .parse()
@@ -178,13 +215,25 @@ impl Config {
         if usize::from(self.max_workers) * self.batch_size > usize::from(u16::MAX) {
             bail!("MAX_WORKERS x BATCH_SIZE must fit a prefetch count (at most 65535)");
         }
+        if self.failover_timeout < Duration::from_secs(2) {
+            bail!("FAILOVER_TIMEOUT must be at least 2 seconds");
+        }
+        if self.db_keepalive < Duration::from_secs(2) {
+            bail!("DB_KEEPALIVE_MS must be at least 2000");
+        }
         Ok(())
     }
+}
 
-    /// The broker prefetch for a tenant running `workers` batches at once.
-    pub fn prefetch(&self, workers: u16) -> u16 {
-        (usize::from(workers) * self.batch_size).min(usize::from(u16::MAX)) as u16
-    }
+/// `<hostname>-<6 hex>`: unique per process, and says where it runs.
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tenantd".into());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &random[..6])
 }
 
 fn default_of(name: &str) -> &'static str {
@@ -256,7 +305,12 @@ mod tests {
     fn defaults_parse() {
         let config = Config::from_lookup(|_| None).unwrap();
         assert_eq!(config.default_workers, 3);
-        assert_eq!(config.prefetch(3), 300);
+        assert_eq!(config.batch_size, 100);
+        assert_ne!(
+            config.replica_id,
+            Config::from_lookup(|_| None).unwrap().replica_id,
+            "unique per process"
+        );
         assert_eq!(config.http_addr, "0.0.0.0:8080");
     }
 

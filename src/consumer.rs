@@ -1,17 +1,19 @@
 //! A tenant's consumer thread: one event loop that owns the tenant's broker connection and
 //! channel, hands deliveries to the worker pool in batches, and acks only what was committed.
+//! It connects, and reconnects, through one backoff for as long as it is not told to stop, and
+//! tells the replica's coordinator how it is doing.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use amiquip::{Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions, Delivery};
-use anyhow::{anyhow, bail, Context, Result};
-use crossbeam_channel::{after, bounded, never, select, unbounded, Receiver, Sender};
+use amiquip::{Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions, Delivery, Queue};
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::{after, never, select, unbounded, Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::broker::{self, BrokerAddr};
+use crate::broker::{self, Brokers, QueueType};
 use crate::ids::TenantId;
 use crate::inflight::InFlight;
 use crate::metrics::metrics;
@@ -20,17 +22,33 @@ use crate::stats::TenantStats;
 
 /// What every tenant thread shares.
 pub struct ConsumerContext {
-    pub broker: BrokerAddr,
+    pub brokers: Brokers,
+    pub queue_type: QueueType,
     pub connect_timeout: Duration,
     pub batch_size: usize,
     pub retry_delays: Vec<Duration>,
     pub pool: Arc<WorkerPool>,
+    pub events: Sender<Event>,
 }
 
 impl ConsumerContext {
-    fn prefetch(&self, workers: u16) -> u16 {
+    pub fn prefetch(&self, workers: u16) -> u16 {
         (usize::from(workers) * self.batch_size).min(usize::from(u16::MAX)) as u16
     }
+}
+
+/// What a tenant thread tells the coordinator.
+#[derive(Debug)]
+pub enum Event {
+    /// Registered with the broker, applying this concurrency (also after a resize).
+    Running { tenant: TenantId, workers: u16 },
+    /// Not connected (the connect failed or the connection was lost); retrying.
+    Failing { tenant: TenantId, error: String },
+    /// The thread is ending: it was told to stop, or its queue is gone.
+    Ended {
+        tenant: TenantId,
+        error: Option<String>,
+    },
 }
 
 pub enum Control {
@@ -51,15 +69,6 @@ impl ConsumerHandle {
         let _ = self.control.send(Control::Resize(workers));
     }
 
-    /// Asks the thread to drain and stop, and waits for it.
-    pub fn stop(self, deadline: Instant) {
-        self.request_stop(deadline);
-        let name = self.thread.thread().name().unwrap_or("tenant").to_string();
-        if !self.join() {
-            warn!("thread {name} panicked");
-        }
-    }
-
     /// Asks the thread to drain and stop, without waiting.
     pub fn request_stop(&self, deadline: Instant) {
         let _ = self.control.send(Control::Stop { deadline });
@@ -71,30 +80,6 @@ impl ConsumerHandle {
     }
 }
 
-/// A thread that was started and has not yet said whether its first session is up.
-pub struct Starting {
-    handle: ConsumerHandle,
-    ready: Receiver<Result<()>>,
-}
-
-impl Starting {
-    /// Waits until the consumer is registered with the broker, or for the reason it never was.
-    pub fn wait(self, timeout: Duration) -> Result<ConsumerHandle> {
-        let outcome = self
-            .ready
-            .recv_timeout(timeout)
-            .map_err(|_| anyhow!("the consumer did not start in time"))
-            .and_then(|r| r);
-        match outcome {
-            Ok(()) => Ok(self.handle),
-            Err(e) => {
-                self.handle.stop(Instant::now());
-                Err(e)
-            }
-        }
-    }
-}
-
 /// One tenant's thread: who it is, its concurrency, its counters.
 pub struct TenantSpec {
     pub id: TenantId,
@@ -102,50 +87,63 @@ pub struct TenantSpec {
     pub stats: Arc<TenantStats>,
 }
 
-pub fn spawn(ctx: Arc<ConsumerContext>, spec: TenantSpec) -> Result<Starting> {
+pub fn spawn(ctx: Arc<ConsumerContext>, spec: TenantSpec) -> Result<ConsumerHandle> {
     let (control_tx, control_rx) = unbounded();
-    let (ready_tx, ready_rx) = bounded(1);
     let thread = std::thread::Builder::new()
         .name(spec.id.thread_name())
-        .spawn(move || run(&ctx, spec, &control_rx, ready_tx))
+        .spawn(move || {
+            let id = spec.id;
+            let error = run(&ctx, spec, &control_rx).err().map(|e| format!("{e:#}"));
+            let _ = ctx.events.send(Event::Ended { tenant: id, error });
+        })
         .context("spawning a tenant thread")?;
-    Ok(Starting {
-        handle: ConsumerHandle {
-            control: control_tx,
-            thread,
-        },
-        ready: ready_rx,
+    Ok(ConsumerHandle {
+        control: control_tx,
+        thread,
     })
 }
 
-/// The thread's body: sessions, one per broker connection, until told to stop.
-fn run(
-    ctx: &ConsumerContext,
-    mut spec: TenantSpec,
-    control: &Receiver<Control>,
-    ready: Sender<Result<()>>,
-) {
+/// How a session ended, when it did not fail.
+enum SessionEnd {
+    Stopped,
+}
+
+/// The thread's body: sessions, one per broker connection, until told to stop. Ends with an
+/// error only when the tenant's queue is gone (it is never declared again from here: the
+/// coordinator decides whether the tenant still exists).
+fn run(ctx: &ConsumerContext, mut spec: TenantSpec, control: &Receiver<Control>) -> Result<()> {
     let id = spec.id;
-    let mut ready = Some(ready);
+    let mut declared = false;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     loop {
-        let result = run_session(ctx, &mut spec, control, &mut ready, &mut backoff);
-        let err = match result {
-            Ok(()) => return,
+        let err = match run_session(ctx, &mut spec, control, &mut declared, &mut backoff) {
+            Ok(SessionEnd::Stopped) => return Ok(()),
+            Err(e) if broker::is_not_found(&e) && declared => {
+                warn!("tenant_id={id} consumer stops: its queue is gone");
+                return Err(e);
+            }
             Err(e) => e,
         };
-        if let Some(ready) = ready.take() {
-            let _ = ready.send(Err(err));
-            return;
-        }
         let delay = backoff.next();
-        warn!("tenant_id={id} consumer lost the broker, reconnecting in {delay:?}: {err:#}");
-        match control.recv_timeout(delay) {
-            Ok(Control::Resize(n)) => spec.workers = n,
-            Ok(Control::Stop { .. }) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                return
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+        warn!("tenant_id={id} consumer cannot reach the broker, retrying in {delay:?}: {err:#}");
+        let _ = ctx.events.send(Event::Failing {
+            tenant: id,
+            error: format!("{err:#}"),
+        });
+        if wait_out(control, delay, &mut spec.workers) {
+            return Ok(());
+        }
+    }
+}
+
+/// Waits `delay` for the next attempt, taking resizes meanwhile; true when told to stop.
+fn wait_out(control: &Receiver<Control>, delay: Duration, workers: &mut u16) -> bool {
+    let deadline = Instant::now() + delay;
+    loop {
+        match control.recv_deadline(deadline) {
+            Ok(Control::Resize(n)) => *workers = n,
+            Ok(Control::Stop { .. }) | Err(RecvTimeoutError::Disconnected) => return true,
+            Err(RecvTimeoutError::Timeout) => return false,
         }
     }
 }
@@ -154,14 +152,37 @@ fn run_session(
     ctx: &ConsumerContext,
     spec: &mut TenantSpec,
     control: &Receiver<Control>,
-    ready: &mut Option<Sender<Result<()>>>,
+    declared: &mut bool,
     backoff: &mut Backoff,
-) -> Result<()> {
+) -> Result<SessionEnd> {
     let label = format!("tenantd tenant {}", spec.id);
-    let mut connection = broker::connect(&ctx.broker, ctx.connect_timeout, &label)?;
-    let result = consume(ctx, spec, &mut connection, control, ready, backoff);
+    let mut connection = ctx.brokers.connect(ctx.connect_timeout, &label)?;
+    let result = consume(ctx, spec, &mut connection, control, declared, backoff);
     let _ = connection.close();
     result
+}
+
+/// The tenant's queue, with its retry queue and DLQ declared. A thread's later sessions first
+/// check that the queue still exists: a thread that outlives its tenant never brings the queues
+/// of a deleted tenant back.
+fn open_queue<'c>(
+    ctx: &ConsumerContext,
+    connection: &mut Connection,
+    channel: &'c Channel,
+    id: TenantId,
+    declared: &mut bool,
+) -> Result<Queue<'c>> {
+    let lookup = || {
+        channel
+            .queue_declare_passive(id.queue_name())
+            .with_context(|| format!("looking up queue {}", id.queue_name()))
+    };
+    if *declared {
+        lookup()?;
+    }
+    broker::declare_tenant_queues(connection, id, ctx.queue_type)?;
+    *declared = true;
+    lookup()
 }
 
 fn consume(
@@ -169,9 +190,9 @@ fn consume(
     spec: &mut TenantSpec,
     connection: &mut Connection,
     control: &Receiver<Control>,
-    ready: &mut Option<Sender<Result<()>>>,
+    declared: &mut bool,
     backoff: &mut Backoff,
-) -> Result<()> {
+) -> Result<SessionEnd> {
     let id = spec.id;
     let channel = connection.open_channel(None)?;
     // Global: one limit for the channel, which a resize can change under the running consumer.
@@ -179,20 +200,18 @@ fn consume(
     // Retries and dead letters are published here and acked only once the broker confirms them.
     channel.enable_publisher_confirms()?;
     let confirms = channel.listen_for_publisher_confirms()?;
-    let queue = broker::declare_tenant_queue(&channel, id)?;
+    let returns = channel.listen_for_returns()?;
+    let queue = open_queue(ctx, connection, &channel, id, declared)?;
     let consumer = queue.consume(ConsumerOptions::default())?;
     info!(
         "consumer started tenant_id={id} consumer_tag={} prefetch={}",
         consumer.consumer_tag(),
         ctx.prefetch(spec.workers)
     );
-    if let Some(ready) = ready.take() {
-        let _ = ready.send(Ok(()));
-    }
     backoff.reset();
-    set_workers_gauge(id, spec.workers);
+    running(ctx, id, spec.workers);
     let (reply_tx, reply_rx) = unbounded();
-    let mut flight = InFlight::new(ctx, spec, reply_tx, confirms);
+    let mut flight = InFlight::new(ctx, spec, reply_tx, confirms, returns);
     let stop = event_loop(ctx, &channel, &consumer, &reply_rx, control, &mut flight);
     // A resize during this session applies to the next one too.
     spec.workers = flight.workers as u16;
@@ -207,7 +226,20 @@ fn consume(
         warn!("tenant_id={id} closing the consumer failed (unacked messages go back to the queue): {e:#}");
     }
     info!("consumer stopped tenant_id={id}");
-    Ok(())
+    Ok(SessionEnd::Stopped)
+}
+
+/// Says the consumer runs at `workers`, to the coordinator and in the metrics.
+fn running(ctx: &ConsumerContext, id: TenantId, workers: u16) {
+    let label = id.to_string();
+    metrics()
+        .workers
+        .with_label_values(&[label.as_str()])
+        .set(i64::from(workers));
+    let _ = ctx.events.send(Event::Running {
+        tenant: id,
+        workers,
+    });
 }
 
 /// Runs until told to stop (returns the drain deadline) or until the broker session fails.
@@ -242,7 +274,7 @@ fn event_loop(
                     channel.qos(0, ctx.prefetch(n), true)?;
                     info!("concurrency changed tenant_id={} {} -> {n}", flight.tenant, flight.workers);
                     flight.workers = usize::from(n);
-                    set_workers_gauge(flight.tenant, n);
+                    running(ctx, flight.tenant, n);
                 }
                 Ok(Control::Stop { deadline }) => return Ok(deadline),
                 Err(_) => return Ok(Instant::now()),
@@ -251,14 +283,6 @@ fn event_loop(
         }
         flight.dispatch(&ctx.pool);
     }
-}
-
-fn set_workers_gauge(id: TenantId, workers: u16) {
-    let label = id.to_string();
-    metrics()
-        .workers
-        .with_label_values(&[label.as_str()])
-        .set(i64::from(workers));
 }
 
 fn delivery_of(message: Result<ConsumerMessage, crossbeam_channel::RecvError>) -> Result<Delivery> {
@@ -272,6 +296,9 @@ fn delivery_of(message: Result<ConsumerMessage, crossbeam_channel::RecvError>) -
 /// Stops taking deliveries and waits (until `deadline`) for the pool to finish what it holds and
 /// for the broker to confirm the cancel (the consumer must outlive that confirmation, or amiquip
 /// fails the whole connection). What is unacked after that is requeued when the channel closes.
+///
+/// Once the consumer's channel has disconnected it is always ready in `select!`: it is then
+/// dropped from the select, so waiting for a slow batch costs no CPU.
 fn drain(
     channel: &Channel,
     consumer: &Consumer,
@@ -283,9 +310,13 @@ fn drain(
     let mut cancelled = false;
     let timeout = after(deadline.saturating_duration_since(Instant::now()));
     while flight.busy > 0 || !cancelled {
+        let deliveries = match cancelled {
+            true => never(),
+            false => consumer.receiver().clone(),
+        };
         select! {
             recv(replies) -> done => flight.complete(channel, done.context("worker replies closed")?)?,
-            recv(consumer.receiver()) -> message => match message {
+            recv(deliveries) -> message => match message {
                 // Deliveries that raced the cancel stay unacked and go back to the queue.
                 Ok(ConsumerMessage::Delivery(_)) => {}
                 _ => cancelled = true,

@@ -11,10 +11,6 @@ use uuid::Uuid;
 pub struct TenantId(Uuid);
 
 impl TenantId {
-    pub fn new() -> TenantId {
-        TenantId(Uuid::new_v4())
-    }
-
     pub fn uuid(self) -> Uuid {
         self.0
     }
@@ -39,16 +35,19 @@ impl TenantId {
         format!("messages_{}", self.0.hyphenated()).replace('-', "_")
     }
 
+    /// The key of the tenant's advisory lock in PostgreSQL: the id folded to 32 bits. Two
+    /// tenants that share a key only wait for each other's operations.
+    pub fn lock_key(self) -> i32 {
+        let bytes = self.0.as_bytes();
+        let word =
+            |i: usize| i32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        word(0) ^ word(4) ^ word(8) ^ word(12)
+    }
+
     /// A thread name within Linux's 15-byte limit that still says whose thread it is.
     pub fn thread_name(self) -> String {
         let hex = self.0.simple().to_string();
         format!("tenant-{}", &hex[..8])
-    }
-}
-
-impl Default for TenantId {
-    fn default() -> Self {
-        TenantId::new()
     }
 }
 

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amiquip::{AmqpProperties, AmqpValue, Channel, Confirm, Delivery, FieldTable, Publish};
-use anyhow::Result;
+use amiquip::{AmqpProperties, AmqpValue, Channel, Confirm, Delivery, FieldTable, Publish, Return};
+use anyhow::{bail, Result};
 use crossbeam_channel::{Receiver, Sender};
 use log::warn;
 use uuid::Uuid;
@@ -37,6 +37,8 @@ pub struct InFlight {
     /// Publisher confirms of this channel, and how many messages it has published.
     confirms: Receiver<Confirm>,
     published: u64,
+    /// Copies the broker could not route (their queue is missing): sent back before the confirm.
+    returns: Receiver<Return>,
     /// Accepted, not yet handed to the pool.
     waiting: VecDeque<Item>,
     /// Every delivery neither acked nor rejected, by tag (bodies moved into `Item`s).
@@ -55,6 +57,7 @@ impl InFlight {
         spec: &TenantSpec,
         reply: Sender<BatchDone>,
         confirms: Receiver<Confirm>,
+        returns: Receiver<Return>,
     ) -> Self {
         InFlight {
             tenant: spec.id,
@@ -65,6 +68,7 @@ impl InFlight {
             reply,
             confirms,
             published: 0,
+            returns,
             waiting: VecDeque::new(),
             unacked: BTreeMap::new(),
             committed: BTreeSet::new(),
@@ -150,12 +154,22 @@ impl InFlight {
             }
             None => self.tenant.dlq_name(),
         };
-        channel.basic_publish(
-            "",
-            Publish::with_properties(&poison.body, queue, properties),
-        )?;
+        let publish = Publish {
+            mandatory: true,
+            ..Publish::with_properties(&poison.body, queue.clone(), properties)
+        };
+        channel.basic_publish("", publish)?;
         self.published += 1;
         broker::wait_for_confirm(&self.confirms, self.published, Duration::from_secs(10))?;
+        if let Ok(returned) = self.returns.try_recv() {
+            // The original stays unacked: the session ends, the queues are declared again on
+            // the next one, and the message comes back.
+            self.unacked.insert(poison.tag, delivery);
+            bail!(
+                "the broker could not route a copy to {queue}: {}",
+                returned.reply_text
+            );
+        }
         delivery.ack(channel)?;
         match delay {
             Some(delay) => {

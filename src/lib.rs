@@ -3,90 +3,142 @@
 
 #![forbid(unsafe_code)]
 
+mod assign;
 mod backoff;
 pub mod broker;
 pub mod config;
 mod consumer;
+mod coordinator;
 mod cursor;
-pub mod http;
-pub mod ids;
+mod http;
+mod ids;
 mod inflight;
 pub mod logging;
 mod manager;
-pub mod metrics;
-pub mod model;
+mod metrics;
+mod model;
 mod pool;
 mod service;
 mod stats;
-pub mod store;
-mod url;
+mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use crossbeam_channel::unbounded;
 use log::info;
 
-use broker::{BrokerAddr, BrokerAdmin};
+use broker::{BrokerAdmin, Brokers};
 pub use config::Config;
 use consumer::ConsumerContext;
-use http::HttpServer;
+use coordinator::{Coordinator, Health};
+use http::{HttpServer, HttpSettings};
 use manager::TenantManager;
 use pool::WorkerPool;
-use service::Service;
-use store::LazyClient;
+use service::{Service, ServiceSettings};
+use store::DbSettings;
 
-/// Threads answering HTTP requests. Most requests take milliseconds; a DELETE waits for the
-/// tenant's in-flight messages, so there are enough threads for a few of those at once.
-const HTTP_THREADS: usize = 8;
+/// The query of a page deep in a tenant's messages, for the test that holds it to its index.
+#[doc(hidden)]
+pub use store::messages::PAGE_AFTER as PAGE_AFTER_SQL;
 
-/// A running tenantd.
+/// Threads answering HTTP requests. Most requests take milliseconds; a pause or a DELETE waits
+/// for the tenant's in-flight messages, so there are enough threads for several of those.
+const HTTP_THREADS: usize = 16;
+
+/// A running tenantd replica.
 pub struct App {
     http: Option<HttpServer>,
-    service: Arc<Service>,
+    coordinator: Option<Coordinator>,
     pool: Arc<WorkerPool>,
+    replica_id: String,
+    shutdown_timeout: Duration,
     stopped: bool,
 }
 
-/// Applies the schema, connects to the broker, restores every active tenant's consumer and
-/// starts answering HTTP. Fails with the reason when a dependency is missing.
+/// Applies the schema, connects to the broker, starts answering HTTP and joins the replicas,
+/// taking this replica's share of the active tenants. Fails with the reason when a dependency
+/// is missing.
 pub fn start(config: Config) -> Result<App> {
-    let mut db = LazyClient::new(&config.database_url, config.connect_timeout);
-    db.with(store::apply_schema)?;
-    let broker = BrokerAddr::parse(&config.rabbitmq_url)?;
-    let admin = BrokerAdmin::connect(broker.clone(), config.connect_timeout)?;
+    let db = DbSettings {
+        url: config.database_url.as_str().into(),
+        connect_timeout: config.connect_timeout,
+        statement_timeout: config.statement_timeout,
+        keepalive: config.db_keepalive,
+    };
+    store::apply_schema(&mut store::connect(&db, "tenantd schema")?)?;
+    let brokers = Brokers::parse(&config.rabbitmq_url)?;
+    let admin = BrokerAdmin::connect(brokers.clone(), config.queue_type, config.connect_timeout)?;
     let pool = Arc::new(WorkerPool::new(
         config.pool_size,
-        &config.database_url,
-        config.connect_timeout,
+        db.clone(),
         config.max_message_bytes,
     ));
+    let (events_tx, events) = unbounded();
     let ctx = ConsumerContext {
-        broker,
+        brokers,
+        queue_type: config.queue_type,
         connect_timeout: config.connect_timeout,
         batch_size: config.batch_size,
         retry_delays: config.retry_delays.clone(),
         pool: pool.clone(),
+        events: events_tx,
     };
-    let manager = TenantManager::new(ctx, config.connect_timeout * 2);
-    let service = Arc::new(Service {
-        config,
+    let manager = Arc::new(TenantManager::new(Arc::new(ctx)));
+    let health = Arc::new(Health::default());
+    let service = Service::new(
+        service_settings(&config),
+        store::Pool::new(db.clone()),
         admin,
-        manager,
-        queues_read_at: parking_lot::Mutex::new(None),
-    });
+        manager.clone(),
+        health.clone(),
+    );
     let mut app = App {
         http: None,
-        service: service.clone(),
+        coordinator: None,
         pool,
+        replica_id: config.replica_id.clone(),
+        shutdown_timeout: config.shutdown_timeout,
         stopped: false,
     };
-    service.restore_consumers(&mut db)?;
-    let http = HttpServer::start(&service.config.http_addr, HTTP_THREADS, service.clone())?;
-    info!("tenantd listening on http://{}", http.addr());
+    let http = HttpServer::start(&http_settings(&config), Arc::new(service))?;
+    let http_addr = http.addr();
     app.http = Some(http);
+    let settings = coordinator::Settings {
+        replica_id: config.replica_id.clone(),
+        http_addr: http_addr.to_string(),
+        db,
+        failover_timeout: config.failover_timeout,
+        drain_timeout: config.shutdown_timeout,
+    };
+    app.coordinator = Some(Coordinator::start(settings, manager, events, health)?);
+    info!(
+        "tenantd replica {} listening on http://{http_addr}",
+        config.replica_id
+    );
     Ok(app)
+}
+
+fn service_settings(config: &Config) -> ServiceSettings {
+    ServiceSettings {
+        default_workers: config.default_workers,
+        max_workers: config.max_workers,
+        lock_timeout: config.shutdown_timeout + Duration::from_secs(10),
+        start_timeout: config.connect_timeout * 2 + Duration::from_secs(1),
+        stop_timeout: config.shutdown_timeout + Duration::from_secs(2),
+    }
+}
+
+fn http_settings(config: &Config) -> HttpSettings {
+    HttpSettings {
+        addr: config.http_addr.clone(),
+        threads: HTTP_THREADS,
+        max_connections: config.http_max_connections,
+        timeout: config.http_timeout,
+        api_token: config.api_token.clone(),
+    }
 }
 
 impl App {
@@ -94,8 +146,13 @@ impl App {
         self.http.as_ref().expect("started").addr()
     }
 
-    /// Stops HTTP, then every consumer (in-flight messages commit and are acked), then the pool,
-    /// within `SHUTDOWN_TIMEOUT`. Past it, what is unacked is left for redelivery and this fails.
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
+    }
+
+    /// Stops HTTP, then hands every tenant over (in-flight messages commit and are acked, each
+    /// claim is released for the replica taking it), then drains the pool, within
+    /// `SHUTDOWN_TIMEOUT`. Past it, what is unacked is left for redelivery and this fails.
     pub fn shutdown(mut self) -> Result<()> {
         self.stop()
     }
@@ -105,19 +162,20 @@ impl App {
             return Ok(());
         }
         self.stopped = true;
-        let deadline = Instant::now() + self.service.config.shutdown_timeout;
+        let deadline = Instant::now() + self.shutdown_timeout;
         if let Some(http) = self.http.take() {
             info!("shutdown: HTTP stopped taking requests");
             http.stop();
         }
-        self.service.manager.stop_all(deadline);
+        if let Some(coordinator) = self.coordinator.take() {
+            coordinator.stop(deadline)?;
+        }
         info!("shutdown: every consumer stopped");
-        if Instant::now() > deadline {
+        if !self.pool.join(deadline + Duration::from_secs(1)) || Instant::now() > deadline {
             bail!(
                 "shutdown took longer than SHUTDOWN_TIMEOUT; unacked messages will be redelivered"
             );
         }
-        self.pool.join();
         info!("shutdown: worker pool drained");
         Ok(())
     }

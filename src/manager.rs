@@ -1,48 +1,213 @@
-//! `TenantManager`: which tenants have a running consumer thread, and the one place that starts,
-//! resizes and stops them.
+//! `TenantManager`: the consumer threads this replica runs, what each was asked to do and how
+//! each is doing. The coordinator is the only one that starts, resizes and stops them; HTTP reads
+//! their state (readiness, counts).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
-use log::{info, warn};
+use log::warn;
 use parking_lot::Mutex;
 
-use crate::consumer::{self, ConsumerContext, ConsumerHandle, Starting, TenantSpec};
+use crate::consumer::{self, ConsumerContext, ConsumerHandle, Event, TenantSpec};
 use crate::ids::TenantId;
 use crate::metrics::metrics;
 use crate::stats::{Counts, TenantStats};
+use crate::store::replicas::{Claimed, Report};
 
 pub struct TenantManager {
     ctx: Arc<ConsumerContext>,
-    start_timeout: Duration,
-    consumers: Mutex<HashMap<TenantId, ConsumerHandle>>,
+    consumers: Mutex<HashMap<TenantId, Local>>,
     /// Counters outlive a consumer (pause, resume) and go with the tenant.
     stats: Mutex<HashMap<TenantId, Arc<TenantStats>>>,
 }
 
+/// One consumer thread of this replica.
+struct Local {
+    handle: ConsumerHandle,
+    /// The concurrency and tenant version it was last asked to apply.
+    want: Claimed,
+    state: State,
+    /// The concurrency it applies, while registered with the broker.
+    workers: Option<u16>,
+    /// The tenant version it has acted on.
+    applied: i64,
+    error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Starting,
+    Running,
+    Retrying,
+    Stopping,
+}
+
+impl Local {
+    fn report(&self) -> Report {
+        Report {
+            state: match self.state {
+                State::Starting => "starting",
+                State::Running => "running",
+                State::Retrying => "retrying",
+                State::Stopping => "stopping",
+            },
+            workers: self.workers,
+            version: self.applied,
+            error: self.error.clone(),
+        }
+    }
+}
+
 impl TenantManager {
-    pub fn new(ctx: ConsumerContext, start_timeout: Duration) -> TenantManager {
+    pub fn new(ctx: Arc<ConsumerContext>) -> TenantManager {
         TenantManager {
-            ctx: Arc::new(ctx),
-            start_timeout,
+            ctx,
             consumers: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
         }
     }
 
-    fn spawn(&self, id: TenantId, workers: u16) -> Result<Starting> {
+    /// Starts a consumer thread for the tenant (it connects in the background).
+    pub fn start(&self, id: TenantId, want: Claimed) -> Result<()> {
         let stats = self
             .stats
             .lock()
             .entry(id)
             .or_insert_with(|| Arc::new(TenantStats::new(id)))
             .clone();
-        consumer::spawn(self.ctx.clone(), TenantSpec { id, workers, stats })
+        let spec = TenantSpec {
+            id,
+            workers: want.workers,
+            stats,
+        };
+        let handle = consumer::spawn(self.ctx.clone(), spec)?;
+        let local = Local {
+            handle,
+            want,
+            state: State::Starting,
+            workers: None,
+            applied: 0,
+            error: None,
+        };
+        self.consumers.lock().insert(id, local);
+        self.publish_gauges();
+        Ok(())
     }
 
-    /// The tenant's counters since tenantd started.
+    /// Records a newer version of the tenant that it runs: resizes when the concurrency changed.
+    /// Returns the report to write when that changes it.
+    pub fn update(&self, id: TenantId, want: Claimed) -> Option<Report> {
+        let mut consumers = self.consumers.lock();
+        let local = consumers.get_mut(&id)?;
+        if local.state == State::Stopping || want.version <= local.want.version {
+            return None;
+        }
+        if want.workers != local.want.workers {
+            local.handle.resize(want.workers);
+        }
+        local.want = want;
+        let before = local.report();
+        local.settle();
+        let after = local.report();
+        (after != before).then_some(after)
+    }
+
+    /// Tells the thread to drain and stop; it says `Ended` when it has.
+    pub fn stop(&self, id: TenantId, deadline: Instant) -> Option<Report> {
+        let mut consumers = self.consumers.lock();
+        let local = consumers.get_mut(&id)?;
+        if local.state == State::Stopping {
+            return None;
+        }
+        local.handle.request_stop(deadline);
+        local.state = State::Stopping;
+        drop(consumers);
+        self.publish_gauges();
+        self.report(id)
+    }
+
+    /// Tells every thread to stop by `deadline`.
+    pub fn stop_all(&self, deadline: Instant) {
+        for id in self.ids() {
+            self.stop(id, deadline);
+        }
+    }
+
+    /// Applies a thread's event; the report to write, if the state changed.
+    pub fn on_event(&self, event: &Event) -> Option<(TenantId, Report)> {
+        let mut consumers = self.consumers.lock();
+        let (id, local) = match event {
+            Event::Running { tenant, workers } => {
+                let local = consumers.get_mut(tenant)?;
+                if local.state != State::Stopping {
+                    local.state = State::Running;
+                }
+                local.workers = Some(*workers);
+                local.error = None;
+                (*tenant, local)
+            }
+            Event::Failing { tenant, error } => {
+                let local = consumers.get_mut(tenant)?;
+                if local.state != State::Stopping {
+                    local.state = State::Retrying;
+                }
+                local.workers = None;
+                local.error = Some(error.clone());
+                (*tenant, local)
+            }
+            Event::Ended { .. } => return None,
+        };
+        local.settle();
+        let report = local.report();
+        drop(consumers);
+        self.publish_gauges();
+        Some((id, report))
+    }
+
+    /// Joins an ended thread; the version to release its claim with.
+    pub fn ended(&self, id: TenantId) -> Option<i64> {
+        let local = self.consumers.lock().remove(&id)?;
+        let version = local.want.version;
+        if !local.handle.join() {
+            warn!("tenant_id={id} consumer thread panicked");
+        }
+        self.publish_gauges();
+        Some(version)
+    }
+
+    fn report(&self, id: TenantId) -> Option<Report> {
+        self.consumers.lock().get(&id).map(Local::report)
+    }
+
+    pub fn ids(&self) -> Vec<TenantId> {
+        self.consumers.lock().keys().copied().collect()
+    }
+
+    /// Whether the tenant has a thread here, and whether it is stopping.
+    pub fn status(&self, id: TenantId) -> Option<bool> {
+        self.consumers
+            .lock()
+            .get(&id)
+            .map(|l| l.state == State::Stopping)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.consumers.lock().is_empty()
+    }
+
+    /// Tenants that should run here but cannot connect, with the last reason.
+    pub fn not_running(&self) -> Vec<(TenantId, Option<String>)> {
+        self.consumers
+            .lock()
+            .iter()
+            .filter(|(_, l)| l.state == State::Retrying)
+            .map(|(id, l)| (*id, l.error.clone()))
+            .collect()
+    }
+
+    /// The tenant's counters on this replica since it started.
     pub fn counts(&self, id: TenantId) -> Counts {
         self.stats
             .lock()
@@ -51,111 +216,38 @@ impl TenantManager {
             .unwrap_or_default()
     }
 
-    /// Drops the counters of a deleted tenant.
+    /// Drops the counters and series of a tenant this replica no longer has.
     pub fn forget(&self, id: TenantId) {
-        self.stats.lock().remove(&id);
-        metrics().remove_tenant(&id.to_string());
-    }
-
-    /// The tenants with a running consumer.
-    pub fn running_ids(&self) -> Vec<TenantId> {
-        self.consumers.lock().keys().copied().collect()
-    }
-
-    /// Starts the tenant's consumer and returns once the broker has registered it.
-    /// Starting a tenant that already runs only applies `workers`.
-    pub fn start(&self, id: TenantId, workers: u16) -> Result<()> {
-        if let Some(handle) = self.consumers.lock().get(&id) {
-            handle.resize(workers);
-            return Ok(());
+        if self.stats.lock().remove(&id).is_some() {
+            metrics().remove_tenant(&id.to_string());
         }
-        let handle = self.spawn(id, workers)?.wait(self.start_timeout)?;
-        self.insert(id, handle);
-        Ok(())
     }
 
-    /// Starts many consumers at once (at boot): threads start in parallel, then each is awaited.
-    /// Returns the tenants whose consumer did not start, with the reason.
-    pub fn start_all(&self, tenants: &[(TenantId, u16)]) -> Vec<(TenantId, anyhow::Error)> {
-        let mut starting = Vec::with_capacity(tenants.len());
-        let mut failed = Vec::new();
-        for &(id, workers) in tenants {
-            match self.spawn(id, workers) {
-                Ok(s) => starting.push((id, s)),
-                Err(e) => failed.push((id, e)),
-            }
-        }
-        for (id, s) in starting {
-            match s.wait(self.start_timeout) {
-                Ok(handle) => self.insert(id, handle),
-                Err(e) => failed.push((id, e)),
-            }
-        }
-        failed
+    /// Tenants whose counters this replica keeps.
+    pub fn known(&self) -> Vec<TenantId> {
+        self.stats.lock().keys().copied().collect()
     }
 
-    fn insert(&self, id: TenantId, handle: ConsumerHandle) {
-        // Two concurrent starts of one tenant: keep the first, stop the second.
-        let duplicate = {
-            let mut consumers = self.consumers.lock();
-            match consumers.contains_key(&id) {
-                true => Some(handle),
-                false => {
-                    consumers.insert(id, handle);
-                    metrics().tenants_running.set(consumers.len() as i64);
-                    None
-                }
-            }
+    fn publish_gauges(&self) {
+        let consumers = self.consumers.lock();
+        let count = |s: State| consumers.values().filter(|l| l.state == s).count() as i64;
+        let m = metrics();
+        m.tenants_running.set(count(State::Running));
+        m.consumers_failing.set(count(State::Retrying));
+    }
+}
+
+impl Local {
+    /// The version is applied once the thread runs at the wanted concurrency, or is retrying
+    /// (it will connect at that concurrency).
+    fn settle(&mut self) {
+        let applied = match self.state {
+            State::Running => self.workers == Some(self.want.workers),
+            State::Retrying => true,
+            State::Starting | State::Stopping => false,
         };
-        if let Some(handle) = duplicate {
-            handle.stop(Instant::now());
-        }
-    }
-
-    pub fn resize(&self, id: TenantId, workers: u16) {
-        if let Some(handle) = self.consumers.lock().get(&id) {
-            handle.resize(workers);
-        }
-    }
-
-    pub fn is_running(&self, id: TenantId) -> bool {
-        self.consumers.lock().contains_key(&id)
-    }
-
-    pub fn running(&self) -> usize {
-        self.consumers.lock().len()
-    }
-
-    /// Stops the tenant's consumer gracefully; the lock is not held while it drains, so other
-    /// tenants are created and stopped meanwhile.
-    pub fn stop(&self, id: TenantId, timeout: Duration) -> bool {
-        let handle = {
-            let mut consumers = self.consumers.lock();
-            let handle = consumers.remove(&id);
-            metrics().tenants_running.set(consumers.len() as i64);
-            handle
-        };
-        match handle {
-            Some(handle) => {
-                handle.stop(Instant::now() + timeout);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Stops every consumer: all are told at once, so they drain in parallel, then each is joined.
-    pub fn stop_all(&self, deadline: Instant) {
-        let handles: Vec<_> = self.consumers.lock().drain().collect();
-        metrics().tenants_running.set(0);
-        info!("stopping {} consumers", handles.len());
-        for (_, handle) in &handles {
-            handle.request_stop(deadline);
-        }
-        for (id, handle) in handles {
-            if !handle.join() {
-                warn!("tenant_id={id} consumer thread panicked");
-            }
+        if applied {
+            self.applied = self.want.version;
         }
     }
 }

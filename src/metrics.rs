@@ -22,6 +22,7 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     pub batch_messages: Histogram,
     pub tenants_running: IntGauge,
+    pub consumers_failing: IntGauge,
     pub http_requests: IntCounterVec,
     pub http_seconds: HistogramVec,
 }
@@ -87,6 +88,13 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(tenants_running.clone()))
             .expect("registered once");
+        let consumers_failing = IntGauge::new(
+            "tenantd_consumers_failing",
+            "tenants that should run on this replica but cannot connect to the broker",
+        )
+        .expect("valid metric");
+        r.register(Box::new(consumers_failing.clone()))
+            .expect("registered once");
         let process = prometheus::process_collector::ProcessCollector::for_self();
         r.register(Box::new(process)).expect("registered once");
         Metrics {
@@ -139,6 +147,7 @@ impl Metrics {
                 vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
             ),
             tenants_running,
+            consumers_failing,
             http_requests,
             http_seconds,
             registry: r,

@@ -1,4 +1,4 @@
-//! The nouns the API and the store share: a tenant and its status.
+//! The nouns the API and the store share: a tenant, its status, its consumer, its messages.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -6,11 +6,14 @@ use uuid::Uuid;
 
 use crate::ids::TenantId;
 
+/// What a tenant should be doing. `Deleting` is set by DELETE and seen only until it finishes
+/// (or after a DELETE that failed midway, which a repeated DELETE completes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Active,
     Inactive,
+    Deleting,
 }
 
 impl Status {
@@ -18,6 +21,7 @@ impl Status {
         match self {
             Status::Active => "active",
             Status::Inactive => "inactive",
+            Status::Deleting => "deleting",
         }
     }
 
@@ -25,6 +29,7 @@ impl Status {
         match s {
             "active" => Some(Status::Active),
             "inactive" => Some(Status::Inactive),
+            "deleting" => Some(Status::Deleting),
             _ => None,
         }
     }
@@ -37,14 +42,33 @@ pub struct Tenant {
     pub description: Option<String>,
     pub status: Status,
     pub workers: u16,
+    /// Grows with every change of `status` or `workers`; the consumer reports the one it applied.
+    #[serde(skip)]
+    pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The live consumer of the tenant, on whichever replica runs it; `None` when none does.
+    pub consumer: Option<ConsumerInfo>,
 }
 
 impl Tenant {
     pub fn tenant_id(&self) -> TenantId {
         TenantId::from(self.id)
     }
+}
+
+/// How a replica's consumer of a tenant is doing, as that replica last reported it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ConsumerInfo {
+    pub replica: String,
+    /// `starting`, `running`, `retrying` (it cannot connect: `error` says why) or `stopping`.
+    pub state: String,
+    /// The concurrency the running consumer applies (its prefetch is workers × BATCH_SIZE).
+    pub workers: Option<u16>,
+    #[serde(skip)]
+    pub version: i64,
+    pub error: Option<String>,
+    pub since: DateTime<Utc>,
 }
 
 /// A message as stored and as paged through.

@@ -1,19 +1,20 @@
-//! The shared worker pool: threads that each hold one PostgreSQL connection and store batches of
-//! one tenant's messages, then report the outcome to that tenant's thread, which acks.
+//! The shared worker pool: threads that each use one PostgreSQL connection at a time to store
+//! batches of one tenant's messages, then report the outcome to that tenant's thread, which acks.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
-use log::debug;
-use parking_lot::Mutex;
+use log::{debug, error};
+use parking_lot::{Condvar, Mutex};
 use postgres::{Client, Statement};
 use threadpool::ThreadPool;
 use uuid::Uuid;
 
 use crate::ids::TenantId;
 use crate::metrics::metrics;
-use crate::store;
+use crate::store::{self, messages, DbSettings};
 
 /// One delivery, as a worker sees it: its tag (for the reply), its id and its body.
 pub struct Item {
@@ -48,66 +49,88 @@ pub enum Outcome {
     /// Committed: `settled` may be acked; `inserted` of them were new rows.
     Stored { settled: Vec<u64>, inserted: u64 },
     /// Nothing is wrong with these messages, but they are not stored (the database is
-    /// unreachable): they come back to be tried again.
+    /// unreachable, or a worker failed): they come back to be tried again.
     Transient { items: Vec<Item>, error: String },
-}
-
-#[derive(Clone)]
-struct WorkerSettings {
-    database_url: Arc<str>,
-    connect_timeout: Duration,
-    max_message_bytes: usize,
 }
 
 pub struct WorkerPool {
     pool: ThreadPool,
-    settings: WorkerSettings,
+    settings: Arc<WorkerSettings>,
     /// Idle connections: as many as threads, each used by one thread at a time. They live here,
     /// not in thread-locals, so they close on a normal thread (the postgres client cannot be
     /// dropped from a thread-local destructor).
     idle: Arc<Mutex<Vec<WorkerDb>>>,
+    pending: Arc<Pending>,
+}
+
+struct WorkerSettings {
+    db: DbSettings,
+    max_message_bytes: usize,
+}
+
+/// Batches submitted and not yet finished, to wait for at shutdown.
+#[derive(Default)]
+struct Pending {
+    count: Mutex<usize>,
+    done: Condvar,
 }
 
 impl WorkerPool {
-    pub fn new(
-        size: usize,
-        database_url: &str,
-        connect_timeout: Duration,
-        max_message_bytes: usize,
-    ) -> WorkerPool {
+    pub fn new(size: usize, db: DbSettings, max_message_bytes: usize) -> WorkerPool {
         let pool = threadpool::Builder::new()
             .num_threads(size)
             .thread_name("worker".into())
             .build();
-        let settings = WorkerSettings {
-            database_url: database_url.into(),
-            connect_timeout,
-            max_message_bytes,
-        };
         WorkerPool {
             pool,
-            settings,
+            settings: Arc::new(WorkerSettings {
+                db,
+                max_message_bytes,
+            }),
             idle: Arc::new(Mutex::new(Vec::with_capacity(size))),
+            pending: Arc::default(),
         }
     }
 
     pub fn submit(&self, batch: Batch) {
         let settings = self.settings.clone();
         let idle = self.idle.clone();
+        let pending = self.pending.clone();
+        *pending.count.lock() += 1;
         self.pool.execute(move || {
-            let reply = batch.reply.clone();
+            let Batch {
+                tenant,
+                items,
+                reply,
+            } = batch;
             let mut db = idle.lock().pop();
-            let done = store_batch(&settings, &mut db, batch.tenant, batch.items);
+            let done = store_guarded(&settings, &mut db, tenant, items);
             idle.lock().extend(db);
             // The tenant thread may have gone (stopped or reconnected): its deliveries are then
             // redelivered by the broker, and the message ids keep the rows single.
             let _ = reply.send(done);
+            let mut count = pending.count.lock();
+            *count -= 1;
+            if *count == 0 {
+                pending.done.notify_all();
+            }
         });
     }
 
-    /// Waits until every submitted batch has finished.
-    pub fn join(&self) {
-        self.pool.join();
+    /// Waits until every submitted batch has finished, or `deadline`; false when it passed.
+    pub fn join(&self, deadline: Instant) -> bool {
+        let mut count = self.pending.count.lock();
+        while *count > 0 {
+            if self
+                .pending
+                .done
+                .wait_until(&mut count, deadline)
+                .timed_out()
+            {
+                return *count == 0;
+            }
+        }
+        true
     }
 }
 
@@ -117,42 +140,114 @@ struct WorkerDb {
     insert: Statement,
 }
 
-fn store_batch(
+/// Stores the batch; a panic while doing so gives the whole batch back to be tried again
+/// (the items never leave this frame until the outcome is known), so no tenant loses a slot.
+fn store_guarded(
     settings: &WorkerSettings,
     slot: &mut Option<WorkerDb>,
     tenant: TenantId,
     items: Vec<Item>,
 ) -> BatchDone {
-    let (good, mut poison) = split_poison(items, settings.max_message_bytes);
-    let outcome = store_good(slot, settings, tenant, good, &mut poison);
+    let verdict = catch_unwind(AssertUnwindSafe(|| judge(settings, slot, tenant, &items)))
+        .unwrap_or_else(|_| {
+            error!(
+                "tenant_id={tenant} a worker panicked while storing a batch; it will be retried"
+            );
+            *slot = None;
+            Verdict {
+                poison: Vec::new(),
+                stored: Err("a worker failed while storing the batch".into()),
+            }
+        });
+    settle(items, verdict)
+}
+
+/// What happened to a batch, by position in it.
+struct Verdict {
+    /// Items that can never be stored, with the reason.
+    poison: Vec<(usize, String)>,
+    /// For every other item: committed (with how many rows were new), or not stored.
+    stored: Result<u64, String>,
+}
+
+fn settle(items: Vec<Item>, verdict: Verdict) -> BatchDone {
+    let mut reasons: Vec<Option<String>> = vec![None; items.len()];
+    for (i, reason) in verdict.poison {
+        reasons[i] = Some(reason);
+    }
+    let mut poison = Vec::new();
+    let mut good = Vec::with_capacity(items.len());
+    for (item, reason) in items.into_iter().zip(reasons) {
+        match reason {
+            Some(reason) => poison.push(Poison {
+                tag: item.tag,
+                body: item.body,
+                reason,
+            }),
+            None => good.push(item),
+        }
+    }
+    let outcome = match verdict.stored {
+        Ok(inserted) => {
+            observe(&good);
+            Outcome::Stored {
+                settled: good.iter().map(|i| i.tag).collect(),
+                inserted,
+            }
+        }
+        Err(error) => Outcome::Transient { items: good, error },
+    };
     BatchDone { poison, outcome }
 }
 
-fn store_good(
-    slot: &mut Option<WorkerDb>,
+fn judge(
     settings: &WorkerSettings,
+    slot: &mut Option<WorkerDb>,
     tenant: TenantId,
-    good: Vec<Item>,
-    poison: &mut Vec<Poison>,
-) -> Outcome {
+    items: &[Item],
+) -> Verdict {
+    let mut poison: Vec<(usize, String)> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, item)| {
+            Some((
+                i,
+                check_payload(&item.body, settings.max_message_bytes).err()?,
+            ))
+        })
+        .collect();
+    let good: Vec<usize> = (0..items.len())
+        .filter(|i| !poison.iter().any(|(p, _)| p == i))
+        .collect();
     if good.is_empty() {
-        return stored(Vec::new(), 0);
+        return Verdict {
+            poison,
+            stored: Ok(0),
+        };
     }
-    let db = match open_db(slot, settings) {
+    let db = match open_db(slot, &settings.db) {
         Ok(db) => db,
-        Err(error) => return Outcome::Transient { items: good, error },
-    };
-    match insert(db, tenant, &good) {
-        Ok(inserted) => {
-            observe(&good);
-            stored(good.iter().map(|i| i.tag).collect(), inserted)
+        Err(error) => {
+            return Verdict {
+                poison,
+                stored: Err(error),
+            }
         }
+    };
+    let stored = match insert(db, tenant, items, &good) {
+        Ok(inserted) => Ok(inserted),
         // One message PostgreSQL refuses must not hold back the others: store one by one.
-        Err(e) if is_content_error(&e) => match insert_one_by_one(db, tenant, good, poison) {
-            Ok((settled, inserted)) => stored(settled, inserted),
-            Err((items, e)) => transient(slot, items, e),
-        },
-        Err(e) => transient(slot, good, e),
+        Err(e) if is_content_error(&e) => insert_one_by_one(db, tenant, items, &good, &mut poison),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &stored {
+        debug!("tenant_id={tenant} storing a batch failed: {e}");
+        // The connection may be broken; the next batch opens a fresh one.
+        *slot = None;
+    }
+    Verdict {
+        poison,
+        stored: stored.map_err(|e| e.to_string()),
     }
 }
 
@@ -166,53 +261,23 @@ fn observe(batch: &[Item]) {
     }
 }
 
-fn stored(settled: Vec<u64>, inserted: u64) -> Outcome {
-    Outcome::Stored { settled, inserted }
-}
-
-fn transient(slot: &mut Option<WorkerDb>, items: Vec<Item>, e: postgres::Error) -> Outcome {
-    // The connection may be broken; the next batch opens a fresh one.
-    *slot = None;
-    Outcome::Transient {
-        items,
-        error: e.to_string(),
-    }
-}
-
 fn open_db<'a>(
     slot: &'a mut Option<WorkerDb>,
-    settings: &WorkerSettings,
+    settings: &DbSettings,
 ) -> Result<&'a mut WorkerDb, String> {
     if slot.as_ref().is_some_and(|db| db.client.is_closed()) {
         *slot = None;
     }
     if slot.is_none() {
-        let mut client = store::connect(&settings.database_url, settings.connect_timeout)
-            .map_err(|e| format!("{e:#}"))?;
+        let mut client =
+            store::connect(settings, "tenantd worker").map_err(|e| format!("{e:#}"))?;
         let insert = client
-            .prepare(store::INSERT_MESSAGES)
+            .prepare(messages::INSERT)
             .map_err(|e| e.to_string())?;
         debug!("worker connected to PostgreSQL");
         *slot = Some(WorkerDb { client, insert });
     }
     Ok(slot.as_mut().expect("connection was just opened"))
-}
-
-/// Splits the items into storable JSON and the others, with the reason they are not.
-fn split_poison(items: Vec<Item>, max_bytes: usize) -> (Vec<Item>, Vec<Poison>) {
-    let mut good = Vec::with_capacity(items.len());
-    let mut poison = Vec::new();
-    for item in items {
-        match check_payload(&item.body, max_bytes) {
-            Ok(()) => good.push(item),
-            Err(reason) => poison.push(Poison {
-                tag: item.tag,
-                body: item.body,
-                reason,
-            }),
-        }
-    }
-    (good, poison)
 }
 
 fn check_payload(body: &[u8], max_bytes: usize) -> Result<(), String> {
@@ -227,49 +292,41 @@ fn check_payload(body: &[u8], max_bytes: usize) -> Result<(), String> {
         .map_err(|e| format!("message is not JSON: {e}"))
 }
 
-fn insert(db: &mut WorkerDb, tenant: TenantId, items: &[Item]) -> Result<u64, postgres::Error> {
-    let ids: Vec<Uuid> = items.iter().map(|i| i.id).collect();
+/// Inserts the items at `which` in one statement; how many rows were new.
+fn insert(
+    db: &mut WorkerDb,
+    tenant: TenantId,
+    items: &[Item],
+    which: &[usize],
+) -> Result<u64, postgres::Error> {
+    let ids: Vec<Uuid> = which.iter().map(|&i| items[i].id).collect();
     // check_payload proved these are UTF-8 (serde_json only accepts UTF-8).
-    let payloads: Vec<&str> = items
+    let payloads: Vec<&str> = which
         .iter()
-        .map(|i| std::str::from_utf8(&i.body).unwrap_or_default())
+        .map(|&i| std::str::from_utf8(&items[i].body).unwrap_or_default())
         .collect();
-    store::insert_messages(&mut db.client, &db.insert, tenant, &ids, &payloads)
+    messages::insert(&mut db.client, &db.insert, tenant, &ids, &payloads)
 }
 
 /// Stores each item in its own statement; those PostgreSQL refuses become poison. On a
-/// transient failure, every item that is not poison comes back (the stored ones are skipped as
-/// duplicates when tried again: each item keeps its id).
+/// transient failure none counts as settled: they are all tried again, and those already
+/// stored are skipped as duplicates (each keeps its id).
 fn insert_one_by_one(
     db: &mut WorkerDb,
     tenant: TenantId,
-    good: Vec<Item>,
-    poison: &mut Vec<Poison>,
-) -> Result<(Vec<u64>, u64), (Vec<Item>, postgres::Error)> {
-    let mut settled = Vec::with_capacity(good.len());
-    let mut kept = Vec::with_capacity(good.len());
+    items: &[Item],
+    good: &[usize],
+    poison: &mut Vec<(usize, String)>,
+) -> Result<u64, postgres::Error> {
     let mut inserted = 0;
-    let mut items = good.into_iter();
-    while let Some(item) = items.next() {
-        match insert(db, tenant, std::slice::from_ref(&item)) {
-            Ok(n) => {
-                inserted += n;
-                settled.push(item.tag);
-                kept.push(item);
-            }
-            Err(e) if is_content_error(&e) => poison.push(Poison {
-                tag: item.tag,
-                reason: db_reason(&e),
-                body: item.body,
-            }),
-            Err(e) => {
-                kept.push(item);
-                kept.extend(items);
-                return Err((kept, e));
-            }
+    for &i in good {
+        match insert(db, tenant, items, &[i]) {
+            Ok(n) => inserted += n,
+            Err(e) if is_content_error(&e) => poison.push((i, db_reason(&e))),
+            Err(e) => return Err(e),
         }
     }
-    Ok((settled, inserted))
+    Ok(inserted)
 }
 
 /// Class 22 (data exception): PostgreSQL refuses this content, e.g. `\u0000` in jsonb.

@@ -1,6 +1,9 @@
 //! The HTTP edge's one error type: a status code and a message, sent as `{"error": "..."}`.
+//! The service's errors become statuses here and nowhere else.
 
 use log::error;
+
+use crate::service::ServiceError;
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -8,11 +11,24 @@ pub enum ApiError {
     Unauthorized,
     NotFound(String),
     MethodNotAllowed(&'static [&'static str]),
+    Conflict(String),
     PayloadTooLarge(usize),
     UnsupportedMediaType(String),
-    /// A dependency (database or broker) cannot do it right now; the request changed nothing.
+    /// A dependency (database or broker) cannot do it right now, or the tenant is busy.
     Unavailable(String),
     Internal(anyhow::Error),
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> ApiError {
+        match e {
+            ServiceError::Invalid(m) => ApiError::BadRequest(m),
+            ServiceError::NotFound(m) => ApiError::NotFound(m),
+            ServiceError::Conflict(m) => ApiError::Conflict(m),
+            ServiceError::Busy(m) | ServiceError::Unavailable(m) => ApiError::Unavailable(m),
+            ServiceError::Internal(e) => ApiError::Internal(e),
+        }
+    }
 }
 
 impl ApiError {
@@ -22,6 +38,7 @@ impl ApiError {
             ApiError::Unauthorized => 401,
             ApiError::NotFound(_) => 404,
             ApiError::MethodNotAllowed(_) => 405,
+            ApiError::Conflict(_) => 409,
             ApiError::PayloadTooLarge(_) => 413,
             ApiError::UnsupportedMediaType(_) => 415,
             ApiError::Unavailable(_) => 503,
@@ -31,7 +48,10 @@ impl ApiError {
 
     pub fn message(&self) -> String {
         match self {
-            ApiError::BadRequest(m) | ApiError::NotFound(m) | ApiError::Unavailable(m) => m.clone(),
+            ApiError::BadRequest(m)
+            | ApiError::NotFound(m)
+            | ApiError::Conflict(m)
+            | ApiError::Unavailable(m) => m.clone(),
             ApiError::Unauthorized => {
                 "missing or wrong bearer token (Authorization: Bearer <token>)".into()
             }
@@ -47,22 +67,5 @@ impl ApiError {
                 "internal error".into()
             }
         }
-    }
-
-    /// A database failure: the server being unreachable is 503, anything else is a bug (500).
-    pub fn database(e: anyhow::Error) -> ApiError {
-        let unreachable = e.chain().any(|c| {
-            c.downcast_ref::<postgres::Error>()
-                .is_some_and(|pg| pg.is_closed() || pg.code().is_none())
-        });
-        if unreachable {
-            ApiError::Unavailable(format!("database unavailable: {e:#}"))
-        } else {
-            ApiError::Internal(e)
-        }
-    }
-
-    pub fn broker(e: anyhow::Error) -> ApiError {
-        ApiError::Unavailable(format!("message broker unavailable: {e:#}"))
     }
 }

@@ -23,7 +23,6 @@ use tiny_http::{Header, Request, Response, Server};
 use crate::logging;
 use crate::metrics::metrics;
 use crate::service::Service;
-use crate::store::LazyClient;
 use error::ApiError;
 use guard::{Guard, Limits};
 
@@ -80,9 +79,21 @@ impl Front {
     }
 }
 
+/// How the HTTP front is set up.
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    pub addr: String,
+    pub threads: usize,
+    pub max_connections: usize,
+    /// Silence allowed between requests, and time allowed for a whole request.
+    pub timeout: std::time::Duration,
+    /// `None`: no authentication.
+    pub api_token: Option<String>,
+}
+
 impl HttpServer {
-    pub fn start(addr: &str, threads: usize, service: Arc<Service>) -> Result<HttpServer> {
-        let public = listen(addr)?;
+    pub fn start(settings: &HttpSettings, service: Arc<Service>) -> Result<HttpServer> {
+        let public = listen(&settings.addr)?;
         let local = public.local_addr()?;
         let socket_dir = private_dir()?;
         let socket = socket_dir.join("http.sock");
@@ -93,15 +104,15 @@ impl HttpServer {
             listener,
             server: RwLock::new(Arc::new(server)),
             stopping: AtomicBool::new(false),
-            threads,
+            threads: settings.threads,
         });
-        let threads = (0..threads)
-            .map(|i| spawn_request_thread(i, &front, &service))
+        let token: Arc<Option<String>> = Arc::new(settings.api_token.clone());
+        let threads = (0..settings.threads)
+            .map(|i| spawn_request_thread(i, &front, &service, &token))
             .collect::<Result<_>>()?;
-        let config = &service.config;
         let limits = Limits {
-            max_connections: config.http_max_connections,
-            timeout: config.http_timeout,
+            max_connections: settings.max_connections,
+            timeout: settings.timeout,
             max_body_bytes: MAX_BODY_BYTES,
         };
         let guard = Guard::start(public, socket, limits)?;
@@ -172,17 +183,17 @@ fn spawn_request_thread(
     i: usize,
     front: &Arc<Front>,
     service: &Arc<Service>,
+    token: &Arc<Option<String>>,
 ) -> Result<JoinHandle<()>> {
-    let (front, service) = (front.clone(), service.clone());
+    let (front, service, token) = (front.clone(), service.clone(), token.clone());
     std::thread::Builder::new()
         .name(format!("http-{i}"))
         .spawn(move || {
-            let config = &service.config;
-            let mut db = LazyClient::new(&config.database_url, config.connect_timeout);
+            let token = token.as_deref();
             loop {
                 let server = front.current();
                 match server.recv() {
-                    Ok(request) => handle_guarded(&service, &mut db, request),
+                    Ok(request) => handle_guarded(&service, token, request),
                     Err(_) if front.stopping.load(Ordering::SeqCst) => return,
                     Err(e) => front.replace(&server, &e),
                 }
@@ -213,15 +224,15 @@ pub enum Body {
     Empty,
 }
 
-fn handle(service: &Service, db: &mut LazyClient, mut request: Request) {
+fn handle(service: &Service, token: Option<&str>, mut request: Request) {
     let started = std::time::Instant::now();
     let request_id = request_id_of(&request);
     logging::set_request_id(Some(&request_id));
     let method = request.method().clone();
     let path = request.url().split('?').next().unwrap_or("").to_string();
-    let result = authorize(service.config.api_token.as_deref(), &request)
+    let result = authorize(token, &request)
         .and_then(|()| read_request(&mut request))
-        .and_then(|r| routes::route(service, db, r));
+        .and_then(|r| routes::route(service, r));
     let (status, mut response) = match result {
         Ok(ok) => (ok.status, respond(ok.status, ok.body)),
         Err(e) => error_response(&e),
@@ -242,15 +253,14 @@ fn handle(service: &Service, db: &mut LazyClient, mut request: Request) {
 }
 
 /// A panic while handling one request must not take an HTTP thread down: it is logged, the
-/// client gets tiny_http's 500, and the connection to the database is opened afresh.
-fn handle_guarded(service: &Service, db: &mut LazyClient, request: Request) {
+/// client gets tiny_http's 500 (the database connection it held is closed, not reused).
+fn handle_guarded(service: &Service, token: Option<&str>, request: Request) {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        handle(service, db, request)
+        handle(service, token, request)
     }));
     if outcome.is_err() {
         log::error!("a request handler panicked; the thread goes on");
         logging::set_request_id(None);
-        *db = LazyClient::new(&service.config.database_url, service.config.connect_timeout);
     }
 }
 

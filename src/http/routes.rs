@@ -10,9 +10,7 @@ use super::error::ApiError;
 use super::{ApiRequest, ApiResponse, Body};
 use crate::ids::TenantId;
 use crate::model::Status;
-use crate::service::{NewTenant, Service, TenantPatch};
-use crate::store::LazyClient;
-use crate::url::percent_decode;
+use crate::service::{Changed, NewTenant, Service, TenantPatch};
 
 const MAX_NAME_CHARS: usize = 200;
 const MAX_DESCRIPTION_CHARS: usize = 2000;
@@ -30,6 +28,7 @@ enum Route {
     Concurrency(String),
     TenantMessages(String),
     Messages,
+    Replicas,
 }
 
 impl Route {
@@ -45,6 +44,7 @@ impl Route {
             ["api", "tenants", id, "config", "concurrency"] => Route::Concurrency(id.to_string()),
             ["api", "tenants", id, "messages"] => Route::TenantMessages(id.to_string()),
             ["api", "messages"] => Route::Messages,
+            ["api", "replicas"] => Route::Replicas,
             _ => return None,
         };
         Some(route)
@@ -62,14 +62,18 @@ impl Route {
             Route::Concurrency(_) => "/api/tenants/{id}/config/concurrency",
             Route::TenantMessages(_) => "/api/tenants/{id}/messages",
             Route::Messages => "/api/messages",
+            Route::Replicas => "/api/replicas",
         }
     }
 
     fn allowed(&self) -> &'static [&'static str] {
         match self {
-            Route::Health | Route::Ready | Route::Metrics | Route::OpenApi | Route::Messages => {
-                &["GET"]
-            }
+            Route::Health
+            | Route::Ready
+            | Route::Metrics
+            | Route::OpenApi
+            | Route::Messages
+            | Route::Replicas => &["GET"],
             Route::Tenants | Route::TenantMessages(_) => &["GET", "POST"],
             Route::Tenant(_) => &["GET", "PATCH", "DELETE"],
             Route::Concurrency(_) => &["PUT"],
@@ -82,17 +86,13 @@ pub fn label(path: &str) -> &'static str {
     Route::parse(path).map_or("other", |r| r.template())
 }
 
-pub fn route(
-    service: &Service,
-    db: &mut LazyClient,
-    req: ApiRequest,
-) -> Result<ApiResponse, ApiError> {
+pub fn route(service: &Service, req: ApiRequest) -> Result<ApiResponse, ApiError> {
     let route = Route::parse(&req.path)
         .ok_or_else(|| ApiError::NotFound(format!("no such path: {}", req.path)))?;
     let not_allowed = || ApiError::MethodNotAllowed(route.allowed());
     match (&req.method, &route) {
         (Method::Get, Route::Health) => ok(200, json!({ "status": "ok" })),
-        (Method::Get, Route::Ready) => match service.readiness(db) {
+        (Method::Get, Route::Ready) => match service.readiness() {
             Ok(()) => ok(200, json!({ "status": "ready" })),
             Err(why) => Err(ApiError::Unavailable(why)),
         },
@@ -102,24 +102,25 @@ pub fn route(
         }),
         (Method::Get, Route::Metrics) => Ok(ApiResponse {
             status: 200,
-            body: Body::Metrics(service.metrics_text(db)),
+            body: Body::Metrics(service.metrics_text()),
         }),
+        (Method::Get, Route::Replicas) => ok(200, json!({ "data": service.replicas()? })),
         (Method::Post, Route::Tenants) => {
             let new = parse_new_tenant(&req.body)?;
-            ok(201, service.create_tenant(db, new)?)
+            ok(201, service.create_tenant(new)?)
         }
         (Method::Get, Route::Tenants) => {
             let (cursor, limit) = page_params(&req.query)?;
-            ok(200, service.list_tenants(db, cursor.as_deref(), limit)?)
+            ok(200, service.list_tenants(cursor.as_deref(), limit)?)
         }
-        (Method::Get, Route::Tenant(id)) => ok(200, service.tenant_view(db, tenant_id(id)?)?),
+        (Method::Get, Route::Tenant(id)) => ok(200, service.tenant_view(tenant_id(id)?)?),
         (Method::Patch, Route::Tenant(id)) => {
             let id = tenant_id(id)?;
             let patch = parse_patch(&req.body)?;
-            ok(200, service.update_tenant(db, id, patch)?)
+            changed(service.update_tenant(id, patch)?)
         }
         (Method::Delete, Route::Tenant(id)) => {
-            service.delete_tenant(db, tenant_id(id)?)?;
+            service.delete_tenant(tenant_id(id)?)?;
             Ok(ApiResponse {
                 status: 204,
                 body: Body::Empty,
@@ -127,35 +128,36 @@ pub fn route(
         }
         (Method::Put, Route::Concurrency(id)) => {
             let id = tenant_id(id)?;
-            let workers = parse_workers(&req.body, service.config.max_workers)?;
-            ok(200, service.set_concurrency(db, id, workers)?)
+            let workers = parse_workers(&req.body, service.max_workers())?;
+            changed(service.set_concurrency(id, workers)?)
         }
         (Method::Post, Route::TenantMessages(id)) => {
             let id = tenant_id(id)?;
             parse_json::<serde::de::IgnoredAny>(&req.body)?;
-            let message_id = service.publish(db, id, &req.body)?;
+            let message_id = service.publish(id, &req.body)?;
             ok(202, json!({ "id": message_id, "queue": id.queue_name() }))
         }
         (Method::Get, Route::TenantMessages(id)) => {
             let id = tenant_id(id)?;
             let (cursor, limit) = page_params(&req.query)?;
-            ok(
-                200,
-                service.tenant_messages(db, id, cursor.as_deref(), limit)?,
-            )
+            ok(200, service.tenant_messages(id, cursor.as_deref(), limit)?)
         }
         (Method::Get, Route::Messages) => {
             let (cursor, limit) = page_params(&req.query)?;
-            let page = match query_param(&req.query, "tenant_id")? {
-                Some(id) if !id.is_empty() => {
-                    service.tenant_messages(db, tenant_id(&id)?, cursor.as_deref(), limit)?
-                }
-                _ => service.all_messages(db, cursor.as_deref(), limit)?,
+            let page = match query_param(&req.query, "tenant_id") {
+                Some(id) => service.tenant_messages(tenant_id(&id)?, cursor.as_deref(), limit)?,
+                None => service.all_messages(cursor.as_deref(), limit)?,
             };
             ok(200, page)
         }
         _ => Err(not_allowed()),
     }
+}
+
+/// A change is answered 200 once the replica running the tenant applied it, 202 when it was
+/// saved but not yet applied within the wait (it will be).
+fn changed(changed: Changed) -> Result<ApiResponse, ApiError> {
+    ok(if changed.applied { 200 } else { 202 }, changed.tenant)
 }
 
 /// The API's contract, served as written (the contract test holds it to the routes).
@@ -184,14 +186,36 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
+/// The statuses a client may ask for (`deleting` is DELETE's own).
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Wanted {
+    Active,
+    Inactive,
+}
+
+impl From<Wanted> for Status {
+    fn from(w: Wanted) -> Status {
+        match w {
+            Wanted::Active => Status::Active,
+            Wanted::Inactive => Status::Inactive,
+        }
+    }
+}
+
+/// A field that may be left out but, when given, must not be `null`.
+fn not_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
     name: String,
     #[serde(default)]
     description: Option<String>,
-    #[serde(default)]
-    status: Option<Status>,
+    #[serde(default, deserialize_with = "not_null")]
+    status: Option<Wanted>,
 }
 
 fn parse_new_tenant(body: &[u8]) -> Result<NewTenant, ApiError> {
@@ -203,19 +227,19 @@ fn parse_new_tenant(body: &[u8]) -> Result<NewTenant, ApiError> {
     Ok(NewTenant {
         name: body.name,
         description: body.description,
-        status: body.status.unwrap_or(Status::Active),
+        status: body.status.map_or(Status::Active, Status::from),
     })
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PatchBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     name: Option<String>,
     #[serde(default, deserialize_with = "present")]
     description: Option<Option<String>>,
-    #[serde(default)]
-    status: Option<Status>,
+    #[serde(default, deserialize_with = "not_null")]
+    status: Option<Wanted>,
 }
 
 /// Tells `"description": null` (clear it) from an absent field (keep it).
@@ -234,7 +258,7 @@ fn parse_patch(body: &[u8]) -> Result<TenantPatch, ApiError> {
     Ok(TenantPatch {
         name: body.name,
         description: body.description,
-        status: body.status,
+        status: body.status.map(Status::from),
     })
 }
 
@@ -273,21 +297,16 @@ fn parse_workers(body: &[u8], max: u16) -> Result<u16, ApiError> {
         })
 }
 
-fn query_param(query: &str, name: &str) -> Result<Option<String>, ApiError> {
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if key == name {
-            return percent_decode(value, true)
-                .map(Some)
-                .map_err(|_| ApiError::BadRequest(format!("query parameter {name} is malformed")));
-        }
-    }
-    Ok(None)
+/// The first value of a query parameter, decoded (`+` as space, `%XX` escapes).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }
 
 fn page_params(query: &str) -> Result<(Option<String>, usize), ApiError> {
-    let cursor = query_param(query, "cursor")?;
-    let limit = match query_param(query, "limit")? {
+    let cursor = query_param(query, "cursor");
+    let limit = match query_param(query, "limit") {
         None => DEFAULT_LIMIT,
         Some(raw) => raw
             .parse()

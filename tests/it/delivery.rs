@@ -128,7 +128,9 @@ fn a_database_outage_retries_without_dead_letters_and_loses_nothing() {
     app.wait_rows(&tenant, 300);
     assert_eq!(amqp.queue_stats(&dlq_name(&tenant)).map(|s| s.0), Some(0));
     assert_eq!(amqp.queue_stats(&retry_name(&tenant)).map(|s| s.0), Some(0));
-    assert_eq!(app.get("/readyz").status, 200);
+    wait_until(Duration::from_secs(10), "ready again", || {
+        app.get("/readyz").status == 200
+    });
 }
 
 #[test]

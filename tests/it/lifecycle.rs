@@ -152,10 +152,10 @@ fn resizing_under_load_applies_at_once_persists_and_loses_nothing() {
         5
     );
     let started = format!("consumer started tenant_id={tenant}");
-    assert_eq!(
-        lines_with(&[&started, "prefetch=500"]).len(),
-        1,
-        "prefetch follows after restart"
+    wait_until(
+        Duration::from_secs(10),
+        "prefetch 500 after the restart",
+        || lines_with(&[&started, "prefetch=500"]).len() == 1,
     );
 }
 

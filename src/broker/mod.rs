@@ -1,0 +1,330 @@
+//! Connections to RabbitMQ: one or several brokers (a cluster), opened with a timeout and
+//! TCP_NODELAY (amiquip sets neither); the tenant queues' one declaration; and the shared admin
+//! connection of the HTTP side (`admin`).
+
+mod admin;
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use amiquip::{
+    AmqpValue, Auth, Channel, Confirm, Connection, ConnectionOptions, ConnectionTuning, FieldTable,
+    Queue, QueueDeclareOptions,
+};
+use anyhow::{anyhow, bail, Context, Result};
+use crossbeam_channel::Receiver;
+use log::warn;
+use percent_encoding::percent_decode_str;
+
+pub use admin::{BrokerAdmin, QueueStats, Unroutable};
+
+use crate::ids::TenantId;
+
+/// One broker: where it is and who we are there, parsed from a `RABBITMQ_URL` entry.
+#[derive(Clone, Debug)]
+pub struct BrokerAddr {
+    host: String,
+    port: u16,
+    user: String,
+    password: String,
+    vhost: String,
+}
+
+impl BrokerAddr {
+    /// Parses `amqp://user:password@host:port/vhost` (vhost percent-encoded, `%2f` for `/`).
+    pub fn parse(raw: &str) -> Result<BrokerAddr> {
+        let url = url::Url::parse(raw.trim()).context("RABBITMQ_URL is not a valid URL")?;
+        if url.scheme() != "amqp" {
+            bail!("RABBITMQ_URL must start with amqp://");
+        }
+        let host = match url.host() {
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            Some(host) => host.to_string(),
+            None => "localhost".into(),
+        };
+        let decode = |s: &str| -> Result<String> {
+            Ok(percent_decode_str(s)
+                .decode_utf8()
+                .context("RABBITMQ_URL is not UTF-8 once decoded")?
+                .into_owned())
+        };
+        let (user, password) = match url.username() {
+            "" => ("guest".to_string(), "guest".to_string()),
+            user => (decode(user)?, decode(url.password().unwrap_or(""))?),
+        };
+        let vhost = decode(url.path().strip_prefix('/').unwrap_or(""))?;
+        Ok(BrokerAddr {
+            host,
+            port: url.port().unwrap_or(5672),
+            user,
+            password,
+            vhost: if vhost.is_empty() { "/".into() } else { vhost },
+        })
+    }
+
+    /// `host:port vhost v`, for messages: never the password.
+    pub fn describe(&self) -> String {
+        format!("{}:{} vhost {}", self.host, self.port, self.vhost)
+    }
+}
+
+/// The brokers of `RABBITMQ_URL` (comma-separated, e.g. the nodes of a cluster). Each new
+/// connection starts with the next broker in turn, so tenants spread over the nodes, and goes on
+/// to the others when one does not answer.
+#[derive(Clone, Debug)]
+pub struct Brokers {
+    addrs: Arc<[BrokerAddr]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Brokers {
+    pub fn parse(urls: &str) -> Result<Brokers> {
+        let addrs: Vec<BrokerAddr> = urls
+            .split(',')
+            .filter(|u| !u.trim().is_empty())
+            .map(BrokerAddr::parse)
+            .collect::<Result<_>>()?;
+        if addrs.is_empty() {
+            bail!("RABBITMQ_URL names no broker");
+        }
+        Ok(Brokers {
+            addrs: addrs.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Opens a connection to the first broker that answers, starting with the next in turn.
+    pub fn connect(&self, timeout: Duration, label: &str) -> Result<Connection> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for i in 0..self.addrs.len() {
+            let addr = &self.addrs[(start + i) % self.addrs.len()];
+            match connect(addr, timeout, label) {
+                Ok(connection) => return Ok(connection),
+                Err(e) => errors.push(e),
+            }
+        }
+        let mut errors = errors.into_iter();
+        let first = errors.next().expect("at least one broker");
+        Err(errors.fold(first, |acc, e| acc.context(format!("{e:#}"))))
+    }
+}
+
+/// Opens a connection within `timeout` (TCP connect and AMQP handshake both), with TCP_NODELAY.
+///
+/// A broker out of file descriptors accepts TCP and never answers the handshake: the timeout
+/// turns that hang into an error.
+pub fn connect(addr: &BrokerAddr, timeout: Duration, label: &str) -> Result<Connection> {
+    let stream = tcp_connect(addr, timeout)?;
+    stream.set_nodelay(true)?;
+    let stream = mio::net::TcpStream::from_stream(stream)?;
+    let options = ConnectionOptions::default()
+        .auth(Auth::Plain {
+            username: addr.user.clone(),
+            password: addr.password.clone(),
+        })
+        .virtual_host(addr.vhost.clone())
+        .connection_timeout(Some(timeout))
+        .information(Some(label.to_string()));
+    Connection::insecure_open_stream(stream, options, ConnectionTuning::default())
+        .with_context(|| format!("cannot open an AMQP connection to {}", addr.describe()))
+}
+
+fn tcp_connect(addr: &BrokerAddr, timeout: Duration) -> Result<TcpStream> {
+    let mut last = None;
+    let targets = (addr.host.as_str(), addr.port)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve RabbitMQ host {}", addr.host))?;
+    for target in targets {
+        match TcpStream::connect_timeout(&target, timeout) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    let err = last.map_or_else(|| anyhow!("no address"), anyhow::Error::from);
+    Err(err.context(format!("cannot connect to RabbitMQ at {}", addr.describe())))
+}
+
+/// How the tenants' queues are declared: `classic` for a single broker, `quorum` for queues
+/// replicated by a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+impl QueueType {
+    pub fn parse(raw: &str) -> Result<QueueType> {
+        match raw {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            other => bail!("QUEUE_TYPE={other:?} is neither classic nor quorum"),
+        }
+    }
+}
+
+/// Declares the tenant's three durable queues, on a channel of their own: a queue declared
+/// earlier with other arguments (another `QUEUE_TYPE`) makes the broker close the channel
+/// (406), and is then used as it is.
+///
+/// `tenant_{id}_retry` holds messages waiting for another attempt; each expires after its delay
+/// and the broker dead-letters it back to the tenant's queue. `tenant_{id}_dlq` holds those that
+/// failed every attempt. Every declarer goes through here, so the arguments always match.
+pub fn declare_tenant_queues(
+    connection: &mut Connection,
+    id: TenantId,
+    queue_type: QueueType,
+) -> Result<()> {
+    let channel = connection.open_channel(None)?;
+    let declared = declare_all(&channel, id, queue_type);
+    match declared {
+        Err(e) if is_precondition_failed(&e) => {
+            warn!("tenant_id={id} its queues exist with other arguments (QUEUE_TYPE changed?); using them as they are: {e:#}");
+            Ok(())
+        }
+        other => {
+            let _ = channel.close();
+            other
+        }
+    }
+}
+
+fn declare_all(channel: &Channel, id: TenantId, queue_type: QueueType) -> Result<()> {
+    let typed = |mut arguments: FieldTable| {
+        if queue_type == QueueType::Quorum {
+            arguments.insert(
+                "x-queue-type".into(),
+                AmqpValue::LongString("quorum".into()),
+            );
+        }
+        arguments
+    };
+    declare(channel, id.dlq_name(), typed(FieldTable::new()))?;
+    let mut retry = typed(dead_letter_to(id.queue_name()));
+    if queue_type == QueueType::Quorum {
+        // A quorum queue dead-letters at most once unless told otherwise; at-least-once needs
+        // the queue to refuse publishes when full instead of dropping its head.
+        retry.insert(
+            "x-dead-letter-strategy".into(),
+            AmqpValue::LongString("at-least-once".into()),
+        );
+        retry.insert(
+            "x-overflow".into(),
+            AmqpValue::LongString("reject-publish".into()),
+        );
+    }
+    declare(channel, id.retry_name(), retry)?;
+    declare(
+        channel,
+        id.queue_name(),
+        typed(dead_letter_to(id.dlq_name())),
+    )?;
+    Ok(())
+}
+
+fn declare(channel: &Channel, name: String, arguments: FieldTable) -> Result<Queue<'_>> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        arguments,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.clone(), options)
+        .with_context(|| format!("declaring queue {name}"))
+}
+
+/// Arguments making the broker dead-letter to `queue` through the default exchange.
+fn dead_letter_to(queue: String) -> FieldTable {
+    let mut arguments = FieldTable::new();
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AmqpValue::LongString(String::new()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AmqpValue::LongString(queue),
+    );
+    arguments
+}
+
+/// Waits for the broker to confirm publish number `tag` of the channel.
+pub fn wait_for_confirm(confirms: &Receiver<Confirm>, tag: u64, timeout: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let confirm = confirms
+            .recv_deadline(deadline)
+            .map_err(|_| anyhow!("the broker did not confirm the publish in time"))?;
+        let (payload, acked) = match confirm {
+            Confirm::Ack(p) => (p, true),
+            Confirm::Nack(p) => (p, false),
+        };
+        let covers =
+            payload.delivery_tag == tag || (payload.multiple && payload.delivery_tag > tag);
+        if covers {
+            if acked {
+                return Ok(());
+            }
+            bail!("the broker refused the message");
+        }
+    }
+}
+
+fn closed_with(e: &anyhow::Error, code: u16) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<amiquip::Error>(),
+            Some(amiquip::Error::ServerClosedChannel { code: c, .. }) if *c == code
+        )
+    })
+}
+
+/// The broker closed the channel because a queue does not exist (404).
+pub fn is_not_found(e: &anyhow::Error) -> bool {
+    closed_with(e, 404)
+}
+
+fn is_precondition_failed(e: &anyhow::Error) -> bool {
+    closed_with(e, 406)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_default_url() {
+        let a = BrokerAddr::parse("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(
+            (a.host.as_str(), a.port, a.vhost.as_str()),
+            ("127.0.0.1", 5672, "/")
+        );
+        assert_eq!((a.user.as_str(), a.password.as_str()), ("guest", "guest"));
+    }
+
+    #[test]
+    fn parses_a_named_vhost_default_port_and_escapes() {
+        let a = BrokerAddr::parse("amqp://u:p%40ss@rabbit/prod").unwrap();
+        assert_eq!(
+            (a.host.as_str(), a.port, a.vhost.as_str()),
+            ("rabbit", 5672, "prod")
+        );
+        assert_eq!(a.password, "p@ss");
+    }
+
+    #[test]
+    fn parses_ipv6_hosts_and_lists_of_brokers() {
+        let a = BrokerAddr::parse("amqp://guest:guest@[::1]:5673/%2f").unwrap();
+        assert_eq!((a.host.as_str(), a.port), ("::1", 5673));
+        let b = Brokers::parse("amqp://h1:5681/%2f, amqp://h2:5682/%2f").unwrap();
+        assert_eq!(b.addrs.len(), 2);
+        assert_eq!(b.addrs[1].host, "h2");
+    }
+
+    #[test]
+    fn refuses_other_schemes_and_empty_lists() {
+        assert!(BrokerAddr::parse("http://x").is_err());
+        assert!(Brokers::parse(" , ").is_err());
+    }
+}

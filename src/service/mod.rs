@@ -1,0 +1,379 @@
+//! What the API does, independent of HTTP. An operation on a tenant holds the tenant's lock in
+//! PostgreSQL from its first read to its last write, changes the tenant's row (the desired
+//! state), and waits until the replica that runs the tenant (this one or another) has applied
+//! it: so two operations on one tenant never interleave, on one replica or several.
+
+mod error;
+mod operations;
+mod pages;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use log::{info, warn};
+use parking_lot::Mutex;
+use postgres::Client;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::broker::{BrokerAdmin, QueueStats, Unroutable};
+use crate::coordinator::Health;
+use crate::ids::TenantId;
+use crate::manager::TenantManager;
+use crate::model::{ConsumerInfo, Status, Tenant};
+use crate::stats::Counts;
+use crate::store::{self, replicas, tenants};
+
+pub use error::{ServiceError, ServiceResult};
+
+/// What the service needs to know of the settings.
+#[derive(Clone, Debug)]
+pub struct ServiceSettings {
+    pub default_workers: u16,
+    pub max_workers: u16,
+    /// How long an operation waits for another one on the same tenant.
+    pub lock_timeout: Duration,
+    /// How long a create or resume waits for the tenant's consumer to connect (or fail to).
+    pub start_timeout: Duration,
+    /// How long a pause or delete waits for the tenant's consumer to drain and stop.
+    pub stop_timeout: Duration,
+}
+
+pub struct Service {
+    settings: ServiceSettings,
+    db: store::Pool,
+    admin: BrokerAdmin,
+    manager: Arc<TenantManager>,
+    health: Arc<Health>,
+    /// When the queue gauges were last read from the broker.
+    queues_read_at: Mutex<Option<Instant>>,
+}
+
+/// What a tenant may be created with.
+pub struct NewTenant {
+    pub name: String,
+    pub description: Option<String>,
+    pub status: Status,
+}
+
+/// What `PATCH` may change; `None` leaves a field as it is.
+pub struct TenantPatch {
+    pub name: Option<String>,
+    pub description: Option<Option<String>>,
+    pub status: Option<Status>,
+}
+
+/// The outcome of a change: the tenant as it is now, and whether the replica running it has
+/// applied the change (false when it did not within the wait; it will).
+pub struct Changed {
+    pub tenant: Tenant,
+    pub applied: bool,
+}
+
+/// A tenant as `GET /api/tenants/{id}` shows it: its row, its consumer, and its queues as the
+/// broker sees them.
+#[derive(Serialize)]
+pub struct TenantView {
+    #[serde(flatten)]
+    pub tenant: Tenant,
+    /// `None` while the broker cannot be asked.
+    pub queue: Option<QueueView>,
+    /// Counted by this replica since it started.
+    pub counts: Counts,
+}
+
+#[derive(Serialize)]
+pub struct QueueView {
+    pub name: String,
+    pub messages: u32,
+    pub consumers: u32,
+    pub retrying: u32,
+    pub dead_letters: u32,
+}
+
+impl Service {
+    pub fn new(
+        settings: ServiceSettings,
+        db: store::Pool,
+        admin: BrokerAdmin,
+        manager: Arc<TenantManager>,
+        health: Arc<Health>,
+    ) -> Service {
+        Service {
+            settings,
+            db,
+            admin,
+            manager,
+            health,
+            queues_read_at: Mutex::new(None),
+        }
+    }
+
+    pub fn max_workers(&self) -> u16 {
+        self.settings.max_workers
+    }
+
+    /// Runs `op` on a connection of the pool.
+    fn with_db<T>(&self, op: impl FnOnce(&mut Client) -> ServiceResult<T>) -> ServiceResult<T> {
+        let mut db = self.db.get().map_err(ServiceError::database)?;
+        op(&mut db)
+    }
+
+    /// Runs `op` holding the tenant's lock (see the module's comment).
+    fn locked<T>(
+        &self,
+        id: TenantId,
+        op: impl FnOnce(&mut Client) -> ServiceResult<T>,
+    ) -> ServiceResult<T> {
+        let mut db = self.db.get().map_err(ServiceError::database)?;
+        tenants::lock(&mut db, id, self.settings.lock_timeout).map_err(|e| {
+            if store::is_lock_timeout(&e) {
+                ServiceError::Busy(format!(
+                    "another operation on tenant {id} is still running; try again"
+                ))
+            } else {
+                ServiceError::database(e)
+            }
+        })?;
+        let result = op(&mut db);
+        if tenants::unlock(&mut db, id).is_err() {
+            // Closing the session releases the lock.
+            db.discard();
+        }
+        result
+    }
+
+    fn tenant(&self, db: &mut Client, id: TenantId) -> ServiceResult<Tenant> {
+        tenants::get(db, id)
+            .map_err(ServiceError::database)?
+            .ok_or_else(|| ServiceError::tenant_not_found(id))
+    }
+
+    /// Creates the queues, then the row and partition in one transaction, and waits for the
+    /// consumer of an active tenant to connect (or to say why it cannot; it keeps trying).
+    pub fn create_tenant(&self, new: NewTenant) -> ServiceResult<Tenant> {
+        let now = now_micros();
+        let tenant = Tenant {
+            id: Uuid::new_v4(),
+            name: new.name,
+            description: new.description,
+            status: new.status,
+            workers: self.settings.default_workers,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+            consumer: None,
+        };
+        let id = tenant.tenant_id();
+        self.admin
+            .declare_queues(id)
+            .map_err(ServiceError::broker)?;
+        let created = self.with_db(|db| {
+            tenants::create(db, &tenant).map_err(ServiceError::database)?;
+            info!(
+                "tenant created tenant_id={id} status={}",
+                tenant.status.as_str()
+            );
+            self.wait_applied(db, &tenant);
+            self.tenant(db, id)
+        });
+        if created.is_err() && self.with_db(|db| self.tenant(db, id)).is_err() {
+            self.delete_queues_quietly(id);
+        }
+        created
+    }
+
+    fn delete_queues_quietly(&self, id: TenantId) {
+        if let Err(e) = self.admin.delete_queues(id) {
+            warn!("tenant_id={id} could not delete its queues: {e:#}");
+        }
+    }
+
+    pub fn tenant_view(&self, id: TenantId) -> ServiceResult<TenantView> {
+        let tenant = self.with_db(|db| self.tenant(db, id))?;
+        Ok(TenantView {
+            tenant,
+            queue: self.queue_view(id),
+            counts: self.manager.counts(id),
+        })
+    }
+
+    /// The broker's view of the tenant's queues; `None` while the broker cannot be asked.
+    fn queue_view(&self, id: TenantId) -> Option<QueueView> {
+        let stats = |name: &str| match self.admin.queue_stats(name) {
+            Ok(stats) => Some(stats.unwrap_or_default()),
+            Err(e) => {
+                warn!("tenant_id={id} cannot read queue {name}: {e:#}");
+                None
+            }
+        };
+        let main: QueueStats = stats(&id.queue_name())?;
+        let retry = stats(&id.retry_name())?;
+        let dlq = stats(&id.dlq_name())?;
+        Some(QueueView {
+            name: id.queue_name(),
+            messages: main.messages,
+            consumers: main.consumers,
+            retrying: retry.messages,
+            dead_letters: dlq.messages,
+        })
+    }
+
+    /// Stops the consumer (in-flight messages commit and ack), then deletes the queues, the
+    /// partition and the row. The tenant is marked `deleting` first, so no replica starts it
+    /// again; each step may be repeated, so a DELETE that failed midway is finished by another.
+    pub fn delete_tenant(&self, id: TenantId) -> ServiceResult<()> {
+        self.locked(id, |db| {
+            let mut tenant = self.tenant(db, id)?;
+            if tenant.status != Status::Deleting {
+                tenant.status = Status::Deleting;
+                tenants::save(db, &tenant, true).map_err(ServiceError::database)?;
+            }
+            if !self.wait_stopped(db, id) {
+                return Err(ServiceError::Busy(format!(
+                    "the consumer of tenant {id} did not stop in time; DELETE again to finish"
+                )));
+            }
+            self.admin.delete_queues(id).map_err(ServiceError::broker)?;
+            tenants::drop_with_partition(db, id).map_err(ServiceError::database)?;
+            self.manager.forget(id);
+            info!("tenant deleted tenant_id={id}");
+            Ok(())
+        })
+    }
+
+    pub fn update_tenant(&self, id: TenantId, patch: TenantPatch) -> ServiceResult<Changed> {
+        self.change(id, |tenant| {
+            if let Some(name) = patch.name {
+                tenant.name = name;
+            }
+            if let Some(description) = patch.description {
+                tenant.description = description;
+            }
+            if let Some(status) = patch.status {
+                tenant.status = status;
+            }
+        })
+    }
+
+    /// Persists the tenant's concurrency; the replica running it changes the live prefetch.
+    pub fn set_concurrency(&self, id: TenantId, workers: u16) -> ServiceResult<Changed> {
+        let max = self.settings.max_workers;
+        if workers < 1 || workers > max {
+            return Err(ServiceError::Invalid(format!(
+                "workers must be between 1 and {max}"
+            )));
+        }
+        self.change(id, |tenant| tenant.workers = workers)
+    }
+
+    /// Applies `edit` to the tenant's row under its lock; a change of status or concurrency
+    /// bumps its version and is waited for.
+    fn change(&self, id: TenantId, edit: impl FnOnce(&mut Tenant)) -> ServiceResult<Changed> {
+        self.locked(id, |db| {
+            let mut tenant = self.tenant(db, id)?;
+            if tenant.status == Status::Deleting {
+                return Err(ServiceError::Conflict(format!(
+                    "tenant {id} is being deleted"
+                )));
+            }
+            let (status, workers) = (tenant.status, tenant.workers);
+            edit(&mut tenant);
+            let bump = tenant.status != status || tenant.workers != workers;
+            tenants::save(db, &tenant, bump).map_err(ServiceError::database)?;
+            if tenant.status != status {
+                info!(
+                    "tenant_id={id} status {} -> {}",
+                    status.as_str(),
+                    tenant.status.as_str()
+                );
+            }
+            let mut applied = true;
+            if bump {
+                tenant.version += 1;
+                applied = self.wait_applied(db, &tenant);
+            }
+            if tenant.workers != workers && tenant.status != Status::Active {
+                info!(
+                    "concurrency changed tenant_id={id} {workers} -> {} (consumer paused)",
+                    tenant.workers
+                );
+            }
+            Ok(Changed {
+                tenant: self.tenant(db, id)?,
+                applied,
+            })
+        })
+    }
+
+    /// Waits until the replica running the tenant has applied `tenant`'s version: for an active
+    /// tenant, a consumer that runs (or retries) at its concurrency; otherwise, none.
+    fn wait_applied(&self, db: &mut Client, tenant: &Tenant) -> bool {
+        let id = tenant.tenant_id();
+        if tenant.status != Status::Active {
+            return self.wait_stopped(db, id);
+        }
+        self.wait_for(db, id, self.settings.start_timeout, |c| {
+            c.is_some_and(|c| {
+                c.version >= tenant.version && (c.state == "running" || c.state == "retrying")
+            })
+        })
+    }
+
+    /// Waits until no live replica runs the tenant.
+    fn wait_stopped(&self, db: &mut Client, id: TenantId) -> bool {
+        self.wait_for(db, id, self.settings.stop_timeout, |c| c.is_none())
+    }
+
+    fn wait_for(
+        &self,
+        db: &mut Client,
+        id: TenantId,
+        timeout: Duration,
+        done: impl Fn(Option<&ConsumerInfo>) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match replicas::consumer(db, id) {
+                Ok(c) if done(c.as_ref()) => return true,
+                Ok(_) => {}
+                Err(e) => {
+                    warn!("tenant_id={id} cannot read its consumer's state: {e:#}");
+                    return false;
+                }
+            }
+            if Instant::now() + pause > deadline {
+                warn!("tenant_id={id} the change was saved but not applied within {timeout:?}");
+                return false;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 3 / 2).min(Duration::from_millis(25));
+        }
+    }
+
+    /// Publishes a JSON body to the tenant's queue, confirmed by the broker; returns the id.
+    /// A queue that does not exist returns the message, and nothing is published.
+    pub fn publish(&self, id: TenantId, body: &[u8]) -> ServiceResult<Uuid> {
+        let tenant = self.with_db(|db| self.tenant(db, id))?;
+        if tenant.status == Status::Deleting {
+            return Err(ServiceError::NotFound(format!(
+                "tenant {id} is being deleted"
+            )));
+        }
+        let message_id = Uuid::now_v7();
+        self.admin
+            .publish(id, body, &message_id.to_string())
+            .map_err(|e| match e.downcast_ref::<Unroutable>() {
+                Some(u) => ServiceError::Unavailable(format!("{u}; nothing was published")),
+                None => ServiceError::broker(e),
+            })?;
+        Ok(message_id)
+    }
+}
+
+fn now_micros() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}

@@ -1,0 +1,151 @@
+//! Reading in pages: tenants in creation order, a tenant's messages oldest first, and every
+//! tenant's messages tenant by tenant. Keyset pages with opaque cursors.
+
+use postgres::Client;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::{Service, ServiceError, ServiceResult};
+use crate::cursor::{self, AllPosition};
+use crate::ids::TenantId;
+use crate::model::{StoredMessage, Tenant};
+use crate::store::{messages, tenants};
+
+/// At most this many tenants' partitions are read by one page of `/api/messages`.
+const PARTITIONS_PER_PAGE: usize = 50;
+
+#[derive(Serialize)]
+pub struct Page<T> {
+    pub data: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+impl Service {
+    pub fn list_tenants(&self, cursor: Option<&str>, limit: usize) -> ServiceResult<Page<Tenant>> {
+        let after = decode_cursor(cursor, cursor::decode)?;
+        let mut rows = self.with_db(|db| {
+            tenants::list(db, after, limit as i64 + 1).map_err(ServiceError::database)
+        })?;
+        let next = next_cursor(&mut rows, limit, |t| cursor::encode((t.created_at, t.id)));
+        Ok(Page {
+            data: rows,
+            next_cursor: next,
+        })
+    }
+
+    pub fn tenant_messages(
+        &self,
+        id: TenantId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> ServiceResult<Page<StoredMessage>> {
+        let after = decode_cursor(cursor, cursor::decode)?;
+        self.with_db(|db| {
+            self.tenant(db, id)?;
+            let mut rows =
+                messages::page(db, id, after, limit as i64 + 1).map_err(ServiceError::database)?;
+            let next = next_cursor(&mut rows, limit, |m| cursor::encode((m.created_at, m.id)));
+            Ok(Page {
+                data: rows,
+                next_cursor: next,
+            })
+        })
+    }
+
+    /// Pages over every tenant's messages: tenant by tenant in id order, each oldest first.
+    /// One page reads at most `PARTITIONS_PER_PAGE` partitions, one at a time, so its cost and
+    /// its locks do not grow with the number of tenants; a page may then be short, with a cursor.
+    pub fn all_messages(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> ServiceResult<Page<StoredMessage>> {
+        let position = decode_cursor(cursor, cursor::decode_all)?;
+        self.with_db(|db| walk_all(db, position, limit))
+    }
+}
+
+fn walk_all(
+    db: &mut Client,
+    mut position: Option<AllPosition>,
+    limit: usize,
+) -> ServiceResult<Page<StoredMessage>> {
+    let mut data = Vec::with_capacity(limit);
+    for _ in 0..PARTITIONS_PER_PAGE {
+        let (tenant, after) = match position {
+            Some(AllPosition::Within(t, p)) => (t, Some(p)),
+            Some(AllPosition::After(t)) => match next_tenant(db, Some(t))? {
+                Some(next) => (next, None),
+                None => return Ok(end(data)),
+            },
+            None => match next_tenant(db, None)? {
+                Some(first) => (first, None),
+                None => return Ok(end(data)),
+            },
+        };
+        let want = limit - data.len();
+        let mut rows = messages::page(db, tenant.into(), after, want as i64 + 1)
+            .map_err(ServiceError::database)?;
+        if rows.len() > want {
+            rows.truncate(want);
+            data.extend(rows);
+            let last = data.last().expect("want >= 1");
+            let next = AllPosition::Within(tenant, (last.created_at, last.id));
+            return Ok(Page {
+                data,
+                next_cursor: Some(cursor::encode_all(next)),
+            });
+        }
+        data.extend(rows);
+        position = Some(AllPosition::After(tenant));
+        if data.len() == limit {
+            break;
+        }
+    }
+    let next = match position {
+        Some(AllPosition::After(t)) if next_tenant(db, Some(t))?.is_none() => None,
+        p => p.map(cursor::encode_all),
+    };
+    Ok(Page {
+        data,
+        next_cursor: next,
+    })
+}
+
+fn end(data: Vec<StoredMessage>) -> Page<StoredMessage> {
+    Page {
+        data,
+        next_cursor: None,
+    }
+}
+
+fn next_tenant(db: &mut Client, after: Option<Uuid>) -> ServiceResult<Option<Uuid>> {
+    tenants::ids_after(db, after, 1)
+        .map(|ids| ids.into_iter().next())
+        .map_err(ServiceError::database)
+}
+
+fn decode_cursor<T>(
+    cursor: Option<&str>,
+    decode: fn(&str) -> Option<T>,
+) -> ServiceResult<Option<T>> {
+    match cursor {
+        None | Some("") => Ok(None),
+        Some(c) => decode(c)
+            .map(Some)
+            .ok_or_else(|| ServiceError::Invalid("invalid cursor".into())),
+    }
+}
+
+/// Trims the one extra row fetched to learn whether another page exists.
+fn next_cursor<T>(
+    rows: &mut Vec<T>,
+    limit: usize,
+    encode: impl Fn(&T) -> String,
+) -> Option<String> {
+    if rows.len() <= limit {
+        return None;
+    }
+    rows.truncate(limit);
+    rows.last().map(encode)
+}

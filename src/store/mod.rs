@@ -1,0 +1,172 @@
+//! The only module that speaks SQL: connections, the schema, tenants and their partitions,
+//! messages, and the replicas' claims on tenants.
+//!
+//! Names of tables come from `TenantId`; every value travels as a bind parameter, except the
+//! partition bound in DDL, which PostgreSQL cannot bind and which is printed from a parsed UUID.
+
+pub mod messages;
+pub mod replicas;
+pub mod tenants;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use parking_lot::Mutex;
+use postgres::{Client, NoTls};
+
+const SCHEMA: &str = include_str!("../../schema.sql");
+
+/// The channel every change to a tenant or to the set of replicas is announced on.
+pub const CHANNEL: &str = "tenantd";
+
+/// How tenantd's connections to PostgreSQL behave.
+#[derive(Clone, Debug)]
+pub struct DbSettings {
+    pub url: Arc<str>,
+    pub connect_timeout: Duration,
+    /// The longest a statement may run (zero: no limit).
+    pub statement_timeout: Duration,
+    /// A connection whose server stays silent this long (TCP keepalive probes unanswered, or
+    /// data unacknowledged) is declared dead.
+    pub keepalive: Duration,
+}
+
+/// Opens a connection, giving up after the connect timeout; the error names the server, never
+/// the password.
+pub fn connect(settings: &DbSettings, name: &str) -> Result<Client> {
+    let mut config =
+        postgres::Config::from_str(&settings.url).context("DATABASE_URL is not a valid URL")?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(settings.connect_timeout);
+    }
+    let keepalive = settings.keepalive.max(Duration::from_secs(1));
+    config
+        .application_name(name)
+        .keepalives(true)
+        .keepalives_idle(keepalive / 2)
+        .keepalives_interval((keepalive / 6).max(Duration::from_secs(1)))
+        .keepalives_retries(3)
+        .tcp_user_timeout(keepalive);
+    if !settings.statement_timeout.is_zero() {
+        let ms = settings.statement_timeout.as_millis();
+        config.options(&format!("-c statement_timeout={ms}"));
+    }
+    config
+        .connect(NoTls)
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", describe(&config)))
+}
+
+fn describe(config: &postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{host}:{port}/{}",
+        config.get_dbname().unwrap_or("postgres")
+    )
+}
+
+/// Connections for the API, opened on demand and kept while they work. A connection is used by
+/// one request at a time; one that broke, or that a panic left mid-operation, is let go.
+pub struct Pool {
+    settings: DbSettings,
+    idle: Mutex<Vec<Client>>,
+}
+
+impl Pool {
+    pub fn new(settings: DbSettings) -> Pool {
+        Pool {
+            settings,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A connection of the pool's, returned to it when dropped.
+    pub fn get(&self) -> Result<Pooled<'_>> {
+        let kept = self.idle.lock().pop();
+        let client = match kept {
+            Some(client) if !client.is_closed() => client,
+            _ => connect(&self.settings, "tenantd api")?,
+        };
+        Ok(Pooled {
+            pool: self,
+            client: Some(client),
+        })
+    }
+}
+
+pub struct Pooled<'a> {
+    pool: &'a Pool,
+    client: Option<Client>,
+}
+
+impl Pooled<'_> {
+    /// Closes the connection instead of returning it (it may hold a session lock).
+    pub fn discard(mut self) {
+        self.client = None;
+    }
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Pooled<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            if !client.is_closed() && !std::thread::panicking() {
+                self.pool.idle.lock().push(client);
+            }
+        }
+    }
+}
+
+/// Creates what is missing of the schema. Concurrent starts serialize on an advisory lock; a
+/// start against an up-to-date database reads the catalog and locks no table.
+pub fn apply_schema(client: &mut Client) -> Result<()> {
+    let mut tx = client.transaction()?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('tenantd.schema'))",
+        &[],
+    )?;
+    tx.batch_execute(SCHEMA).context("applying schema.sql")?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Announces a change on `CHANNEL`; inside a transaction, it is sent when that commits.
+fn notify(client: &mut impl postgres::GenericClient, payload: &str) -> Result<()> {
+    client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])?;
+    Ok(())
+}
+
+/// Whether an error means the database could not be reached (as opposed to a refusal).
+pub fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<postgres::Error>()
+            .is_some_and(|pg| pg.is_closed() || pg.code().is_none())
+    })
+}
+
+/// Whether an error is a lock wait that ran out of time (`lock_timeout`).
+pub fn is_lock_timeout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<postgres::Error>()
+            .and_then(postgres::Error::code)
+            .is_some_and(|code| *code == postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+    })
+}

@@ -1,0 +1,244 @@
+//! Replicas and their claims on tenants: which replicas are live (a session holding the
+//! replica's advisory lock, released by the server the moment that session ends), which replica
+//! consumes which tenant, and how that consumer is doing.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use chrono::{DateTime, Utc};
+use postgres::{Client, Row};
+use serde::Serialize;
+
+use super::notify;
+use crate::ids::TenantId;
+use crate::model::{ConsumerInfo, Status};
+
+/// The first key of every replica's liveness lock (`'tndr'`); the view `live_replicas` names it.
+const REPLICA_LOCK: i32 = 0x746e_6472;
+
+/// The payload announcing a change in the set of replicas.
+pub const REPLICAS_CHANGED: &str = "replicas";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Replica {
+    pub id: String,
+    pub http_addr: Option<String>,
+    /// Draining its tenants before it stops: it takes no new ones.
+    pub leaving: bool,
+    pub started_at: DateTime<Utc>,
+    /// Tenants whose consumer it runs (claims it holds).
+    pub tenants: i64,
+}
+
+/// Asks the server to notice within about `timeout` that this session's client is gone
+/// (SIGKILL is seen at once; a lost network only through keepalives), so a dead replica's
+/// liveness lock is released in time for another to take its tenants.
+pub fn set_liveness_timeout(client: &mut Client, timeout: Duration) -> Result<()> {
+    let secs = (timeout.as_secs() / 4).max(1);
+    let ms = (timeout.as_millis() / 2).max(1000);
+    client.batch_execute(&format!(
+        "SET tcp_keepalives_idle = {secs}; SET tcp_keepalives_interval = {secs};
+         SET tcp_keepalives_count = 2; SET tcp_user_timeout = {ms}"
+    ))?;
+    Ok(())
+}
+
+/// Registers the replica and takes its liveness lock on this session. Fails when a live
+/// replica already uses the id.
+pub fn join(client: &mut Client, id: &str, http_addr: &str) -> Result<()> {
+    let mut tx = client.transaction()?;
+    let existing = tx.query_opt(
+        "SELECT lock_key FROM replicas WHERE id = $1 FOR UPDATE",
+        &[&id],
+    )?;
+    let key: i32 = match existing {
+        Some(row) => row.get(0),
+        None => tx
+            .query_one(
+                "INSERT INTO replicas (id) VALUES ($1) RETURNING lock_key",
+                &[&id],
+            )?
+            .get(0),
+    };
+    let locked: bool = tx
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, $2)",
+            &[&REPLICA_LOCK, &key],
+        )?
+        .get(0);
+    if !locked {
+        bail!("REPLICA_ID={id:?} is in use by another running tenantd");
+    }
+    tx.execute(
+        "UPDATE replicas SET http_addr = $2, leaving = false, started_at = now() WHERE id = $1",
+        &[&id, &http_addr],
+    )?;
+    notify(&mut tx, REPLICAS_CHANGED)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Says the replica is draining its tenants to stop: the others stop counting on it.
+pub fn leave(client: &mut Client, id: &str) -> Result<()> {
+    let mut tx = client.transaction()?;
+    tx.execute("UPDATE replicas SET leaving = true WHERE id = $1", &[&id])?;
+    notify(&mut tx, REPLICAS_CHANGED)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Drops the rows of replicas that are no longer live.
+pub fn forget_dead(client: &mut Client) -> Result<u64> {
+    Ok(client.execute(
+        "DELETE FROM replicas WHERE id NOT IN (SELECT id FROM live_replicas)",
+        &[],
+    )?)
+}
+
+/// The live replicas in id order, with the number of tenants each runs.
+pub fn live(client: &mut Client) -> Result<Vec<Replica>> {
+    let rows = client.query(
+        "SELECT r.id, r.http_addr, r.leaving, r.started_at,
+                (SELECT count(*) FROM consumers c WHERE c.replica_id = r.id)
+         FROM live_replicas r ORDER BY r.id",
+        &[],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| Replica {
+            id: r.get(0),
+            http_addr: r.get(1),
+            leaving: r.get(2),
+            started_at: r.get(3),
+            tenants: r.get(4),
+        })
+        .collect())
+}
+
+/// A tenant's desired state with the replica that claims it (live or not).
+#[derive(Clone, Debug)]
+pub struct TenantState {
+    pub id: TenantId,
+    pub status: Status,
+    pub workers: u16,
+    pub version: i64,
+    pub owner: Option<String>,
+}
+
+/// Every tenant's desired state and claim: what a replica reconciles against.
+pub fn states(client: &mut Client) -> Result<Vec<TenantState>> {
+    let rows = client.query(
+        "SELECT t.id, t.status, t.workers, t.version, c.replica_id
+         FROM tenants t LEFT JOIN consumers c ON c.tenant_id = t.id ORDER BY t.id",
+        &[],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let status: String = r.get(1);
+            let id: uuid::Uuid = r.get(0);
+            TenantState {
+                id: id.into(),
+                status: Status::parse(&status).unwrap_or(Status::Inactive),
+                workers: u16::try_from(r.get::<_, i32>(2)).unwrap_or(u16::MAX),
+                version: r.get(3),
+                owner: r.get(4),
+            }
+        })
+        .collect())
+}
+
+/// What a replica is to run after claiming a tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    pub workers: u16,
+    pub version: i64,
+}
+
+/// Claims the tenant for `replica` when it is active and unclaimed (or claimed by a replica
+/// that is no longer live, or by `replica` itself). The tenant's row is share-locked while
+/// claiming, so a concurrent change of its status is seen by one side or the other.
+pub fn claim(client: &mut Client, tenant: TenantId, replica: &str) -> Result<Option<Claimed>> {
+    let row = client.query_opt(
+        "WITH t AS (SELECT id, workers, version FROM tenants
+                    WHERE id = $1 AND status = 'active' FOR SHARE)
+         INSERT INTO consumers (tenant_id, replica_id, state, workers, version, updated_at)
+         SELECT id, $2, 'starting', workers, version, now() FROM t
+         ON CONFLICT (tenant_id) DO UPDATE
+            SET replica_id = EXCLUDED.replica_id, state = 'starting', error = NULL,
+                workers = EXCLUDED.workers, version = EXCLUDED.version, updated_at = now()
+            WHERE consumers.replica_id IS NULL OR consumers.replica_id = EXCLUDED.replica_id
+               OR consumers.replica_id NOT IN (SELECT id FROM live_replicas)
+         RETURNING workers, version",
+        &[&tenant.uuid(), &replica],
+    )?;
+    Ok(row.map(|r| Claimed {
+        workers: u16::try_from(r.get::<_, i32>(0)).unwrap_or(u16::MAX),
+        version: r.get(1),
+    }))
+}
+
+/// How a claimed consumer is doing, as its replica reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub state: &'static str,
+    pub workers: Option<u16>,
+    pub version: i64,
+    pub error: Option<String>,
+}
+
+/// Records the report; false when the claim is no longer `replica`'s (another replica took it,
+/// or the tenant is gone).
+pub fn report(client: &mut Client, tenant: TenantId, replica: &str, r: &Report) -> Result<bool> {
+    let n = client.execute(
+        "UPDATE consumers SET state = $3, workers = $4, version = $5, error = $6,
+                updated_at = now()
+         WHERE tenant_id = $1 AND replica_id = $2",
+        &[
+            &tenant.uuid(),
+            &replica,
+            &r.state,
+            &r.workers.map(i32::from),
+            &r.version,
+            &r.error,
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+/// Gives up the claim once the consumer has stopped, and announces it, so the replica the
+/// tenant now belongs to claims it at once.
+pub fn release(client: &mut Client, tenant: TenantId, replica: &str, version: i64) -> Result<()> {
+    let mut tx = client.transaction()?;
+    tx.execute(
+        "UPDATE consumers SET replica_id = NULL, state = 'stopped', workers = NULL,
+                error = NULL, version = $3, updated_at = now()
+         WHERE tenant_id = $1 AND replica_id = $2",
+        &[&tenant.uuid(), &replica, &version],
+    )?;
+    notify(&mut tx, &tenant.to_string())?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// The tenant's consumer on a live replica, if any.
+pub fn consumer(client: &mut Client, tenant: TenantId) -> Result<Option<ConsumerInfo>> {
+    let row = client.query_opt(
+        "SELECT replica_id, state, workers, version, error, updated_at FROM consumers
+         WHERE tenant_id = $1 AND replica_id IN (SELECT id FROM live_replicas)",
+        &[&tenant.uuid()],
+    )?;
+    Ok(row.as_ref().map(consumer_from_row))
+}
+
+fn consumer_from_row(row: &Row) -> ConsumerInfo {
+    let workers: Option<i32> = row.get(2);
+    ConsumerInfo {
+        replica: row.get(0),
+        state: row.get(1),
+        workers: workers.and_then(|w| u16::try_from(w).ok()),
+        version: row.get(3),
+        error: row.get(4),
+        since: row.get(5),
+    }
+}
