@@ -16,7 +16,7 @@ use crate::backoff::Backoff;
 use crate::broker::{self, Brokers, QueueType};
 use crate::ids::TenantId;
 use crate::inflight::InFlight;
-use crate::metrics::metrics;
+use crate::metrics::Metrics;
 use crate::pool::{BatchDone, WorkerPool};
 use crate::stats::TenantStats;
 
@@ -29,6 +29,7 @@ pub struct ConsumerContext {
     pub retry_delays: Vec<Duration>,
     pub pool: Arc<WorkerPool>,
     pub events: Sender<Event>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl ConsumerContext {
@@ -232,7 +233,7 @@ fn consume(
 /// Says the consumer runs at `workers`, to the coordinator and in the metrics.
 fn running(ctx: &ConsumerContext, id: TenantId, workers: u16) {
     let label = id.to_string();
-    metrics()
+    ctx.metrics
         .workers
         .with_label_values(&[label.as_str()])
         .set(i64::from(workers));

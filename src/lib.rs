@@ -36,6 +36,7 @@ use consumer::ConsumerContext;
 use coordinator::{Coordinator, Health};
 use http::{HttpServer, HttpSettings};
 use manager::TenantManager;
+use metrics::Metrics;
 use pool::WorkerPool;
 use service::{Service, ServiceSettings};
 use store::DbSettings;
@@ -71,10 +72,12 @@ pub fn start(config: Config) -> Result<App> {
     store::apply_schema(&mut store::connect(&db, "tenantd schema")?)?;
     let brokers = Brokers::parse(&config.rabbitmq_url)?;
     let admin = BrokerAdmin::connect(brokers.clone(), config.queue_type, config.connect_timeout)?;
+    let metrics = Arc::new(Metrics::new());
     let pool = Arc::new(WorkerPool::new(
         config.pool_size,
         db.clone(),
         config.max_message_bytes,
+        metrics.clone(),
     ));
     let (events_tx, events) = unbounded();
     let ctx = ConsumerContext {
@@ -85,6 +88,7 @@ pub fn start(config: Config) -> Result<App> {
         retry_delays: config.retry_delays.clone(),
         pool: pool.clone(),
         events: events_tx,
+        metrics: metrics.clone(),
     };
     let manager = Arc::new(TenantManager::new(Arc::new(ctx)));
     let health = Arc::new(Health::default());
@@ -94,6 +98,7 @@ pub fn start(config: Config) -> Result<App> {
         admin,
         manager.clone(),
         health.clone(),
+        metrics,
     );
     let mut app = App {
         http: None,

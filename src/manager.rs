@@ -12,7 +12,6 @@ use parking_lot::Mutex;
 
 use crate::consumer::{self, ConsumerContext, ConsumerHandle, Event, TenantSpec};
 use crate::ids::TenantId;
-use crate::metrics::metrics;
 use crate::stats::{Counts, TenantStats};
 use crate::store::replicas::{Claimed, Report};
 
@@ -75,7 +74,7 @@ impl TenantManager {
             .stats
             .lock()
             .entry(id)
-            .or_insert_with(|| Arc::new(TenantStats::new(id)))
+            .or_insert_with(|| Arc::new(TenantStats::new(id, &self.ctx.metrics)))
             .clone();
         let spec = TenantSpec {
             id,
@@ -216,11 +215,10 @@ impl TenantManager {
             .unwrap_or_default()
     }
 
-    /// Drops the counters and series of a tenant this replica no longer has.
+    /// Drops the counters and series of a tenant that is gone.
     pub fn forget(&self, id: TenantId) {
-        if self.stats.lock().remove(&id).is_some() {
-            metrics().remove_tenant(&id.to_string());
-        }
+        self.stats.lock().remove(&id);
+        self.ctx.metrics.remove_tenant(&id.to_string());
     }
 
     /// Tenants whose counters this replica keeps.
@@ -231,7 +229,7 @@ impl TenantManager {
     fn publish_gauges(&self) {
         let consumers = self.consumers.lock();
         let count = |s: State| consumers.values().filter(|l| l.state == s).count() as i64;
-        let m = metrics();
+        let m = &self.ctx.metrics;
         m.tenants_running.set(count(State::Running));
         m.consumers_failing.set(count(State::Retrying));
     }

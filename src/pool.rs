@@ -13,7 +13,7 @@ use threadpool::ThreadPool;
 use uuid::Uuid;
 
 use crate::ids::TenantId;
-use crate::metrics::metrics;
+use crate::metrics::Metrics;
 use crate::store::{self, messages, DbSettings};
 
 /// One delivery, as a worker sees it: its tag (for the reply), its id and its body.
@@ -66,6 +66,7 @@ pub struct WorkerPool {
 struct WorkerSettings {
     db: DbSettings,
     max_message_bytes: usize,
+    metrics: Arc<Metrics>,
 }
 
 /// Batches submitted and not yet finished, to wait for at shutdown.
@@ -76,7 +77,12 @@ struct Pending {
 }
 
 impl WorkerPool {
-    pub fn new(size: usize, db: DbSettings, max_message_bytes: usize) -> WorkerPool {
+    pub fn new(
+        size: usize,
+        db: DbSettings,
+        max_message_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> WorkerPool {
         let pool = threadpool::Builder::new()
             .num_threads(size)
             .thread_name("worker".into())
@@ -86,6 +92,7 @@ impl WorkerPool {
             settings: Arc::new(WorkerSettings {
                 db,
                 max_message_bytes,
+                metrics,
             }),
             idle: Arc::new(Mutex::new(Vec::with_capacity(size))),
             pending: Arc::default(),
@@ -104,8 +111,13 @@ impl WorkerPool {
                 reply,
             } = batch;
             let mut db = idle.lock().pop();
-            let done = store_guarded(&settings, &mut db, tenant, items);
-            idle.lock().extend(db);
+            let (done, panicked) = store_guarded(&settings.metrics, tenant, items, |items| {
+                judge(&settings, &mut db, tenant, items)
+            });
+            if !panicked {
+                // A connection that was in use when a worker panicked is closed, not reused.
+                idle.lock().extend(db);
+            }
             // The tenant thread may have gone (stopped or reconnected): its deliveries are then
             // redelivered by the broker, and the message ids keep the rows single.
             let _ = reply.send(done);
@@ -140,26 +152,28 @@ struct WorkerDb {
     insert: Statement,
 }
 
-/// Stores the batch; a panic while doing so gives the whole batch back to be tried again
-/// (the items never leave this frame until the outcome is known), so no tenant loses a slot.
+/// Stores the batch through `judge`; a panic while doing so gives the whole batch back to be
+/// tried again (the items never leave this frame until the outcome is known), so the tenant
+/// always hears back and never loses a slot. Also says whether it panicked.
 fn store_guarded(
-    settings: &WorkerSettings,
-    slot: &mut Option<WorkerDb>,
+    metrics: &Metrics,
     tenant: TenantId,
     items: Vec<Item>,
-) -> BatchDone {
-    let verdict = catch_unwind(AssertUnwindSafe(|| judge(settings, slot, tenant, &items)))
-        .unwrap_or_else(|_| {
+    judge: impl FnOnce(&[Item]) -> Verdict,
+) -> (BatchDone, bool) {
+    match catch_unwind(AssertUnwindSafe(|| judge(&items))) {
+        Ok(verdict) => (settle(metrics, items, verdict), false),
+        Err(_) => {
             error!(
                 "tenant_id={tenant} a worker panicked while storing a batch; it will be retried"
             );
-            *slot = None;
-            Verdict {
+            let verdict = Verdict {
                 poison: Vec::new(),
                 stored: Err("a worker failed while storing the batch".into()),
-            }
-        });
-    settle(items, verdict)
+            };
+            (settle(metrics, items, verdict), true)
+        }
+    }
 }
 
 /// What happened to a batch, by position in it.
@@ -170,7 +184,7 @@ struct Verdict {
     stored: Result<u64, String>,
 }
 
-fn settle(items: Vec<Item>, verdict: Verdict) -> BatchDone {
+fn settle(metrics: &Metrics, items: Vec<Item>, verdict: Verdict) -> BatchDone {
     let mut reasons: Vec<Option<String>> = vec![None; items.len()];
     for (i, reason) in verdict.poison {
         reasons[i] = Some(reason);
@@ -189,7 +203,7 @@ fn settle(items: Vec<Item>, verdict: Verdict) -> BatchDone {
     }
     let outcome = match verdict.stored {
         Ok(inserted) => {
-            observe(&good);
+            observe(metrics, &good);
             Outcome::Stored {
                 settled: good.iter().map(|i| i.tag).collect(),
                 inserted,
@@ -247,13 +261,20 @@ fn judge(
     }
     Verdict {
         poison,
-        stored: stored.map_err(|e| e.to_string()),
+        stored: stored.map_err(|e| describe(&e)),
+    }
+}
+
+/// The error with PostgreSQL's own message, which `Display` leaves out ("db error").
+fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{e}: {}", db.message()),
+        None => e.to_string(),
     }
 }
 
 /// Records the batch's size and each message's delivery-to-commit latency.
-fn observe(batch: &[Item]) {
-    let m = metrics();
+fn observe(m: &Metrics, batch: &[Item]) {
     m.batch_messages.observe(batch.len() as f64);
     for item in batch {
         m.commit_seconds
@@ -271,9 +292,7 @@ fn open_db<'a>(
     if slot.is_none() {
         let mut client =
             store::connect(settings, "tenantd worker").map_err(|e| format!("{e:#}"))?;
-        let insert = client
-            .prepare(messages::INSERT)
-            .map_err(|e| e.to_string())?;
+        let insert = client.prepare(messages::INSERT).map_err(|e| describe(&e))?;
         debug!("worker connected to PostgreSQL");
         *slot = Some(WorkerDb { client, insert });
     }
@@ -338,5 +357,62 @@ fn db_reason(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("rejected by PostgreSQL: {}", db.message()),
         None => format!("rejected by PostgreSQL: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(n: u64) -> Vec<Item> {
+        (0..n)
+            .map(|tag| Item {
+                tag,
+                id: Uuid::now_v7(),
+                body: b"{}".to_vec(),
+                accepted: Instant::now(),
+            })
+            .collect()
+    }
+
+    fn tenant() -> TenantId {
+        Uuid::new_v4().into()
+    }
+
+    #[test]
+    fn a_panicking_worker_gives_the_whole_batch_back_to_be_retried() {
+        let (done, panicked) = store_guarded(&Metrics::new(), tenant(), items(3), |_| {
+            panic!("a bug while storing")
+        });
+        assert!(panicked);
+        assert!(done.poison.is_empty());
+        match done.outcome {
+            Outcome::Transient { items, error } => {
+                assert_eq!(items.iter().map(|i| i.tag).collect::<Vec<_>>(), [0, 1, 2]);
+                assert!(error.contains("worker failed"), "{error}");
+            }
+            Outcome::Stored { .. } => panic!("a panicked batch is not stored"),
+        }
+    }
+
+    #[test]
+    fn a_verdict_splits_the_batch_into_poison_and_settled() {
+        let verdict = |_: &[Item]| Verdict {
+            poison: vec![(1, "not JSON".into())],
+            stored: Ok(2),
+        };
+        let (done, panicked) = store_guarded(&Metrics::new(), tenant(), items(3), verdict);
+        assert!(!panicked);
+        assert_eq!(done.poison.len(), 1);
+        assert_eq!(
+            (done.poison[0].tag, done.poison[0].reason.as_str()),
+            (1, "not JSON")
+        );
+        match done.outcome {
+            Outcome::Stored { settled, inserted } => {
+                assert_eq!((settled, inserted), (vec![0, 2], 2))
+            }
+            Outcome::Transient { .. } => panic!("stored"),
+        }
     }
 }

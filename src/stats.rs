@@ -5,7 +5,7 @@ use prometheus::IntCounter;
 use serde::Serialize;
 
 use crate::ids::TenantId;
-use crate::metrics::metrics;
+use crate::metrics::Metrics;
 
 pub struct TenantStats {
     consumed: IntCounter,
@@ -26,8 +26,7 @@ pub struct Counts {
 }
 
 impl TenantStats {
-    pub fn new(id: TenantId) -> TenantStats {
-        let m = metrics();
+    pub fn new(id: TenantId, m: &Metrics) -> TenantStats {
         let label = id.to_string();
         let of = |v: &prometheus::IntCounterVec| v.with_label_values(&[label.as_str()]);
         TenantStats {

@@ -21,7 +21,7 @@ use socket2::{Domain, Socket, Type};
 use tiny_http::{Header, Request, Response, Server};
 
 use crate::logging;
-use crate::metrics::metrics;
+use crate::metrics::Metrics;
 use crate::service::Service;
 use error::ApiError;
 use guard::{Guard, Limits};
@@ -115,7 +115,7 @@ impl HttpServer {
             timeout: settings.timeout,
             max_body_bytes: MAX_BODY_BYTES,
         };
-        let guard = Guard::start(public, socket, limits)?;
+        let guard = Guard::start(public, socket, limits, service.metrics().clone())?;
         Ok(HttpServer {
             guard,
             front,
@@ -142,6 +142,10 @@ impl HttpServer {
             let _ = thread.join();
         }
         self.guard.close_all();
+        // tiny_http wakes its accept thread by connecting to its socket: it must go while the
+        // socket is still there.
+        drop(server);
+        drop(self.front);
         let _ = std::fs::remove_dir_all(&self.socket_dir);
     }
 }
@@ -226,7 +230,12 @@ pub enum Body {
 
 fn handle(service: &Service, token: Option<&str>, mut request: Request) {
     let started = std::time::Instant::now();
-    let request_id = request_id_of(&request);
+    let given = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("X-Request-Id"))
+        .map(|h| h.value.as_str().to_string());
+    let request_id = request_id(given.as_deref());
     logging::set_request_id(Some(&request_id));
     let method = request.method().clone();
     let path = request.url().split('?').next().unwrap_or("").to_string();
@@ -238,14 +247,14 @@ fn handle(service: &Service, token: Option<&str>, mut request: Request) {
         Err(e) => error_response(&e),
     };
     response.add_header(header("X-Request-Id", &request_id));
-    let elapsed = started.elapsed().as_secs_f64();
-    let route = routes::label(&path);
-    let m = metrics();
-    m.http_requests
-        .with_label_values(&[route, &status.to_string()])
-        .inc();
-    m.http_seconds.with_label_values(&[route]).observe(elapsed);
-    info!("{method} {path} -> {status} in {:.1} ms", elapsed * 1000.0);
+    record(
+        service.metrics(),
+        method.as_str(),
+        &path,
+        status,
+        started.elapsed(),
+        None,
+    );
     if let Err(e) = request.respond(response) {
         debug!("could not send the response to {method} {path}: {e}");
     }
@@ -279,12 +288,7 @@ fn error_response(e: &ApiError) -> (u16, Response<std::io::Cursor<Vec<u8>>>) {
 }
 
 /// The caller's `X-Request-Id` when it is a sane token, else a new one.
-fn request_id_of(request: &Request) -> String {
-    let given = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("X-Request-Id"))
-        .map(|h| h.value.as_str().to_string());
+fn request_id(given: Option<&str>) -> String {
     match given {
         Some(id)
             if !id.is_empty()
@@ -293,9 +297,36 @@ fn request_id_of(request: &Request) -> String {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
         {
-            id
+            id.to_string()
         }
         _ => uuid::Uuid::new_v4().simple().to_string(),
+    }
+}
+
+/// What every answered request gets, whoever answered it (a route or the guard): a log line
+/// and its place in the request counter and latency histogram.
+fn record(
+    metrics: &Metrics,
+    method: &str,
+    path: &str,
+    status: u16,
+    elapsed: std::time::Duration,
+    note: Option<&str>,
+) {
+    let route = routes::label(path);
+    metrics
+        .http_requests
+        .with_label_values(&[route, &status.to_string()])
+        .inc();
+    let seconds = elapsed.as_secs_f64();
+    metrics
+        .http_seconds
+        .with_label_values(&[route])
+        .observe(seconds);
+    let ms = seconds * 1000.0;
+    match note {
+        Some(note) => info!("{method} {path} -> {status} in {ms:.1} ms ({note})"),
+        None => info!("{method} {path} -> {status} in {ms:.1} ms"),
     }
 }
 

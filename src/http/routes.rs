@@ -144,11 +144,11 @@ pub fn route(service: &Service, req: ApiRequest) -> Result<ApiResponse, ApiError
         }
         (Method::Get, Route::Messages) => {
             let (cursor, limit) = page_params(&req.query)?;
-            let page = match query_param(&req.query, "tenant_id") {
-                Some(id) => service.tenant_messages(tenant_id(&id)?, cursor.as_deref(), limit)?,
-                None => service.all_messages(cursor.as_deref(), limit)?,
+            let only = match query_param(&req.query, "tenant_id") {
+                Some(id) => Some(tenant_id(&id)?),
+                None => None,
             };
-            ok(200, page)
+            ok(200, service.all_messages(cursor.as_deref(), limit, only)?)
         }
         _ => Err(not_allowed()),
     }
@@ -205,7 +205,13 @@ impl From<Wanted> for Status {
 
 /// A field that may be left out but, when given, must not be `null`.
 fn not_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
-    T::deserialize(d).map(Some)
+    match Option::<T>::deserialize(d)? {
+        Some(value) => Ok(Some(value)),
+        None => Err(serde::de::Error::invalid_type(
+            serde::de::Unexpected::Unit,
+            &"a value (leave the field out to keep it as it is)",
+        )),
+    }
 }
 
 #[derive(Deserialize)]

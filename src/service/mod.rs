@@ -21,6 +21,7 @@ use crate::broker::{BrokerAdmin, QueueStats, Unroutable};
 use crate::coordinator::Health;
 use crate::ids::TenantId;
 use crate::manager::TenantManager;
+use crate::metrics::Metrics;
 use crate::model::{ConsumerInfo, Status, Tenant};
 use crate::stats::Counts;
 use crate::store::{self, replicas, tenants};
@@ -46,6 +47,7 @@ pub struct Service {
     admin: BrokerAdmin,
     manager: Arc<TenantManager>,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
     /// When the queue gauges were last read from the broker.
     queues_read_at: Mutex<Option<Instant>>,
 }
@@ -99,6 +101,7 @@ impl Service {
         admin: BrokerAdmin,
         manager: Arc<TenantManager>,
         health: Arc<Health>,
+        metrics: Arc<Metrics>,
     ) -> Service {
         Service {
             settings,
@@ -106,8 +109,13 @@ impl Service {
             admin,
             manager,
             health,
+            metrics,
             queues_read_at: Mutex::new(None),
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn max_workers(&self) -> u16 {

@@ -6,7 +6,6 @@ use log::warn;
 
 use super::{Service, ServiceError, ServiceResult};
 use crate::ids::TenantId;
-use crate::metrics::metrics;
 use crate::store::replicas::{self, Replica};
 use crate::store::tenants;
 
@@ -69,7 +68,7 @@ impl Service {
         if stale {
             self.read_queue_gauges();
         }
-        metrics().render()
+        self.metrics.render()
     }
 
     fn read_queue_gauges(&self) {
@@ -77,7 +76,10 @@ impl Service {
             Ok(ids) => ids,
             Err(e) => return warn!("metrics: cannot list tenants: {e:?}"),
         };
-        let m = metrics();
+        let m = &self.metrics;
+        // Tenants deleted meanwhile (through any replica) lose their series.
+        m.queue_messages.reset();
+        m.queue_consumers.reset();
         for id in ids {
             let id = TenantId::from(id);
             match self.admin.queue_stats(&id.queue_name()) {

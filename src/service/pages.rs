@@ -52,16 +52,63 @@ impl Service {
         })
     }
 
-    /// Pages over every tenant's messages: tenant by tenant in id order, each oldest first.
-    /// One page reads at most `PARTITIONS_PER_PAGE` partitions, one at a time, so its cost and
-    /// its locks do not grow with the number of tenants; a page may then be short, with a cursor.
+    /// Pages over every tenant's messages: tenant by tenant in id order, each oldest first;
+    /// with `only`, the same walk restricted to that tenant (the cursor is a position in the
+    /// walk either way). One page reads at most `PARTITIONS_PER_PAGE` partitions, one at a
+    /// time, so its cost and its locks do not grow with the number of tenants; a page may then
+    /// be short, with a cursor.
     pub fn all_messages(
         &self,
         cursor: Option<&str>,
         limit: usize,
+        only: Option<TenantId>,
     ) -> ServiceResult<Page<StoredMessage>> {
         let position = decode_cursor(cursor, cursor::decode_all)?;
-        self.with_db(|db| walk_all(db, position, limit))
+        self.with_db(|db| {
+            if let Some(id) = only {
+                self.tenant(db, id)?;
+            }
+            let walk = Walk {
+                only: only.map(TenantId::uuid),
+            };
+            walk.page(db, position, limit)
+        })
+    }
+}
+
+/// The walk over every tenant's partition in tenant id order, or over one tenant's alone.
+struct Walk {
+    only: Option<Uuid>,
+}
+
+impl Walk {
+    /// The tenant after `after` in the walk.
+    fn next_tenant(&self, db: &mut Client, after: Option<Uuid>) -> ServiceResult<Option<Uuid>> {
+        match self.only {
+            Some(only) => Ok(after.is_none_or(|a| a < only).then_some(only)),
+            None => next_tenant(db, after),
+        }
+    }
+
+    /// Where a position lands in this walk: inside the tenant, before it, or past it.
+    fn clamp(&self, position: Option<AllPosition>) -> Option<AllPosition> {
+        let (Some(only), Some(AllPosition::Within(t, p))) = (self.only, position) else {
+            return position;
+        };
+        match t.cmp(&only) {
+            std::cmp::Ordering::Equal => Some(AllPosition::Within(t, p)),
+            std::cmp::Ordering::Less => None,
+            std::cmp::Ordering::Greater => Some(AllPosition::After(t)),
+        }
+    }
+
+    fn page(
+        &self,
+        db: &mut Client,
+        position: Option<AllPosition>,
+        limit: usize,
+    ) -> ServiceResult<Page<StoredMessage>> {
+        walk_all(db, self.clamp(position), limit, self)
     }
 }
 
@@ -69,16 +116,17 @@ fn walk_all(
     db: &mut Client,
     mut position: Option<AllPosition>,
     limit: usize,
+    walk: &Walk,
 ) -> ServiceResult<Page<StoredMessage>> {
     let mut data = Vec::with_capacity(limit);
     for _ in 0..PARTITIONS_PER_PAGE {
         let (tenant, after) = match position {
             Some(AllPosition::Within(t, p)) => (t, Some(p)),
-            Some(AllPosition::After(t)) => match next_tenant(db, Some(t))? {
+            Some(AllPosition::After(t)) => match walk.next_tenant(db, Some(t))? {
                 Some(next) => (next, None),
                 None => return Ok(end(data)),
             },
-            None => match next_tenant(db, None)? {
+            None => match walk.next_tenant(db, None)? {
                 Some(first) => (first, None),
                 None => return Ok(end(data)),
             },
@@ -103,7 +151,7 @@ fn walk_all(
         }
     }
     let next = match position {
-        Some(AllPosition::After(t)) if next_tenant(db, Some(t))?.is_none() => None,
+        Some(AllPosition::After(t)) if walk.next_tenant(db, Some(t))?.is_none() => None,
         p => p.map(cursor::encode_all),
     };
     Ok(Page {

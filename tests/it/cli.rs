@@ -105,3 +105,50 @@ fn json_logs_are_one_object_per_line() {
     assert!(created["request_id"].is_string() && created["time"].is_string());
     Amqp::connect().delete_tenant_queues(&tenant);
 }
+
+#[test]
+fn a_shutdown_past_its_timeout_exits_1_instead_of_hanging() {
+    let db = TestDb::create();
+    let env = [
+        ("DATABASE_URL", db.url()),
+        ("RABBITMQ_URL", rabbitmq_url()),
+        ("SHUTDOWN_TIMEOUT", "1".to_string()),
+        ("STATEMENT_TIMEOUT_MS", "0".to_string()),
+    ];
+    let mut child = Tenantd::start(&env);
+    let reply = child.request("POST", "/api/tenants", Some(r#"{"name": "stuck"}"#));
+    let tenant = reply.json()["id"].as_str().unwrap().to_string();
+    let mut pg = db.client();
+    let mut lock = pg.transaction().unwrap();
+    lock.batch_execute(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        crate::support::partition_name(&tenant)
+    ))
+    .unwrap();
+    let mut amqp = Amqp::connect();
+    amqp.publish(&crate::support::queue_name(&tenant), b"{}", None);
+    amqp.wait_confirms();
+    crate::support::wait_until(
+        std::time::Duration::from_secs(10),
+        "the batch in flight",
+        || {
+            child
+                .request("GET", &format!("/api/tenants/{tenant}"), None)
+                .json()["counts"]["consumed"]
+                == 1
+        },
+    );
+    child.signal("-TERM");
+    let status = child.wait(std::time::Duration::from_secs(10));
+    assert_eq!(status, Some(1), "{:?}", child.lines());
+    assert!(
+        child
+            .lines()
+            .iter()
+            .any(|l| l.contains("longer than SHUTDOWN_TIMEOUT")),
+        "{:?}",
+        child.lines()
+    );
+    lock.rollback().unwrap();
+    amqp.delete_tenant_queues(&tenant);
+}

@@ -311,3 +311,43 @@ fn every_good_message_is_stored_once_and_every_poison_dead_lettered_through_faul
         amqp.delete_tenant_queues(tenant);
     }
 }
+
+#[test]
+fn a_post_to_a_tenant_whose_queue_is_gone_is_refused_not_lost() {
+    let app = TestApp::spawn();
+    let tenant = app.create_tenant_with(json!({"name": "queueless", "status": "inactive"}));
+    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let mut amqp = Amqp::connect();
+    amqp.delete_tenant_queues(&tenant);
+    let reply = app.request(
+        "POST",
+        &format!("/api/tenants/{tenant}/messages"),
+        Some(r#"{"a": 1}"#),
+    );
+    reply.assert_error(503, "could not route");
+}
+
+#[test]
+fn a_failed_message_whose_retry_queue_is_gone_still_reaches_the_dlq() {
+    let app = TestApp::spawn_with(|c| c.retry_delays = vec![Duration::from_millis(50); 2]);
+    let tenant = app.create_tenant("retry queue deleted");
+    let mut amqp = Amqp::connect();
+    assert!(amqp.queue_stats(&retry_name(&tenant)).is_some());
+    amqp.delete_queue(&retry_name(&tenant));
+    let id = Uuid::new_v4().to_string();
+    amqp.publish(&queue_name(&tenant), b"not json", Some(&id));
+    amqp.wait_confirms();
+    wait_until(Duration::from_secs(20), "the message in the DLQ", || {
+        amqp.queue_stats(&dlq_name(&tenant)).map(|s| s.0) == Some(1)
+    });
+    let (_, properties) = amqp.take(&dlq_name(&tenant)).unwrap();
+    assert_eq!(properties.message_id().as_deref(), Some(id.as_str()));
+    assert_eq!(
+        header(&properties, "x-tenantd-attempts"),
+        Some(AmqpValue::LongInt(3))
+    );
+    assert!(
+        !lines_with(&[&tenant, "could not route a copy to", &retry_name(&tenant)]).is_empty(),
+        "the returned copy was noticed"
+    );
+}

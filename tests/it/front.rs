@@ -203,3 +203,184 @@ fn past_the_connection_limit_idle_ones_make_room_and_busy_ones_get_503() {
     );
     drop((idle, slow));
 }
+
+/// Reads one response (head and Content-Length body) from a kept-alive connection.
+fn read_response(stream: &mut std::net::TcpStream) -> (u16, String, String) {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).unwrap(),
+            1,
+            "the connection ended: {raw:?}"
+        );
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8(raw).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    let status = head[9..12].parse().unwrap();
+    (status, head, String::from_utf8(body).unwrap())
+}
+
+fn connect(app: &TestApp) -> std::net::TcpStream {
+    let addr = app.base().trim_start_matches("http://").to_string();
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+#[test]
+fn clients_trickling_their_bodies_hold_no_thread_that_others_need() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let app = TestApp::spawn_with(|c| c.http_timeout = Duration::from_secs(10));
+    // More slow uploads than there are HTTP threads, each a head at once and then 2 KiB of body
+    // a few bytes at a time.
+    let mut slow: Vec<_> = (0..24).map(|_| connect(&app)).collect();
+    for s in &mut slow {
+        s.write_all(
+            b"POST /api/tenants HTTP/1.1\r\nHost: x\r\nContent-Length: 2048\r\n\r\n{\"name\":\"",
+        )
+        .unwrap();
+    }
+    for _ in 0..3 {
+        for s in &mut slow {
+            s.write_all(b"aaaa").unwrap();
+        }
+        let started = Instant::now();
+        assert_eq!(app.get("/healthz").status, 200);
+        assert_eq!(app.get("/api/tenants").status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    drop(slow);
+}
+
+#[test]
+fn a_kept_alive_connection_carries_request_after_request() {
+    use std::io::Write;
+    let app = TestApp::spawn();
+    let mut stream = connect(&app);
+    for i in 0..3 {
+        let body = format!(r#"{{"name":"kept alive {i}"}}"#);
+        let request = format!(
+            "POST /api/tenants HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let (status, _, body) = read_response(&mut stream);
+        assert_eq!(status, 201, "{body}");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_response(&mut stream).0, 200);
+    }
+    assert_eq!(app.tenant_ids().len(), 3);
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    use std::io::Write;
+    let app = TestApp::spawn();
+    let mut stream = connect(&app);
+    let body = br#"{"name":"continued"}"#;
+    let head = format!(
+        "POST /api/tenants HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut interim = [0u8; 25];
+    std::io::Read::read_exact(&mut stream, &mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(body).unwrap();
+    let (status, _, text) = read_response(&mut stream);
+    assert_eq!(status, 201, "{text}");
+}
+
+#[test]
+fn the_guards_own_answers_carry_a_request_id_a_log_line_and_a_count() {
+    use std::io::Write;
+    use std::time::Duration;
+    let app = TestApp::spawn_with(|c| c.http_timeout = Duration::from_millis(500));
+    let mut stream = connect(&app);
+    stream
+        .write_all(b"POST /api/tenants HTTP/1.1\r\nHost: x\r\nX-Request-Id: slow-body-1\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
+    let (status, head, body) = read_response(&mut stream);
+    assert_eq!(status, 408, "{head}{body}");
+    assert!(head.contains("X-Request-Id: slow-body-1"), "{head}");
+    assert!(body.contains("did not arrive in time"), "{body}");
+    assert_eq!(
+        lines_with(&["request_id=slow-body-1", "POST /api/tenants -> 408"]).len(),
+        1
+    );
+    let chunked = request_with(
+        &app.base(),
+        "POST",
+        "/api/tenants",
+        &[
+            ("Transfer-Encoding", "chunked"),
+            ("X-Request-Id", "chunked-1"),
+        ],
+        None,
+    );
+    assert_eq!(chunked.status, 411);
+    assert_eq!(chunked.header("x-request-id"), Some("chunked-1"));
+    let metrics = app.get("/metrics").text();
+    for status in ["408", "411"] {
+        let series =
+            format!("tenantd_http_requests_total{{route=\"/api/tenants\",status=\"{status}\"}} 1");
+        assert!(metrics.contains(&series), "{series} in {metrics}");
+    }
+}
+
+/// Threads of this process named `name` (unnamed threads take their creator's name).
+fn threads_called(name: &str) -> usize {
+    crate::support::threads_named(name)
+}
+
+#[test]
+fn stopping_ends_every_thread_tenantd_started() {
+    use std::time::Duration;
+    // The app is started and stopped from a thread of its own, so every unnamed thread it
+    // starts (tiny_http's, amiquip's) carries that thread's name.
+    let name = "edge-stop-probe";
+    let db = crate::support::TestDb::create();
+    let config = crate::support::test_config(&db);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let app = tenantd::start(config).expect("tenantd starts");
+            let base = format!("http://{}", app.http_addr());
+            for _ in 0..5 {
+                assert_eq!(
+                    crate::support::http::request(&base, "GET", "/healthz", None).status,
+                    200
+                );
+            }
+            app.shutdown().unwrap();
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    crate::support::wait_until(Duration::from_secs(10), "every thread to end", || {
+        threads_called(name) == 0
+    });
+}

@@ -231,6 +231,10 @@ fn bad_patches_are_refused_and_change_nothing() {
     let path = format!("/api/tenants/{tenant}");
     app.request("PATCH", &path, Some(r#"{"status": "paused"}"#))
         .assert_error(400, "unknown variant");
+    app.request("PATCH", &path, Some(r#"{"status": null}"#))
+        .assert_error(400, "invalid type: null");
+    app.request("PATCH", &path, Some(r#"{"name": null}"#))
+        .assert_error(400, "invalid type: null");
     app.request("PATCH", &path, Some(r#"{"name": ""}"#))
         .assert_error(400, "empty");
     app.request("PATCH", &path, Some(r#"{"id": "x"}"#))

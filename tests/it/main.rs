@@ -8,5 +8,8 @@ mod ingest;
 mod lifecycle;
 mod metrics;
 mod pagination;
+mod races;
+mod recovery;
+mod startup;
 mod support;
 mod tenants;

@@ -78,13 +78,24 @@ fn metrics_count_each_tenants_messages_and_pass_promtool() {
         Some(5.0),
         "queue depth read from the broker"
     );
+    // This replica's own registry: exactly its own requests and tenants.
     let created = "tenantd_http_requests_total{route=\"/api/tenants\",status=\"201\"}";
-    assert!(value(&text, created).unwrap_or(0.0) >= 2.0, "{text}");
-    assert!(text.contains("tenantd_delivery_to_commit_seconds_bucket"));
-    assert!(text.contains("tenantd_batch_messages_count"));
+    assert_eq!(value(&text, created), Some(2.0), "{text}");
+    let consumed = format!("tenantd_messages_consumed_total{{tenant_id=\"{active}\"}}");
+    assert_eq!(value(&text, &consumed), Some(25.0));
+    let batches = value(&text, "tenantd_batch_messages_count").unwrap_or(0.0);
     assert!(
-        value(&text, "process_threads").unwrap_or(0.0) > 0.0,
-        "process metrics"
+        (1.0..=25.0).contains(&batches),
+        "25 messages in 1 to 25 batches: {batches}"
+    );
+    let committed = value(&text, "tenantd_delivery_to_commit_seconds_count");
+    assert_eq!(committed, Some(25.0), "one latency per stored message");
+    assert_eq!(value(&text, "tenantd_consumers_running"), Some(1.0));
+    let paused_workers = format!("tenantd_tenant_workers{{tenant_id=\"{paused}\"}}");
+    assert_eq!(
+        value(&text, &paused_workers),
+        None,
+        "a paused tenant has no consumer"
     );
 
     let mut promtool = Command::new("promtool")
@@ -106,5 +117,40 @@ fn metrics_count_each_tenants_messages_and_pass_promtool() {
         "promtool: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_deleted_or_failed_tenant_leaves_no_series_behind() {
+    let proxy = crate::support::proxy::Proxy::start(&crate::support::amqp_host_port());
+    let url = crate::support::amqp_url_via(proxy.port());
+    let app = TestApp::spawn_with(|c| c.rabbitmq_url = url);
+    let doomed = app.create_tenant("measured, then deleted");
+    let mut amqp = Amqp::connect();
+    amqp.publish(&queue_name(&doomed), b"{}", None);
+    amqp.wait_confirms();
+    app.wait_rows(&doomed, 1);
+    let series = |text: &str, tenant: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!("tenant_id=\"{tenant}\"")))
+            .count()
+    };
+    assert!(series(&scrape(&app), &doomed) > 0);
+    let reply = app.request("DELETE", &format!("/api/tenants/{doomed}"), None);
+    assert_eq!(reply.status, 204, "{}", reply.text());
+    assert_eq!(
+        series(&scrape(&app), &doomed),
+        0,
+        "the deleted tenant's series are gone"
+    );
+
+    proxy.cut();
+    let failed = app.request("POST", "/api/tenants", Some(r#"{"name": "never"}"#));
+    failed.assert_error(503, "broker");
+    proxy.restore();
+    let text = scrape(&app);
+    assert!(
+        !text.lines().any(|l| l.contains("tenant_id=\"")),
+        "a failed create leaves no series: {text}"
     );
 }

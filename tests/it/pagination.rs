@@ -183,6 +183,8 @@ fn bad_page_parameters_are_refused() {
     }
     app.get("/api/messages?tenant_id=nope")
         .assert_error(400, "not a tenant id");
+    app.get("/api/messages?tenant_id=")
+        .assert_error(400, "not a tenant id");
     let unknown = Uuid::new_v4();
     app.get(&format!("/api/tenants/{unknown}/messages"))
         .assert_error(404, "not found");

@@ -103,6 +103,8 @@ fn bad_requests_get_a_json_error_and_create_nothing() {
     post(r#"{"name": 5}"#).assert_error(400, "invalid type");
     post(r#"{"description": "no name"}"#).assert_error(400, "missing field `name`");
     post(r#"{"name": "x", "status": "sleeping"}"#).assert_error(400, "unknown variant");
+    post(r#"{"name": "x", "status": "deleting"}"#).assert_error(400, "unknown variant");
+    post(r#"{"name": "x", "status": null}"#).assert_error(400, "invalid type: null");
     post(r#"{"name": "x", "colour": "red"}"#).assert_error(400, "unknown field");
     post(r#"{"name": ""}"#).assert_error(400, "name must not be empty");
     post(&json!({ "name": "é".repeat(201) }).to_string()).assert_error(400, "at most 200");

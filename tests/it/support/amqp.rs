@@ -20,8 +20,12 @@ pub struct Amqp {
 
 impl Amqp {
     pub fn connect() -> Amqp {
-        let url = super::rabbitmq_url();
-        let addr = BrokerAddr::parse(&url).expect("RABBITMQ_URL");
+        Amqp::connect_to(&super::rabbitmq_url())
+    }
+
+    /// A client of the broker (and vhost) at `url`.
+    pub fn connect_to(url: &str) -> Amqp {
+        let addr = BrokerAddr::parse(url).expect("RABBITMQ_URL");
         let mut connection = broker::connect(&addr, Duration::from_secs(5), "tenantd tests")
             .unwrap_or_else(|e| {
                 panic!("RabbitMQ is unreachable at {url}: {e:#} (scripts/test.sh starts it)")
@@ -89,6 +93,12 @@ impl Amqp {
         let result = (get.delivery.body.clone(), get.delivery.properties.clone());
         get.ack(&self.channel).expect("ack");
         Some(result)
+    }
+
+    pub fn delete_queue(&mut self, queue: &str) {
+        self.channel
+            .queue_delete(queue, QueueDeleteOptions::default())
+            .expect("deleting a queue");
     }
 
     pub fn delete_tenant_queues(&mut self, tenant: &str) {

@@ -1,0 +1,109 @@
+//! A RabbitMQ vhost of the test's own, for limits that must not touch other tests: created with
+//! `rabbitmqctl` (or the management API when `TENANTD_TEST_RABBITMQ_API` names one, as in the
+//! Docker stack), deleted with everything in it when the test ends.
+
+use std::process::Command;
+
+pub struct Vhost {
+    pub name: String,
+}
+
+impl Vhost {
+    pub fn create() -> Vhost {
+        let name = format!("tenantd_it_{}", uuid::Uuid::new_v4().simple());
+        match api() {
+            Some(api) => {
+                management(&api, "PUT", &format!("/api/vhosts/{name}"), "{}");
+                let perms = r#"{"configure":".*","write":".*","read":".*"}"#;
+                management(
+                    &api,
+                    "PUT",
+                    &format!("/api/permissions/{name}/guest"),
+                    perms,
+                );
+            }
+            None => {
+                rabbitmqctl(&["add_vhost", &name]);
+                rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+            }
+        }
+        Vhost { name }
+    }
+
+    /// The broker URL of this vhost.
+    pub fn url(&self) -> String {
+        let base = super::rabbitmq_url();
+        let root = base.rsplit_once('/').map_or(base.as_str(), |(r, _)| r);
+        format!("{root}/{}", self.name)
+    }
+
+    /// Allows at most `n` connections in the vhost at once.
+    pub fn limit_connections(&self, n: u32) {
+        let limits = format!(r#"{{"max-connections": {n}}}"#);
+        match api() {
+            Some(api) => {
+                let body = format!(r#"{{"value": {n}}}"#);
+                management(
+                    &api,
+                    "PUT",
+                    &format!("/api/vhost-limits/{}/max-connections", self.name),
+                    &body,
+                );
+            }
+            None => rabbitmqctl(&["set_vhost_limits", "-p", &self.name, &limits]),
+        }
+    }
+
+    pub fn clear_limits(&self) {
+        match api() {
+            Some(api) => management(
+                &api,
+                "DELETE",
+                &format!("/api/vhost-limits/{}/max-connections", self.name),
+                "",
+            ),
+            None => rabbitmqctl(&["clear_vhost_limits", "-p", &self.name]),
+        }
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        match api() {
+            Some(api) => management(&api, "DELETE", &format!("/api/vhosts/{}", self.name), ""),
+            None => rabbitmqctl(&["delete_vhost", &self.name]),
+        }
+    }
+}
+
+fn api() -> Option<String> {
+    std::env::var("TENANTD_TEST_RABBITMQ_API").ok()
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl (or set TENANTD_TEST_RABBITMQ_API to the management API)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A request to the management API with guest's credentials.
+fn management(api: &str, method: &str, path: &str, body: &str) {
+    let reply = super::http::request_with(
+        api,
+        method,
+        path,
+        &[
+            ("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q="),
+            ("Content-Type", "application/json"),
+        ],
+        Some(body.as_bytes()),
+    );
+    assert!(reply.status < 300, "{method} {path}: {}", reply.text());
+}
