@@ -79,8 +79,15 @@ BEGIN
             lock_key   integer GENERATED ALWAYS AS IDENTITY UNIQUE,
             http_addr  text,
             leaving    boolean NOT NULL DEFAULT false,
-            started_at timestamptz NOT NULL DEFAULT now()
+            started_at timestamptz NOT NULL DEFAULT now(),
+            seen_at    timestamptz NOT NULL DEFAULT now()
         );
+    END IF;
+    -- When the replica last answered (it updates this every second while its session works).
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'replicas'::regclass AND attname = 'seen_at'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE replicas ADD COLUMN seen_at timestamptz NOT NULL DEFAULT now();
     END IF;
     IF to_regclass('live_replicas') IS NULL THEN
         CREATE VIEW live_replicas AS

@@ -13,11 +13,12 @@ use crossbeam_channel::{after, never, select, unbounded, Receiver, RecvTimeoutEr
 use log::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::broker::{self, Brokers, QueueType};
+use crate::broker::{self, Brokers, Publisher, QueueType};
 use crate::ids::TenantId;
 use crate::inflight::InFlight;
 use crate::metrics::Metrics;
 use crate::pool::{BatchDone, WorkerPool};
+use crate::relay::Relay;
 use crate::stats::TenantStats;
 
 /// What every tenant thread shares.
@@ -30,6 +31,8 @@ pub struct ConsumerContext {
     pub pool: Arc<WorkerPool>,
     pub events: Sender<Event>,
     pub metrics: Arc<Metrics>,
+    /// How long a resize waits for the batches in flight before the channel is reopened.
+    pub drain_timeout: Duration,
 }
 
 impl ConsumerContext {
@@ -94,7 +97,14 @@ pub fn spawn(ctx: Arc<ConsumerContext>, spec: TenantSpec) -> Result<ConsumerHand
         .name(spec.id.thread_name())
         .spawn(move || {
             let id = spec.id;
-            let error = run(&ctx, spec, &control_rx).err().map(|e| format!("{e:#}"));
+            // A panic ends the thread like an error does: the coordinator hears of it.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(&ctx, spec, &control_rx)
+            }));
+            let error = match ran {
+                Ok(result) => result.err().map(|e| format!("{e:#}")),
+                Err(_) => Some("the consumer thread panicked".to_string()),
+            };
             let _ = ctx.events.send(Event::Ended { tenant: id, error });
         })
         .context("spawning a tenant thread")?;
@@ -104,9 +114,18 @@ pub fn spawn(ctx: Arc<ConsumerContext>, spec: TenantSpec) -> Result<ConsumerHand
     })
 }
 
-/// How a session ended, when it did not fail.
-enum SessionEnd {
+/// Why a channel's consumer ended, when the session did not fail.
+enum ChannelEnd {
     Stopped,
+    /// To run at a new concurrency: prefetch is set per consumer (quorum queues allow nothing
+    /// else), so a new one is opened on a new channel.
+    Resized(u16),
+}
+
+/// Why the event loop returned.
+enum Leave {
+    Stop(Instant),
+    Resize(u16),
 }
 
 /// The thread's body: sessions, one per broker connection, until told to stop. Ends with an
@@ -118,7 +137,7 @@ fn run(ctx: &ConsumerContext, mut spec: TenantSpec, control: &Receiver<Control>)
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     loop {
         let err = match run_session(ctx, &mut spec, control, &mut declared, &mut backoff) {
-            Ok(SessionEnd::Stopped) => return Ok(()),
+            Ok(()) => return Ok(()),
             Err(e) if broker::is_not_found(&e) && declared => {
                 warn!("tenant_id={id} consumer stops: its queue is gone");
                 return Err(e);
@@ -149,16 +168,24 @@ fn wait_out(control: &Receiver<Control>, delay: Duration, workers: &mut u16) -> 
     }
 }
 
+/// One broker connection: a channel and its consumer, another after each resize, until told
+/// to stop (`Ok`) or until the connection fails.
 fn run_session(
     ctx: &ConsumerContext,
     spec: &mut TenantSpec,
     control: &Receiver<Control>,
     declared: &mut bool,
     backoff: &mut Backoff,
-) -> Result<SessionEnd> {
+) -> Result<()> {
     let label = format!("tenantd tenant {}", spec.id);
     let mut connection = ctx.brokers.connect(ctx.connect_timeout, &label)?;
-    let result = consume(ctx, spec, &mut connection, control, declared, backoff);
+    let result = loop {
+        match consume(ctx, spec, &mut connection, control, declared, backoff) {
+            Ok(ChannelEnd::Stopped) => break Ok(()),
+            Ok(ChannelEnd::Resized(n)) => spec.workers = n,
+            Err(e) => break Err(e),
+        }
+    };
     let _ = connection.close();
     result
 }
@@ -193,16 +220,17 @@ fn consume(
     control: &Receiver<Control>,
     declared: &mut bool,
     backoff: &mut Backoff,
-) -> Result<SessionEnd> {
+) -> Result<ChannelEnd> {
     let id = spec.id;
     let channel = connection.open_channel(None)?;
-    // Global: one limit for the channel, which a resize can change under the running consumer.
-    channel.qos(0, ctx.prefetch(spec.workers), true)?;
+    // Per consumer (not channel-wide, which quorum queues refuse); `rabbitmqctl
+    // list_consumers` shows it.
+    channel.qos(0, ctx.prefetch(spec.workers), false)?;
     // Retries and dead letters are published here and acked only once the broker confirms them.
-    channel.enable_publisher_confirms()?;
-    let confirms = channel.listen_for_publisher_confirms()?;
-    let returns = channel.listen_for_returns()?;
+    let publisher = Publisher::enable(&channel, ctx.connect_timeout)?;
     let queue = open_queue(ctx, connection, &channel, id, declared)?;
+    let relay_channel = connection.open_channel(None)?;
+    let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout)?;
     let consumer = queue.consume(ConsumerOptions::default())?;
     info!(
         "consumer started tenant_id={id} consumer_tag={} prefetch={}",
@@ -212,22 +240,44 @@ fn consume(
     backoff.reset();
     running(ctx, id, spec.workers);
     let (reply_tx, reply_rx) = unbounded();
-    let mut flight = InFlight::new(ctx, spec, reply_tx, confirms, returns);
-    let stop = event_loop(ctx, &channel, &consumer, &reply_rx, control, &mut flight);
-    // A resize during this session applies to the next one too.
-    spec.workers = flight.workers as u16;
-    let stop = stop?;
-    // Told to stop: from here on the session ends as stopped, whatever fails while closing,
-    // so that a failed close is never mistaken for a lost connection and reconnected.
-    let drained = drain(&channel, &consumer, &reply_rx, &mut flight, stop);
+    let mut flight = InFlight::new(ctx, spec, reply_tx, publisher);
+    let session = Session {
+        channel: &channel,
+        consumer: &consumer,
+        replies: &reply_rx,
+        control,
+    };
+    let leave = event_loop(ctx, &session, &mut flight, &mut relay)?;
+    // The relay's copy, if it holds one, goes back to the retry queue.
+    drop(relay);
+    let _ = relay_channel.close();
+    let deadline = match leave {
+        Leave::Stop(deadline) => deadline,
+        Leave::Resize(_) => Instant::now() + ctx.drain_timeout,
+    };
+    // What is committed is acked before the channel closes; what is not goes back to the
+    // queue and comes again.
+    let drained = drain(&channel, &consumer, &reply_rx, &mut flight, deadline);
     drop(consumer);
     drop(queue);
     let closed = drained.and_then(|()| Ok(channel.close()?));
-    if let Err(e) = closed {
-        warn!("tenant_id={id} closing the consumer failed (unacked messages go back to the queue): {e:#}");
+    match leave {
+        Leave::Resize(n) => {
+            info!("concurrency changed tenant_id={id} {} -> {n}", spec.workers);
+            // A failed close fails the session: the next one runs at the new concurrency.
+            spec.workers = n;
+            closed.map(|()| ChannelEnd::Resized(n))
+        }
+        Leave::Stop(_) => {
+            // Told to stop: the session ends as stopped whatever fails while closing, so a
+            // failed close is never mistaken for a lost connection and reconnected.
+            if let Err(e) = closed {
+                warn!("tenant_id={id} closing the consumer failed (unacked messages go back to the queue): {e:#}");
+            }
+            info!("consumer stopped tenant_id={id}");
+            Ok(ChannelEnd::Stopped)
+        }
     }
-    info!("consumer stopped tenant_id={id}");
-    Ok(SessionEnd::Stopped)
 }
 
 /// Says the consumer runs at `workers`, to the coordinator and in the metrics.
@@ -243,19 +293,32 @@ fn running(ctx: &ConsumerContext, id: TenantId, workers: u16) {
     });
 }
 
-/// Runs until told to stop (returns the drain deadline) or until the broker session fails.
+/// What the event loop listens to.
+struct Session<'a> {
+    channel: &'a Channel,
+    consumer: &'a Consumer<'a>,
+    replies: &'a Receiver<BatchDone>,
+    control: &'a Receiver<Control>,
+}
+
+/// Runs until told to stop or to resize, or until the broker session fails.
 fn event_loop(
     ctx: &ConsumerContext,
-    channel: &Channel,
-    consumer: &Consumer,
-    replies: &Receiver<BatchDone>,
-    control: &Receiver<Control>,
+    session: &Session,
     flight: &mut InFlight,
-) -> Result<Instant> {
+    relay: &mut Relay,
+) -> Result<Leave> {
+    let Session {
+        channel,
+        consumer,
+        replies,
+        control,
+    } = *session;
     loop {
         let retry = flight.retry_at.map_or_else(never, |at| {
             after(at.saturating_duration_since(Instant::now()))
         });
+        let relay_due = relay.timer();
         select! {
             recv(consumer.receiver()) -> message => {
                 flight.accept(delivery_of(message)?);
@@ -271,16 +334,16 @@ fn event_loop(
                 flight.complete(channel, done.context("worker replies closed")?)?;
             }
             recv(control) -> command => match command {
-                Ok(Control::Resize(n)) => {
-                    channel.qos(0, ctx.prefetch(n), true)?;
-                    info!("concurrency changed tenant_id={} {} -> {n}", flight.tenant, flight.workers);
-                    flight.workers = usize::from(n);
-                    running(ctx, flight.tenant, n);
+                Ok(Control::Resize(n)) if usize::from(n) != flight.workers => {
+                    return Ok(Leave::Resize(n));
                 }
-                Ok(Control::Stop { deadline }) => return Ok(deadline),
-                Err(_) => return Ok(Instant::now()),
+                Ok(Control::Resize(n)) => running(ctx, flight.tenant, n),
+                Ok(Control::Stop { deadline }) => return Ok(Leave::Stop(deadline)),
+                Err(_) => return Ok(Leave::Stop(Instant::now())),
             },
             recv(retry) -> _ => flight.retry_at = None,
+            recv(relay.deliveries()) -> message => relay.hold(message)?,
+            recv(relay_due) -> _ => relay.release()?,
         }
         flight.dispatch(&ctx.pool);
     }

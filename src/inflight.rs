@@ -6,14 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amiquip::{AmqpProperties, AmqpValue, Channel, Confirm, Delivery, FieldTable, Publish, Return};
-use anyhow::{bail, Result};
-use crossbeam_channel::{Receiver, Sender};
+use amiquip::{AmqpProperties, AmqpValue, Channel, Delivery, FieldTable};
+use anyhow::{Context, Result};
+use crossbeam_channel::Sender;
 use log::warn;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::broker;
+use crate::broker::Publisher;
 use crate::consumer::{ConsumerContext, TenantSpec};
 use crate::ids::TenantId;
 use crate::pool::{Batch, BatchDone, Item, Outcome, Poison, WorkerPool};
@@ -24,6 +24,8 @@ use crate::stats::TenantStats;
 const ATTEMPTS_HEADER: &str = "x-tenantd-attempts";
 /// Header saying why the last attempt failed.
 const REASON_HEADER: &str = "x-tenantd-reason";
+/// Header of a copy in the retry queue: when (Unix time, ms) it goes back to the tenant's queue.
+pub const RETRY_AT_HEADER: &str = "x-tenantd-retry-at";
 
 /// Deliveries between the broker and the database: which wait, which are in the pool, which are
 /// committed and not yet acked.
@@ -34,11 +36,8 @@ pub struct InFlight {
     retry_delays: Vec<Duration>,
     stats: Arc<TenantStats>,
     reply: Sender<BatchDone>,
-    /// Publisher confirms of this channel, and how many messages it has published.
-    confirms: Receiver<Confirm>,
-    published: u64,
-    /// Copies the broker could not route (their queue is missing): sent back before the confirm.
-    returns: Receiver<Return>,
+    /// Publishes retry and dead-letter copies on this channel, confirmed.
+    publisher: Publisher,
     /// Accepted, not yet handed to the pool.
     waiting: VecDeque<Item>,
     /// Every delivery neither acked nor rejected, by tag (bodies moved into `Item`s).
@@ -56,8 +55,7 @@ impl InFlight {
         ctx: &ConsumerContext,
         spec: &TenantSpec,
         reply: Sender<BatchDone>,
-        confirms: Receiver<Confirm>,
-        returns: Receiver<Return>,
+        publisher: Publisher,
     ) -> Self {
         InFlight {
             tenant: spec.id,
@@ -66,9 +64,7 @@ impl InFlight {
             retry_delays: ctx.retry_delays.clone(),
             stats: spec.stats.clone(),
             reply,
-            confirms,
-            published: 0,
-            returns,
+            publisher,
             waiting: VecDeque::new(),
             unacked: BTreeMap::new(),
             committed: BTreeSet::new(),
@@ -149,26 +145,20 @@ impl InFlight {
         let mut properties = copy_properties(&delivery.properties, attempt, &poison.reason);
         let queue = match delay {
             Some(delay) => {
-                properties = properties.with_expiration(delay.as_millis().to_string());
+                properties = with_retry_at(properties, delay);
                 self.tenant.retry_name()
             }
             None => self.tenant.dlq_name(),
         };
-        let publish = Publish {
-            mandatory: true,
-            ..Publish::with_properties(&poison.body, queue.clone(), properties)
-        };
-        channel.basic_publish("", publish)?;
-        self.published += 1;
-        broker::wait_for_confirm(&self.confirms, self.published, Duration::from_secs(10))?;
-        if let Ok(returned) = self.returns.try_recv() {
+        let published = self
+            .publisher
+            .publish(channel, &queue, &poison.body, properties)
+            .with_context(|| format!("copying a failed message to {queue}"));
+        if let Err(e) = published {
             // The original stays unacked: the session ends, the queues are declared again on
             // the next one, and the message comes back.
             self.unacked.insert(poison.tag, delivery);
-            bail!(
-                "the broker could not route a copy to {queue}: {}",
-                returned.reply_text
-            );
+            return Err(e);
         }
         delivery.ack(channel)?;
         match delay {
@@ -226,6 +216,7 @@ fn attempts(properties: &AmqpProperties) -> u32 {
 /// could make a dead letter vanish), plus the attempt count and the reason.
 fn copy_properties(original: &AmqpProperties, attempt: u32, reason: &str) -> AmqpProperties {
     let mut headers: FieldTable = original.headers().clone().unwrap_or_default();
+    headers.remove(RETRY_AT_HEADER);
     headers.insert(ATTEMPTS_HEADER.into(), AmqpValue::LongInt(attempt as i32));
     headers.insert(REASON_HEADER.into(), AmqpValue::LongString(reason.into()));
     let mut copy = AmqpProperties::default()
@@ -244,6 +235,17 @@ fn copy_properties(original: &AmqpProperties, attempt: u32, reason: &str) -> Amq
         copy = copy.with_timestamp(*timestamp);
     }
     copy
+}
+
+/// Says when the copy is due back: now plus `delay`.
+fn with_retry_at(properties: AmqpProperties, delay: Duration) -> AmqpProperties {
+    let due = std::time::SystemTime::now() + delay;
+    let ms = due
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(RETRY_AT_HEADER.into(), AmqpValue::LongLongInt(ms));
+    properties.with_headers(headers)
 }
 
 /// The publisher's `message_id` when it is a UUID (so redeliveries are stored once), else a new

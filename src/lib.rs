@@ -18,6 +18,7 @@ mod manager;
 mod metrics;
 mod model;
 mod pool;
+mod relay;
 mod service;
 mod stats;
 mod store;
@@ -89,6 +90,7 @@ pub fn start(config: Config) -> Result<App> {
         pool: pool.clone(),
         events: events_tx,
         metrics: metrics.clone(),
+        drain_timeout: config.shutdown_timeout,
     };
     let manager = Arc::new(TenantManager::new(Arc::new(ctx)));
     let health = Arc::new(Health::default());
@@ -133,6 +135,7 @@ fn service_settings(config: &Config) -> ServiceSettings {
         lock_timeout: config.shutdown_timeout + Duration::from_secs(10),
         start_timeout: config.connect_timeout * 2 + Duration::from_secs(1),
         stop_timeout: config.shutdown_timeout + Duration::from_secs(2),
+        fence_grace: config.failover_timeout / 2 + coordinator::TICK * 2,
     }
 }
 
@@ -169,7 +172,10 @@ impl App {
         self.stopped = true;
         let deadline = Instant::now() + self.shutdown_timeout;
         if let Some(http) = self.http.take() {
-            info!("shutdown: HTTP stopped taking requests");
+            info!(
+                "shutdown of replica {}: HTTP stops taking requests",
+                self.replica_id
+            );
             http.stop();
         }
         if let Some(coordinator) = self.coordinator.take() {

@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use amiquip::{AmqpProperties, Channel, Confirm, Connection, Publish, QueueDeleteOptions, Return};
+use amiquip::{AmqpProperties, Channel, Connection, QueueDeleteOptions};
 use anyhow::{Context, Result};
-use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 
-use super::{declare_tenant_queues, is_not_found, wait_for_confirm, Brokers, QueueType};
+use super::{declare_tenant_queues, is_not_found, Brokers, Publisher, QueueType};
 use crate::ids::TenantId;
 
 /// A queue's depth and consumer count, as the broker reports them.
@@ -40,9 +39,7 @@ pub struct BrokerAdmin {
 struct AdminSession {
     // Field order: the channel closes before its connection.
     channel: Channel,
-    confirms: Receiver<Confirm>,
-    returns: Receiver<Return>,
-    last_tag: u64,
+    publisher: Publisher,
     connection: Connection,
 }
 
@@ -50,14 +47,10 @@ impl AdminSession {
     fn open(brokers: &Brokers, timeout: Duration) -> Result<AdminSession> {
         let mut connection = brokers.connect(timeout, "tenantd admin")?;
         let channel = connection.open_channel(None)?;
-        channel.enable_publisher_confirms()?;
-        let confirms = channel.listen_for_publisher_confirms()?;
-        let returns = channel.listen_for_returns()?;
+        let publisher = Publisher::enable(&channel, timeout)?;
         Ok(AdminSession {
             channel,
-            confirms,
-            returns,
-            last_tag: 0,
+            publisher,
             connection,
         })
     }
@@ -156,18 +149,8 @@ impl BrokerAdmin {
                 .with_message_id(message_id.to_string())
                 .with_content_type("application/json".to_string())
                 .with_delivery_mode(2);
-            let publish = Publish {
-                mandatory: true,
-                ..Publish::with_properties(body, id.queue_name(), properties)
-            };
-            s.channel.basic_publish("", publish)?;
-            s.last_tag += 1;
-            wait_for_confirm(&s.confirms, s.last_tag, self.timeout)?;
-            // A return comes before the confirm of the same publish.
-            match s.returns.try_recv() {
-                Ok(_) => Err(Unroutable(id.queue_name()).into()),
-                Err(_) => Ok(()),
-            }
+            let queue = id.queue_name();
+            s.publisher.publish(&s.channel, &queue, body, properties)
         })
     }
 }

@@ -3,6 +3,7 @@
 //! connection of the HTTP side (`admin`).
 
 mod admin;
+mod publisher;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +20,7 @@ use log::warn;
 use percent_encoding::percent_decode_str;
 
 pub use admin::{BrokerAdmin, QueueStats, Unroutable};
+pub use publisher::Publisher;
 
 use crate::ids::TenantId;
 
@@ -112,6 +114,11 @@ impl Brokers {
     }
 }
 
+/// Heartbeats asked of the broker, in seconds: a connection whose broker goes silent (a frozen
+/// node, a dropped route) is declared dead after two missed ones, failing whatever waits on it.
+/// amiquip's calls have no timeout of their own.
+const HEARTBEAT_SECS: u16 = 10;
+
 /// Opens a connection within `timeout` (TCP connect and AMQP handshake both), with TCP_NODELAY.
 ///
 /// A broker out of file descriptors accepts TCP and never answers the handshake: the timeout
@@ -127,6 +134,7 @@ pub fn connect(addr: &BrokerAddr, timeout: Duration, label: &str) -> Result<Conn
         })
         .virtual_host(addr.vhost.clone())
         .connection_timeout(Some(timeout))
+        .heartbeat(HEARTBEAT_SECS)
         .information(Some(label.to_string()));
     Connection::insecure_open_stream(stream, options, ConnectionTuning::default())
         .with_context(|| format!("cannot open an AMQP connection to {}", addr.describe()))
@@ -202,19 +210,10 @@ fn declare_all(channel: &Channel, id: TenantId, queue_type: QueueType) -> Result
         arguments
     };
     declare(channel, id.dlq_name(), typed(FieldTable::new()))?;
-    let mut retry = typed(dead_letter_to(id.queue_name()));
-    if queue_type == QueueType::Quorum {
-        // A quorum queue dead-letters at most once unless told otherwise; at-least-once needs
-        // the queue to refuse publishes when full instead of dropping its head.
-        retry.insert(
-            "x-dead-letter-strategy".into(),
-            AmqpValue::LongString("at-least-once".into()),
-        );
-        retry.insert(
-            "x-overflow".into(),
-            AmqpValue::LongString("reject-publish".into()),
-        );
-    }
+    // The dead-letter arguments of the retry and main queues are those earlier versions
+    // declared (a queue cannot be declared again with other arguments). Nothing uses them now:
+    // retry copies carry no TTL and tenantd moves them back itself (`relay`).
+    let retry = typed(dead_letter_to(id.queue_name()));
     declare(channel, id.retry_name(), retry)?;
     declare(
         channel,
@@ -250,7 +249,7 @@ fn dead_letter_to(queue: String) -> FieldTable {
 }
 
 /// Waits for the broker to confirm publish number `tag` of the channel.
-pub fn wait_for_confirm(confirms: &Receiver<Confirm>, tag: u64, timeout: Duration) -> Result<()> {
+fn wait_for_confirm(confirms: &Receiver<Confirm>, tag: u64, timeout: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let confirm = confirms

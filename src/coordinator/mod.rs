@@ -32,7 +32,7 @@ use crate::store::{self, DbSettings};
 use listener::{Listener, Note};
 
 /// How often membership is checked (a dead replica is noticed within this).
-const TICK: Duration = Duration::from_secs(1);
+pub const TICK: Duration = Duration::from_secs(1);
 /// How often everything is reconciled even when nothing was announced.
 const FULL_EVERY: Duration = Duration::from_secs(10);
 
@@ -228,7 +228,9 @@ impl Loop {
         let Some(session) = self.session.as_mut() else {
             return;
         };
-        match replicas::live(session) {
+        match replicas::heartbeat(session, &self.settings.replica_id)
+            .and_then(|()| replicas::live(session))
+        {
             Ok(live) => {
                 self.last_ok = Instant::now();
                 let members: Vec<(String, bool)> =
@@ -293,13 +295,14 @@ impl Loop {
 
     /// Plans and carries the plan out for this replica.
     fn reconcile(&mut self) -> Result<()> {
+        let me = self.settings.replica_id.clone();
         let session = self.session.as_mut().expect("connected");
+        replicas::heartbeat(session, &me)?;
         let live = replicas::live(session)?;
         let states = replicas::states(session)?;
         self.last_ok = Instant::now();
         self.last_full = Instant::now();
         self.members = live.iter().map(|r| (r.id.clone(), r.leaving)).collect();
-        let me = self.settings.replica_id.clone();
         let live_ids: HashSet<&str> = live.iter().map(|r| r.id.as_str()).collect();
         let taking: Vec<&str> = live
             .iter()
@@ -341,6 +344,7 @@ impl Loop {
             })
             .collect();
         let started = self.claim_and_start(&wanted)?;
+        self.release_stale_claims(&states, &mine)?;
         for id in self.manager.known() {
             if !by_id.contains_key(&id) && self.manager.status(id).is_none() {
                 self.manager.forget(id);
@@ -351,6 +355,27 @@ impl Loop {
             self.write_report(id, &report);
         }
         self.settled(live.len(), active.len(), started);
+        Ok(())
+    }
+
+    /// Gives up claims of this replica's that no thread here stands behind and that it does
+    /// not want (their consumer ended while the session was down, so the release could not be
+    /// written): otherwise a pause or a delete would wait on them for ever.
+    fn release_stale_claims(
+        &mut self,
+        states: &[TenantState],
+        mine: &impl Fn(&TenantState) -> bool,
+    ) -> Result<()> {
+        let me = self.settings.replica_id.clone();
+        for s in states {
+            let stale = s.owner.as_deref() == Some(me.as_str())
+                && !mine(s)
+                && self.manager.status(s.id).is_none();
+            if stale {
+                let session = self.session.as_mut().expect("connected");
+                replicas::release(session, s.id, &me, s.version)?;
+            }
+        }
         Ok(())
     }
 

@@ -133,6 +133,9 @@ impl HttpServer {
     /// connection.
     pub fn stop(mut self) {
         self.guard.stop_accepting();
+        // First the connections, while the request threads still answer what they pass on:
+        // a request arriving after the threads were told to stop would never be taken.
+        self.guard.close_all();
         self.front.stopping.store(true, Ordering::SeqCst);
         let server = self.front.current();
         for _ in &self.threads {
@@ -141,7 +144,6 @@ impl HttpServer {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
-        self.guard.close_all();
         // tiny_http wakes its accept thread by connecting to its socket: it must go while the
         // socket is still there.
         drop(server);

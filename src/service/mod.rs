@@ -39,6 +39,9 @@ pub struct ServiceSettings {
     pub start_timeout: Duration,
     /// How long a pause or delete waits for the tenant's consumer to drain and stop.
     pub stop_timeout: Duration,
+    /// How long a replica that stopped answering may still run consumers before it stops them
+    /// on its own (half the failover timeout, and a margin).
+    pub fence_grace: Duration,
 }
 
 pub struct Service {
@@ -322,16 +325,20 @@ impl Service {
         if tenant.status != Status::Active {
             return self.wait_stopped(db, id);
         }
-        self.wait_for(db, id, self.settings.start_timeout, |c| {
+        let applied = |c: Option<ConsumerInfo>| {
             c.is_some_and(|c| {
                 c.version >= tenant.version && (c.state == "running" || c.state == "retrying")
             })
-        })
+        };
+        let running = |db: &mut Client| replicas::consumer(db, id).map(applied);
+        self.wait_for(db, id, self.settings.start_timeout, running)
     }
 
-    /// Waits until no live replica runs the tenant.
+    /// Waits until no replica can still be running the tenant's consumer.
     fn wait_stopped(&self, db: &mut Client, id: TenantId) -> bool {
-        self.wait_for(db, id, self.settings.stop_timeout, |c| c.is_none())
+        let grace = self.settings.fence_grace;
+        let stopped = |db: &mut Client| replicas::surely_stopped(db, id, grace);
+        self.wait_for(db, id, self.settings.stop_timeout, stopped)
     }
 
     fn wait_for(
@@ -339,14 +346,14 @@ impl Service {
         db: &mut Client,
         id: TenantId,
         timeout: Duration,
-        done: impl Fn(Option<&ConsumerInfo>) -> bool,
+        mut done: impl FnMut(&mut Client) -> anyhow::Result<bool>,
     ) -> bool {
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(2);
         loop {
-            match replicas::consumer(db, id) {
-                Ok(c) if done(c.as_ref()) => return true,
-                Ok(_) => {}
+            match done(db) {
+                Ok(true) => return true,
+                Ok(false) => {}
                 Err(e) => {
                     warn!("tenant_id={id} cannot read its consumer's state: {e:#}");
                     return false;

@@ -70,7 +70,8 @@ pub fn join(client: &mut Client, id: &str, http_addr: &str) -> Result<()> {
         bail!("REPLICA_ID={id:?} is in use by another running tenantd");
     }
     tx.execute(
-        "UPDATE replicas SET http_addr = $2, leaving = false, started_at = now() WHERE id = $1",
+        "UPDATE replicas SET http_addr = $2, leaving = false, started_at = now(), seen_at = now()
+         WHERE id = $1",
         &[&id, &http_addr],
     )?;
     notify(&mut tx, REPLICAS_CHANGED)?;
@@ -87,12 +88,19 @@ pub fn leave(client: &mut Client, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Drops the rows of replicas that are no longer live.
+/// Drops the rows of replicas that have been gone for an hour.
 pub fn forget_dead(client: &mut Client) -> Result<u64> {
     Ok(client.execute(
-        "DELETE FROM replicas WHERE id NOT IN (SELECT id FROM live_replicas)",
+        "DELETE FROM replicas WHERE id NOT IN (SELECT id FROM live_replicas)
+                                AND seen_at < now() - interval '1 hour'",
         &[],
     )?)
+}
+
+/// Records that the replica answers now.
+pub fn heartbeat(client: &mut Client, id: &str) -> Result<()> {
+    client.execute("UPDATE replicas SET seen_at = now() WHERE id = $1", &[&id])?;
+    Ok(())
 }
 
 /// The live replicas in id order, with the number of tenants each runs.
@@ -219,6 +227,21 @@ pub fn release(client: &mut Client, tenant: TenantId, replica: &str, version: i6
     notify(&mut tx, &tenant.to_string())?;
     tx.commit()?;
     Ok(())
+}
+
+/// Whether no replica can still be running the tenant's consumer: no claim, or a claim by a
+/// replica that is not live and has not answered for `grace` (by then it has stopped its
+/// consumers on its own, if it still runs at all).
+pub fn surely_stopped(client: &mut Client, tenant: TenantId, grace: Duration) -> Result<bool> {
+    let row = client.query_opt(
+        "SELECT c.replica_id IS NULL
+             OR (c.replica_id NOT IN (SELECT id FROM live_replicas)
+                 AND coalesce((SELECT r.seen_at FROM replicas r WHERE r.id = c.replica_id),
+                              '-infinity') < now() - make_interval(secs => $2))
+         FROM consumers c WHERE c.tenant_id = $1",
+        &[&tenant.uuid(), &grace.as_secs_f64()],
+    )?;
+    Ok(row.is_none_or(|r| r.get(0)))
 }
 
 /// The tenant's consumer on a live replica, if any.

@@ -82,8 +82,8 @@ fn the_attempt_count_survives_a_restart() {
     amqp.wait_confirms();
     wait_until(
         Duration::from_secs(10),
-        "the message to wait in the retry queue",
-        || amqp.queue_stats(&retry_name(&tenant)).map(|s| s.0) == Some(1),
+        "the message to wait for its retry",
+        || !lines_with(&[&tenant, "(attempt 1), retrying in"]).is_empty(),
     );
     app.restart();
     wait_until(Duration::from_secs(20), "the message in the DLQ", || {
@@ -168,7 +168,7 @@ fn sigterm_under_load_drains_exits_0_and_stores_everything_once() {
     let log = first.stop_cleanly("-TERM");
     for step in [
         "received SIGTERM",
-        "HTTP stopped",
+        "HTTP stops taking requests",
         "consumer stopped",
         "every consumer stopped",
         "shutdown complete",
@@ -328,26 +328,28 @@ fn a_post_to_a_tenant_whose_queue_is_gone_is_refused_not_lost() {
 }
 
 #[test]
-fn a_failed_message_whose_retry_queue_is_gone_still_reaches_the_dlq() {
-    let app = TestApp::spawn_with(|c| c.retry_delays = vec![Duration::from_millis(50); 2]);
-    let tenant = app.create_tenant("retry queue deleted");
+fn a_dead_letter_whose_dlq_is_gone_is_kept_until_the_dlq_is_back() {
+    let app = TestApp::spawn_with(|c| c.retry_delays = Vec::new());
+    let tenant = app.create_tenant("dlq deleted");
     let mut amqp = Amqp::connect();
-    assert!(amqp.queue_stats(&retry_name(&tenant)).is_some());
-    amqp.delete_queue(&retry_name(&tenant));
+    amqp.delete_queue(&dlq_name(&tenant));
     let id = Uuid::new_v4().to_string();
     amqp.publish(&queue_name(&tenant), b"not json", Some(&id));
     amqp.wait_confirms();
+    // The broker returns the copy (no queue); the original stays unacked, the session starts
+    // again and declares the DLQ, and the copy goes there on the next delivery.
     wait_until(Duration::from_secs(20), "the message in the DLQ", || {
         amqp.queue_stats(&dlq_name(&tenant)).map(|s| s.0) == Some(1)
     });
     let (_, properties) = amqp.take(&dlq_name(&tenant)).unwrap();
     assert_eq!(properties.message_id().as_deref(), Some(id.as_str()));
-    assert_eq!(
-        header(&properties, "x-tenantd-attempts"),
-        Some(AmqpValue::LongInt(3))
-    );
     assert!(
-        !lines_with(&[&tenant, "could not route a copy to", &retry_name(&tenant)]).is_empty(),
+        !lines_with(&[
+            &tenant,
+            "could not route the message to",
+            &dlq_name(&tenant)
+        ])
+        .is_empty(),
         "the returned copy was noticed"
     );
 }

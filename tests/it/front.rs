@@ -384,3 +384,78 @@ fn stopping_ends_every_thread_tenantd_started() {
         threads_called(name) == 0
     });
 }
+
+#[test]
+fn clients_that_reset_after_expect_continue_do_not_exhaust_the_body_budget() {
+    use std::io::Write;
+    let app = TestApp::spawn();
+    let addr = app.base().trim_start_matches("http://").to_string();
+    // More than the 64 MiB the guard lets all connections hold at once.
+    for _ in 0..80 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(
+            b"POST /api/tenants HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Expect: 100-continue\r\nContent-Length: 1048576\r\n\r\n",
+        )
+        .unwrap();
+        socket2::SockRef::from(&s)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(s); // a reset
+    }
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "a body accepted again",
+        || {
+            app.request("POST", "/api/tenants", Some(r#"{"name":"after"}"#))
+                .status
+                == 201
+        },
+    );
+}
+
+#[test]
+fn a_shutdown_ends_though_a_kept_alive_client_sends_a_request_while_http_stops() {
+    use std::io::Write;
+    use std::time::Duration;
+    let mut app = TestApp::spawn_with(|c| c.statement_timeout = Duration::ZERO);
+    let tenant = app.create_tenant("slow to pause");
+    // A batch blocked in the pool makes the pause below wait, as a drain does.
+    let mut locker = app.pg();
+    let mut lock = locker.transaction().unwrap();
+    let table = crate::support::partition_name(&tenant);
+    lock.batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .unwrap();
+    let mut amqp = crate::support::Amqp::connect();
+    amqp.publish(&crate::support::queue_name(&tenant), b"{}", None);
+    amqp.wait_confirms();
+    let path = format!("/api/tenants/{tenant}");
+    wait_until(Duration::from_secs(10), "the batch in the pool", || {
+        app.get(&path).json()["counts"]["consumed"] == 1
+    });
+    let mut kept = connect(&app);
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut kept).0, 200);
+    let base = app.base();
+    let pause = std::thread::spawn(move || {
+        crate::support::http::request(&base, "PATCH", &path, Some(br#"{"status":"inactive"}"#))
+    });
+    wait_until(Duration::from_secs(10), "the consumer cancelled", || {
+        amqp.consumers(&crate::support::queue_name(&tenant)) == 0
+    });
+    let running = app.app.take().unwrap();
+    let stopping_line = format!("shutdown of replica {}: HTTP stops", running.replica_id());
+    let stopping = std::thread::spawn(move || running.shutdown());
+    // The shutdown is under way (it waits for the pause); the kept-alive client asks again.
+    wait_until(Duration::from_secs(5), "HTTP to stop accepting", || {
+        !lines_with(&[&stopping_line]).is_empty()
+    });
+    let _ = kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    lock.commit().unwrap();
+    assert_eq!(pause.join().unwrap().status, 200);
+    wait_until(Duration::from_secs(30), "the shutdown to end", || {
+        stopping.is_finished()
+    });
+    stopping.join().unwrap().expect("a clean shutdown");
+}

@@ -1,6 +1,7 @@
 //! The integration tests: one binary, the real tenantd against the real PostgreSQL and RabbitMQ.
 
 mod cli;
+mod cluster;
 mod contract;
 mod delivery;
 mod front;
@@ -10,6 +11,7 @@ mod metrics;
 mod pagination;
 mod races;
 mod recovery;
+mod replicas;
 mod startup;
 mod support;
 mod tenants;

@@ -7,7 +7,9 @@ use serde_json::json;
 
 use crate::support::logs::lines_with;
 use crate::support::vhost::Vhost;
-use crate::support::{partition_name, queue_name, tenant_thread, wait_until, Amqp, TestApp};
+use crate::support::{
+    partition_name, queue_name, tenant_thread, threads_named, wait_until, Amqp, TestApp,
+};
 
 /// The value of an unlabelled series in a Prometheus scrape.
 fn gauge(text: &str, name: &str) -> Option<f64> {
@@ -156,4 +158,157 @@ fn a_statement_that_hangs_is_cancelled_and_its_batch_retried() {
     );
     lock.commit().unwrap();
     app.wait_rows(&tenant, 10);
+}
+
+/// The replicas' liveness lock class (`REPLICA_LOCK` in store/replicas.rs).
+const REPLICA_LOCK: i32 = 0x746e_6472;
+
+/// Ends the coordinator's PostgreSQL session (a backend killed, an idle-session killer, a reset)
+/// and waits until the server has released its liveness lock.
+fn kill_coordinator_session(pg: &mut postgres::Client, replica: &str) {
+    let name = format!("tenantd replica {replica}");
+    let n: i64 = pg
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "one coordinator session");
+    wait_until(Duration::from_secs(5), "the replica to look dead", || {
+        live_replicas(pg) == 0
+    });
+}
+
+fn live_replicas(pg: &mut postgres::Client) -> i64 {
+    pg.query_one("SELECT count(*) FROM live_replicas", &[])
+        .unwrap()
+        .get(0)
+}
+
+fn view(app: &TestApp, tenant: &str) -> serde_json::Value {
+    app.get(&format!("/api/tenants/{tenant}")).json()
+}
+
+fn wait_running(app: &TestApp, tenant: &str) {
+    wait_until(Duration::from_secs(10), "the consumer to run", || {
+        view(app, tenant)["consumer"]["state"] == "running"
+    });
+}
+
+#[test]
+fn a_claim_whose_consumer_ended_while_the_session_was_down_is_released() {
+    let app = TestApp::spawn_with(|c| {
+        c.failover_timeout = Duration::from_secs(2);
+        c.shutdown_timeout = Duration::from_secs(2);
+    });
+    let tenant = app.create_tenant("orphaned");
+    wait_running(&app, &tenant);
+    let replica = app.config.replica_id.clone();
+    let mut pg = app.pg();
+    let key: i32 = pg
+        .query_one("SELECT lock_key FROM replicas WHERE id = $1", &[&replica])
+        .unwrap()
+        .get(0);
+    // The session is gone but its lock is held elsewhere (as by a backend that has not yet
+    // noticed its client left): the coordinator cannot rejoin, and fences its consumers.
+    kill_coordinator_session(&mut pg, &replica);
+    let mut holder = app.pg();
+    wait_until(Duration::from_secs(5), "the lock taken", || {
+        holder
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, $2)",
+                &[&REPLICA_LOCK, &key],
+            )
+            .unwrap()
+            .get(0)
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "the fence to stop the consumer",
+        || threads_named(&tenant_thread(&tenant)) == 0,
+    );
+    let paused = app.request(
+        "PATCH",
+        &format!("/api/tenants/{tenant}"),
+        Some(r#"{"status":"inactive"}"#),
+    );
+    assert!([200, 202].contains(&paused.status), "{}", paused.text());
+    drop(holder);
+    wait_until(Duration::from_secs(15), "the replica to rejoin", || {
+        live_replicas(&mut pg) == 1
+    });
+    wait_until(Duration::from_secs(5), "the stale claim released", || {
+        view(&app, &tenant)["consumer"].is_null()
+    });
+    let deleted = app.request("DELETE", &format!("/api/tenants/{tenant}"), None);
+    assert_eq!(deleted.status, 204, "{}", deleted.text());
+}
+
+#[test]
+fn a_pause_is_answered_only_once_no_replica_can_still_consume() {
+    let app = TestApp::spawn();
+    let tenant = app.create_tenant("paused");
+    wait_running(&app, &tenant);
+    let mut pg = app.pg();
+    kill_coordinator_session(&mut pg, &app.config.replica_id);
+    let paused = app.request(
+        "PATCH",
+        &format!("/api/tenants/{tenant}"),
+        Some(r#"{"status":"inactive"}"#),
+    );
+    assert_eq!(paused.status, 200, "{}", paused.text());
+    assert_eq!(
+        threads_named(&tenant_thread(&tenant)),
+        0,
+        "nothing consumes it"
+    );
+    let mut amqp = Amqp::connect();
+    amqp.publish(&queue_name(&tenant), br#"{"after":"pause"}"#, None);
+    amqp.wait_confirms();
+    wait_until(
+        Duration::from_secs(5),
+        "the message waiting in the queue",
+        || amqp.queue_stats(&queue_name(&tenant)) == Some((1, 0)),
+    );
+    assert_eq!(app.partition_rows(&tenant), 0);
+}
+
+#[test]
+fn a_resize_that_meets_a_dying_connection_is_applied_after_the_reconnect() {
+    let proxy = crate::support::proxy::Proxy::start(&crate::support::amqp_host_port());
+    let url = crate::support::amqp_url_via(proxy.port());
+    let app = TestApp::spawn_with(|c| {
+        c.rabbitmq_url = url;
+        c.shutdown_timeout = Duration::from_secs(2);
+    });
+    let tenant = app.create_tenant("resized");
+    wait_running(&app, &tenant);
+    proxy.freeze(); // the consumer's channel gets no answer from here on
+    let base = app.base();
+    let path = format!("/api/tenants/{tenant}/config/concurrency");
+    let put = std::thread::spawn(move || {
+        crate::support::http::request(&base, "PUT", &path, Some(br#"{"workers":5}"#))
+    });
+    // The row changes first; the coordinator hands the resize on at once. (Read from
+    // PostgreSQL: GET also asks the broker, which is frozen.)
+    let mut pg = app.pg();
+    wait_until(Duration::from_secs(5), "the resize saved", || {
+        let row = pg
+            .query_one(
+                "SELECT workers FROM tenants WHERE id = $1::text::uuid",
+                &[&tenant],
+            )
+            .unwrap();
+        row.get::<_, i32>(0) == 5
+    });
+    proxy.cut();
+    proxy.restore();
+    let put = put.join().unwrap();
+    assert_eq!(put.json()["workers"], 5, "{}", put.text());
+    wait_until(Duration::from_secs(15), "the consumer running at 5", || {
+        let v = view(&app, &tenant);
+        v["consumer"]["state"] == "running" && v["consumer"]["workers"] == 5
+    });
 }

@@ -42,6 +42,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Bytes of request bodies being read or passed on.
     bodies: AtomicUsize,
+    /// Set at shutdown: no connection starts another request.
+    closing: AtomicBool,
 }
 
 impl Shared {
@@ -62,6 +64,7 @@ impl Shared {
 pub struct Guard {
     addr: SocketAddr,
     stopping: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     conns: Arc<Conns>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -81,15 +84,17 @@ impl Guard {
             limits,
             metrics,
             bodies: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
         });
-        let (s, c) = (stopping.clone(), conns.clone());
+        let (s, c, sh) = (stopping.clone(), conns.clone(), shared.clone());
         let acceptor = std::thread::Builder::new()
             .name("http-accept".into())
-            .spawn(move || accept_loop(&listener, &shared, &s, &c))
+            .spawn(move || accept_loop(&listener, &sh, &s, &c))
             .context("spawning the HTTP accept thread")?;
         Ok(Guard {
             addr,
             stopping,
+            shared,
             conns,
             acceptor: Some(acceptor),
         })
@@ -105,7 +110,10 @@ impl Guard {
         }
     }
 
+    /// Lets every connection finish the request it is answering, starts no other, and joins
+    /// every connection thread. tiny_http's request threads must still be running.
     pub fn close_all(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
         self.conns.close_all();
     }
 }
@@ -181,7 +189,10 @@ fn serve(client: TcpStream, shared: &Shared, idle: &AtomicBool) {
             });
         let request = match outcome {
             Outcome::Request(request) => request,
-            Outcome::Closed => break,
+            Outcome::Closed => {
+                shared.release(reserved);
+                break;
+            }
             Outcome::Refused(refusal) => {
                 shared.release(reserved);
                 return answer(client, &refusal, started, &shared.metrics, true);
@@ -189,6 +200,9 @@ fn serve(client: TcpStream, shared: &Shared, idle: &AtomicBool) {
         };
         let kept = forwarding::forward(&request, &shared.upstream, &mut writer);
         shared.release(reserved);
+        if shared.closing.load(Ordering::SeqCst) {
+            break;
+        }
         match kept {
             Ok(true) if !request.close => {}
             Ok(_) => break,

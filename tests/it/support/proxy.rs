@@ -1,5 +1,6 @@
-//! A TCP proxy on 127.0.0.1 that a test can cut (every connection dropped, new ones refused)
-//! and restore: a broker or database outage without touching the shared servers.
+//! A TCP proxy on 127.0.0.1 that a test can cut (every connection dropped, new ones refused),
+//! freeze (bytes held, sockets kept: a peer that stops answering) and restore: a broker or
+//! database outage without touching the shared servers.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -13,6 +14,7 @@ use parking_lot::Mutex;
 pub struct Proxy {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     live: Arc<Mutex<Vec<TcpStream>>>,
     acceptor: Option<JoinHandle<()>>,
@@ -24,14 +26,17 @@ impl Proxy {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let live = Arc::new(Mutex::new(Vec::new()));
         let upstream = upstream.to_string();
-        let (c, s, l) = (cut.clone(), stop.clone(), live.clone());
-        let acceptor = std::thread::spawn(move || accept_loop(&listener, &upstream, &c, &s, &l));
+        let (c, f, s, l) = (cut.clone(), frozen.clone(), stop.clone(), live.clone());
+        let acceptor =
+            std::thread::spawn(move || accept_loop(&listener, &upstream, (&c, &f), &s, &l));
         Proxy {
             addr,
             cut,
+            frozen,
             stop,
             live,
             acceptor: Some(acceptor),
@@ -42,9 +47,15 @@ impl Proxy {
         self.addr.port()
     }
 
+    /// Holds every byte from now on, keeping the connections open, until `cut`.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
     /// Drops every open connection and refuses new ones until `restore`.
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
+        self.frozen.store(false, Ordering::SeqCst);
         for stream in self.live.lock().drain(..) {
             let _ = stream.shutdown(Shutdown::Both);
         }
@@ -68,7 +79,7 @@ impl Drop for Proxy {
 fn accept_loop(
     listener: &TcpListener,
     upstream: &str,
-    cut: &AtomicBool,
+    (cut, frozen): (&Arc<AtomicBool>, &Arc<AtomicBool>),
     stop: &AtomicBool,
     live: &Mutex<Vec<TcpStream>>,
 ) {
@@ -93,19 +104,28 @@ fn accept_loop(
         for stream in [&client, &server] {
             streams.push(stream.try_clone().unwrap());
         }
-        pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-        pipe(server, client);
+        pipe(
+            client.try_clone().unwrap(),
+            server.try_clone().unwrap(),
+            frozen,
+        );
+        pipe(server, client, frozen);
     }
 }
 
-/// Copies one direction until either side closes. These threads end with their sockets.
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+/// Copies one direction until either side closes, holding bytes while frozen. These threads
+/// end with their sockets.
+fn pipe(mut from: TcpStream, mut to: TcpStream, frozen: &Arc<AtomicBool>) {
+    let frozen = frozen.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    while frozen.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(5)); // a stand-in for a dead peer
+                    }
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }

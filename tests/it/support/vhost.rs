@@ -50,7 +50,31 @@ impl Vhost {
                     &body,
                 );
             }
-            None => rabbitmqctl(&["set_vhost_limits", "-p", &self.name, &limits]),
+            None => {
+                rabbitmqctl(&["set_vhost_limits", "-p", &self.name, &limits]);
+            }
+        }
+    }
+
+    /// The queue's type (`classic`, `quorum`) as the broker reports it.
+    pub fn queue_type(&self, queue: &str) -> String {
+        match api() {
+            Some(api) => {
+                let path = format!("/api/queues/{}/{queue}", self.name);
+                let reply = super::http::request_with(&api, "GET", &path, &[AUTH], None);
+                reply.json()["type"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            }
+            None => {
+                let out = rabbitmqctl(&["list_queues", "-p", &self.name, "name", "type"]);
+                out.lines()
+                    .filter_map(|l| l.split_once('\t'))
+                    .find(|(name, _)| *name == queue)
+                    .map(|(_, kind)| kind.trim().to_string())
+                    .unwrap_or_default()
+            }
         }
     }
 
@@ -62,7 +86,9 @@ impl Vhost {
                 &format!("/api/vhost-limits/{}/max-connections", self.name),
                 "",
             ),
-            None => rabbitmqctl(&["clear_vhost_limits", "-p", &self.name]),
+            None => {
+                rabbitmqctl(&["clear_vhost_limits", "-p", &self.name]);
+            }
         }
     }
 }
@@ -71,7 +97,9 @@ impl Drop for Vhost {
     fn drop(&mut self) {
         match api() {
             Some(api) => management(&api, "DELETE", &format!("/api/vhosts/{}", self.name), ""),
-            None => rabbitmqctl(&["delete_vhost", &self.name]),
+            None => {
+                rabbitmqctl(&["delete_vhost", &self.name]);
+            }
         }
     }
 }
@@ -80,7 +108,9 @@ fn api() -> Option<String> {
     std::env::var("TENANTD_TEST_RABBITMQ_API").ok()
 }
 
-fn rabbitmqctl(args: &[&str]) {
+const AUTH: (&str, &str) = ("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=");
+
+fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .arg("-q")
         .args(args)
@@ -91,6 +121,7 @@ fn rabbitmqctl(args: &[&str]) {
         "rabbitmqctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A request to the management API with guest's credentials.
@@ -99,10 +130,7 @@ fn management(api: &str, method: &str, path: &str, body: &str) {
         api,
         method,
         path,
-        &[
-            ("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q="),
-            ("Content-Type", "application/json"),
-        ],
+        &[AUTH, ("Content-Type", "application/json")],
         Some(body.as_bytes()),
     );
     assert!(reply.status < 300, "{method} {path}: {}", reply.text());

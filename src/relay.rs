@@ -1,0 +1,108 @@
+//! The tenant's retry relay: it consumes `tenant_{id}_retry` on a channel of its own, holds the
+//! copy at the head until it is due, puts it back in the tenant's queue (confirmed) and only then
+//! acks it. Retries so need nothing of the broker but queues — no per-message TTL and no
+//! dead-lettering, which a quorum queue (RabbitMQ 3.10) can leave stuck after a leader change —
+//! and a crash at any point leaves the copy in one queue or, at worst, in both.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use amiquip::{AmqpValue, Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery};
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::{after, never, Receiver, RecvError};
+
+use crate::broker::Publisher;
+use crate::ids::TenantId;
+use crate::inflight::RETRY_AT_HEADER;
+
+pub struct Relay<'c> {
+    tenant: TenantId,
+    channel: &'c Channel,
+    consumer: Consumer<'c>,
+    publisher: Publisher,
+    /// The copy taken from the retry queue, and when it is due.
+    held: Option<(Delivery, Instant)>,
+}
+
+impl<'c> Relay<'c> {
+    /// Starts consuming the retry queue on `channel`, which must serve nothing else (acks and
+    /// prefetch are per channel and consumer).
+    pub fn start(channel: &'c Channel, tenant: TenantId, timeout: Duration) -> Result<Self> {
+        // One copy at a time: the head of the queue is the next to go back (a copy behind a
+        // later one may come late, never early).
+        channel.qos(0, 1, false)?;
+        let publisher = Publisher::enable(channel, timeout)?;
+        let consumer = channel
+            .basic_consume(tenant.retry_name(), ConsumerOptions::default())
+            .with_context(|| format!("consuming {}", tenant.retry_name()))?;
+        Ok(Relay {
+            tenant,
+            channel,
+            consumer,
+            publisher,
+            held: None,
+        })
+    }
+
+    pub fn deliveries(&self) -> &Receiver<ConsumerMessage> {
+        self.consumer.receiver()
+    }
+
+    /// Fires when the held copy is due.
+    pub fn timer(&self) -> Receiver<Instant> {
+        match &self.held {
+            Some((_, due)) => after(due.saturating_duration_since(Instant::now())),
+            None => never(),
+        }
+    }
+
+    /// Holds a copy until it is due.
+    pub fn hold(&mut self, message: Result<ConsumerMessage, RecvError>) -> Result<()> {
+        let delivery = match message {
+            Ok(ConsumerMessage::Delivery(delivery)) => delivery,
+            Ok(other) => bail!("the retry relay ended: {other:?}"),
+            Err(_) => bail!("the retry relay ended: its channel closed"),
+        };
+        let due = due_at(&delivery);
+        self.held = Some((delivery, due));
+        Ok(())
+    }
+
+    /// Puts the held copy back in the tenant's queue, then acks it here.
+    pub fn release(&mut self) -> Result<()> {
+        let Some((delivery, _)) = self.held.take() else {
+            return Ok(());
+        };
+        let mut properties = delivery.properties.clone();
+        if let Some(mut headers) = properties.headers().clone() {
+            headers.remove(RETRY_AT_HEADER);
+            properties = properties.with_headers(headers);
+        }
+        let queue = self.tenant.queue_name();
+        self.publisher
+            .publish(self.channel, &queue, &delivery.body, properties)
+            .with_context(|| format!("moving a retry back to {queue}"))?;
+        delivery.ack(self.channel)?;
+        Ok(())
+    }
+}
+
+/// When a copy is due: its header's time, or now when it has none (a copy from an older
+/// tenantd, which relied on the broker's per-message TTL).
+fn due_at(delivery: &Delivery) -> Instant {
+    let at = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| match h.get(RETRY_AT_HEADER) {
+            Some(AmqpValue::LongLongInt(ms)) => Some(*ms),
+            _ => None,
+        });
+    let Some(at) = at else {
+        return Instant::now();
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let wait = u64::try_from(at - now).unwrap_or(0);
+    Instant::now() + Duration::from_millis(wait)
+}
