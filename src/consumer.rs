@@ -136,7 +136,15 @@ fn run(ctx: &ConsumerContext, mut spec: TenantSpec, control: &Receiver<Control>)
     let mut declared = false;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     loop {
-        let err = match run_session(ctx, &mut spec, control, &mut declared, &mut backoff) {
+        let started = Instant::now();
+        let session = run_session(ctx, &mut spec, control, &mut declared);
+        // Only a session that lasted starts the backoff over: one that fails right after it
+        // connected (a queue refusing what is published to it, say) backs off like a refused
+        // connect, instead of reconnecting ten times a second.
+        if started.elapsed() >= STABLE_SESSION {
+            backoff.reset();
+        }
+        let err = match session {
             Ok(()) => return Ok(()),
             Err(e) if broker::is_not_found(&e) && declared => {
                 warn!("tenant_id={id} consumer stops: its queue is gone");
@@ -168,6 +176,9 @@ fn wait_out(control: &Receiver<Control>, delay: Duration, workers: &mut u16) -> 
     }
 }
 
+/// A session that lasted this long was not a failed start.
+const STABLE_SESSION: Duration = Duration::from_secs(5);
+
 /// One broker connection: a channel and its consumer, another after each resize, until told
 /// to stop (`Ok`) or until the connection fails.
 fn run_session(
@@ -175,12 +186,11 @@ fn run_session(
     spec: &mut TenantSpec,
     control: &Receiver<Control>,
     declared: &mut bool,
-    backoff: &mut Backoff,
 ) -> Result<()> {
     let label = format!("tenantd tenant {}", spec.id);
     let mut connection = ctx.brokers.connect(ctx.connect_timeout, &label)?;
     let result = loop {
-        match consume(ctx, spec, &mut connection, control, declared, backoff) {
+        match consume(ctx, spec, &mut connection, control, declared) {
             Ok(ChannelEnd::Stopped) => break Ok(()),
             Ok(ChannelEnd::Resized(n)) => spec.workers = n,
             Err(e) => break Err(e),
@@ -219,7 +229,6 @@ fn consume(
     connection: &mut Connection,
     control: &Receiver<Control>,
     declared: &mut bool,
-    backoff: &mut Backoff,
 ) -> Result<ChannelEnd> {
     let id = spec.id;
     let channel = connection.open_channel(None)?;
@@ -237,7 +246,6 @@ fn consume(
         consumer.consumer_tag(),
         ctx.prefetch(spec.workers)
     );
-    backoff.reset();
     running(ctx, id, spec.workers);
     let (reply_tx, reply_rx) = unbounded();
     let mut flight = InFlight::new(ctx, spec, reply_tx, publisher);
@@ -248,16 +256,15 @@ fn consume(
         control,
     };
     let leave = event_loop(ctx, &session, &mut flight, &mut relay)?;
-    // The relay's copy, if it holds one, goes back to the retry queue.
-    drop(relay);
-    let _ = relay_channel.close();
     let deadline = match leave {
         Leave::Stop(deadline) => deadline,
         Leave::Resize(_) => Instant::now() + ctx.drain_timeout,
     };
     // What is committed is acked before the channel closes; what is not goes back to the
-    // queue and comes again.
+    // queue and comes again. The relay's copy, if it holds one, goes back to the retry queue.
     let drained = drain(&channel, &consumer, &reply_rx, &mut flight, deadline);
+    relay.stop(deadline);
+    let _ = relay_channel.close();
     drop(consumer);
     drop(queue);
     let closed = drained.and_then(|()| Ok(channel.close()?));

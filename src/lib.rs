@@ -53,6 +53,7 @@ const HTTP_THREADS: usize = 16;
 /// A running tenantd replica.
 pub struct App {
     http: Option<HttpServer>,
+    service: Arc<Service>,
     coordinator: Option<Coordinator>,
     pool: Arc<WorkerPool>,
     replica_id: String,
@@ -102,15 +103,17 @@ pub fn start(config: Config) -> Result<App> {
         health.clone(),
         metrics,
     );
+    let service = Arc::new(service);
     let mut app = App {
         http: None,
+        service: service.clone(),
         coordinator: None,
         pool,
         replica_id: config.replica_id.clone(),
         shutdown_timeout: config.shutdown_timeout,
         stopped: false,
     };
-    let http = HttpServer::start(&http_settings(&config), Arc::new(service))?;
+    let http = HttpServer::start(&http_settings(&config), service)?;
     let http_addr = http.addr();
     app.http = Some(http);
     let settings = coordinator::Settings {
@@ -135,7 +138,7 @@ fn service_settings(config: &Config) -> ServiceSettings {
         lock_timeout: config.shutdown_timeout + Duration::from_secs(10),
         start_timeout: config.connect_timeout * 2 + Duration::from_secs(1),
         stop_timeout: config.shutdown_timeout + Duration::from_secs(2),
-        fence_grace: config.failover_timeout / 2 + coordinator::TICK * 2,
+        fence_grace: coordinator::grace(config.failover_timeout),
     }
 }
 
@@ -171,6 +174,8 @@ impl App {
         }
         self.stopped = true;
         let deadline = Instant::now() + self.shutdown_timeout;
+        // Operations waiting on another replica answer now, so HTTP stops within a moment.
+        self.service.stop_waiting();
         if let Some(http) = self.http.take() {
             info!(
                 "shutdown of replica {}: HTTP stops taking requests",

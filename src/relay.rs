@@ -67,6 +67,25 @@ impl<'c> Relay<'c> {
         Ok(())
     }
 
+    /// Stops consuming: the held copy, unacked, goes back to the retry queue when the channel
+    /// closes. Waits (until `deadline`) for the broker to confirm the cancel: amiquip tears the
+    /// whole connection down if the consumer is dropped before that confirmation arrives.
+    pub fn stop(self, deadline: Instant) {
+        if self.consumer.cancel().is_err() {
+            return;
+        }
+        let timeout = after(deadline.saturating_duration_since(Instant::now()));
+        loop {
+            crossbeam_channel::select! {
+                recv(self.consumer.receiver()) -> message => match message {
+                    Ok(ConsumerMessage::Delivery(_)) => {}
+                    _ => return,
+                },
+                recv(timeout) -> _ => return,
+            }
+        }
+    }
+
     /// Puts the held copy back in the tenant's queue, then acks it here.
     pub fn release(&mut self) -> Result<()> {
         let Some((delivery, _)) = self.held.take() else {

@@ -1,5 +1,6 @@
-//! One broker connection shared by the HTTP side for declaring, deleting, inspecting and
-//! publishing. It reconnects on the next call after any failure.
+//! Broker connections for the HTTP side — declaring, deleting, inspecting and publishing — kept
+//! in a small pool, so requests do not queue behind one another's round trips (a publish waits
+//! for its confirm). A connection that failed is closed; the next call opens another.
 
 use std::time::Duration;
 
@@ -29,11 +30,14 @@ impl std::fmt::Display for Unroutable {
 
 impl std::error::Error for Unroutable {}
 
+/// Sessions kept open beyond this many are closed when returned.
+const MAX_IDLE: usize = 8;
+
 pub struct BrokerAdmin {
     brokers: Brokers,
     queue_type: QueueType,
     timeout: Duration,
-    session: Mutex<Option<AdminSession>>,
+    idle: Mutex<Vec<AdminSession>>,
 }
 
 struct AdminSession {
@@ -69,34 +73,44 @@ impl BrokerAdmin {
             brokers,
             queue_type,
             timeout,
-            session: Mutex::new(Some(session)),
+            idle: Mutex::new(vec![session]),
         })
     }
 
-    /// Runs `op` on the session, once more on a fresh one if a kept session had gone stale.
+    /// Runs `op` on a session of the pool; once more on a fresh one when a kept session had
+    /// gone stale (the broker restarted, say) and the error is not the broker's answer.
     fn with_session<T>(&self, op: impl Fn(&mut AdminSession) -> Result<T>) -> Result<T> {
-        let mut guard = self.session.lock();
-        let was_open = guard.is_some();
-        match self.attempt(&mut guard, &op) {
-            Err(e) if was_open && !is_answer(&e) => self.attempt(&mut guard, &op),
+        let kept = self.idle.lock().pop();
+        let was_kept = kept.is_some();
+        let session = match kept {
+            Some(session) => session,
+            None => AdminSession::open(&self.brokers, self.timeout)?,
+        };
+        match self.attempt(session, &op) {
+            Err(e) if was_kept && !is_answer(&e) => {
+                self.attempt(AdminSession::open(&self.brokers, self.timeout)?, &op)
+            }
             result => result,
         }
     }
 
+    /// Runs `op`, then returns the session to the pool, or closes it when its channel may be
+    /// broken (every error but an unroutable message leaves it so).
     fn attempt<T>(
         &self,
-        slot: &mut Option<AdminSession>,
+        mut session: AdminSession,
         op: &impl Fn(&mut AdminSession) -> Result<T>,
     ) -> Result<T> {
-        if slot.is_none() {
-            *slot = Some(AdminSession::open(&self.brokers, self.timeout)?);
-        }
-        let session = slot.as_mut().expect("session was just opened");
-        let result = op(session);
-        if result.as_ref().is_err_and(|e| !e.is::<Unroutable>()) {
-            if let Some(session) = slot.take() {
-                session.close();
-            }
+        let result = op(&mut session);
+        let healthy = result
+            .as_ref()
+            .map_or_else(|e| e.is::<Unroutable>(), |_| true);
+        let mut idle = self.idle.lock();
+        if healthy && idle.len() < MAX_IDLE {
+            idle.push(session);
+        } else {
+            drop(idle);
+            session.close();
         }
         result
     }
@@ -163,7 +177,7 @@ fn is_answer(e: &anyhow::Error) -> bool {
 
 impl Drop for BrokerAdmin {
     fn drop(&mut self) {
-        if let Some(session) = self.session.lock().take() {
+        for session in self.idle.lock().drain(..) {
             session.close();
         }
     }

@@ -7,6 +7,7 @@ mod error;
 mod operations;
 mod pages;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,8 @@ pub struct Service {
     manager: Arc<TenantManager>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    /// Set when the replica shuts down: operations stop waiting and answer at once.
+    stopping: AtomicBool,
     /// When the queue gauges were last read from the broker.
     queues_read_at: Mutex<Option<Instant>>,
 }
@@ -113,8 +116,19 @@ impl Service {
             manager,
             health,
             metrics,
+            stopping: AtomicBool::new(false),
             queues_read_at: Mutex::new(None),
         }
+    }
+
+    /// Ends every wait of an operation in progress (its change is saved or not, as it was): a
+    /// shutdown must not wait for operations that wait for other replicas.
+    pub fn stop_waiting(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -138,21 +152,38 @@ impl Service {
         op: impl FnOnce(&mut Client) -> ServiceResult<T>,
     ) -> ServiceResult<T> {
         let mut db = self.db.get().map_err(ServiceError::database)?;
-        tenants::lock(&mut db, id, self.settings.lock_timeout).map_err(|e| {
-            if store::is_lock_timeout(&e) {
-                ServiceError::Busy(format!(
-                    "another operation on tenant {id} is still running; try again"
-                ))
-            } else {
-                ServiceError::database(e)
-            }
-        })?;
+        self.lock(&mut db, id)?;
         let result = op(&mut db);
         if tenants::unlock(&mut db, id).is_err() {
             // Closing the session releases the lock.
             db.discard();
         }
         result
+    }
+
+    /// Takes the tenant's lock, waiting in slices so that a shutdown ends the wait.
+    fn lock(&self, db: &mut Client, id: TenantId) -> ServiceResult<()> {
+        let deadline = Instant::now() + self.settings.lock_timeout;
+        loop {
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1));
+            match tenants::lock(db, id, slice) {
+                Ok(()) => return Ok(()),
+                Err(e) if !store::is_lock_timeout(&e) => return Err(ServiceError::database(e)),
+                Err(_) if self.is_stopping() => {
+                    return Err(ServiceError::Unavailable(
+                        "this replica is shutting down; try again on another".into(),
+                    ))
+                }
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(ServiceError::Busy(format!(
+                        "another operation on tenant {id} is still running; try again"
+                    )))
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     fn tenant(&self, db: &mut Client, id: TenantId) -> ServiceResult<Tenant> {
@@ -359,7 +390,7 @@ impl Service {
                     return false;
                 }
             }
-            if Instant::now() + pause > deadline {
+            if Instant::now() + pause > deadline || self.is_stopping() {
                 warn!("tenant_id={id} the change was saved but not applied within {timeout:?}");
                 return false;
             }
@@ -371,8 +402,12 @@ impl Service {
     /// Publishes a JSON body to the tenant's queue, confirmed by the broker; returns the id.
     /// A queue that does not exist returns the message, and nothing is published.
     pub fn publish(&self, id: TenantId, body: &[u8]) -> ServiceResult<Uuid> {
-        let tenant = self.with_db(|db| self.tenant(db, id))?;
-        if tenant.status == Status::Deleting {
+        let status = self.with_db(|db| {
+            tenants::status(db, id)
+                .map_err(ServiceError::database)?
+                .ok_or_else(|| ServiceError::tenant_not_found(id))
+        })?;
+        if status == Status::Deleting {
             return Err(ServiceError::NotFound(format!(
                 "tenant {id} is being deleted"
             )));

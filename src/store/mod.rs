@@ -41,12 +41,14 @@ pub fn connect(settings: &DbSettings, name: &str) -> Result<Client> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(settings.connect_timeout);
     }
-    let keepalive = settings.keepalive.max(Duration::from_secs(1));
+    // TCP counts keepalive times in whole seconds, and refuses zero.
+    let second = Duration::from_secs(1);
+    let keepalive = settings.keepalive.max(second * 2);
     config
         .application_name(name)
         .keepalives(true)
-        .keepalives_idle(keepalive / 2)
-        .keepalives_interval((keepalive / 6).max(Duration::from_secs(1)))
+        .keepalives_idle((keepalive / 2).max(second))
+        .keepalives_interval((keepalive / 6).max(second))
         .keepalives_retries(3)
         .tcp_user_timeout(keepalive);
     if !settings.statement_timeout.is_zero() {

@@ -163,10 +163,17 @@ pub struct Claimed {
     pub version: i64,
 }
 
-/// Claims the tenant for `replica` when it is active and unclaimed (or claimed by a replica
-/// that is no longer live, or by `replica` itself). The tenant's row is share-locked while
-/// claiming, so a concurrent change of its status is seen by one side or the other.
-pub fn claim(client: &mut Client, tenant: TenantId, replica: &str) -> Result<Option<Claimed>> {
+/// Claims the tenant for `replica` when it is active and unclaimed, claimed by `replica`
+/// itself, or claimed by a replica that is not live and has not heartbeated for `grace` (by
+/// then it has stopped its consumers: a blip of its session moves nothing). The tenant's row is
+/// share-locked while claiming, so a concurrent change of its status is seen by one side or
+/// the other.
+pub fn claim(
+    client: &mut Client,
+    tenant: TenantId,
+    replica: &str,
+    grace: Duration,
+) -> Result<Option<Claimed>> {
     let row = client.query_opt(
         "WITH t AS (SELECT id, workers, version FROM tenants
                     WHERE id = $1 AND status = 'active' FOR SHARE)
@@ -176,9 +183,12 @@ pub fn claim(client: &mut Client, tenant: TenantId, replica: &str) -> Result<Opt
             SET replica_id = EXCLUDED.replica_id, state = 'starting', error = NULL,
                 workers = EXCLUDED.workers, version = EXCLUDED.version, updated_at = now()
             WHERE consumers.replica_id IS NULL OR consumers.replica_id = EXCLUDED.replica_id
-               OR consumers.replica_id NOT IN (SELECT id FROM live_replicas)
+               OR (consumers.replica_id NOT IN (SELECT id FROM live_replicas)
+                   AND coalesce((SELECT r.seen_at FROM replicas r
+                                 WHERE r.id = consumers.replica_id), '-infinity')
+                       < now() - make_interval(secs => $3))
          RETURNING workers, version",
-        &[&tenant.uuid(), &replica],
+        &[&tenant.uuid(), &replica, &grace.as_secs_f64()],
     )?;
     Ok(row.map(|r| Claimed {
         workers: u16::try_from(r.get::<_, i32>(0)).unwrap_or(u16::MAX),

@@ -453,7 +453,8 @@ fn a_shutdown_ends_though_a_kept_alive_client_sends_a_request_while_http_stops()
     });
     let _ = kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     lock.commit().unwrap();
-    assert_eq!(pause.join().unwrap().status, 200);
+    // Saved; applied (200) or, the shutdown having ended its wait, not yet (202).
+    assert!([200, 202].contains(&pause.join().unwrap().status));
     wait_until(Duration::from_secs(30), "the shutdown to end", || {
         stopping.is_finished()
     });

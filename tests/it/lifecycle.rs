@@ -251,3 +251,49 @@ fn bad_patches_are_refused_and_change_nothing() {
     assert_eq!(cleared["name"], "strict");
     assert_eq!(cleared["status"], "active");
 }
+
+#[test]
+fn a_shutdown_during_an_operation_waiting_for_its_tenant_ends_in_time() {
+    let mut app = TestApp::spawn();
+    let tenant = app.create_tenant("waited on");
+    // Another replica's operation holds the tenant's lock (a DELETE waiting for a drain, say).
+    let id: uuid::Uuid = tenant.parse().unwrap();
+    let b = id.as_bytes();
+    let word = |i: usize| i32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let key = word(0) ^ word(4) ^ word(8) ^ word(12);
+    let mut holder = app.pg();
+    holder
+        .execute("SELECT pg_advisory_lock($1, $2)", &[&0x746e_6474i32, &key])
+        .unwrap();
+    let base = app.base();
+    let path = format!("/api/tenants/{tenant}/config/concurrency");
+    let put = std::thread::spawn(move || {
+        crate::support::http::request(&base, "PUT", &path, Some(br#"{"workers":2}"#))
+    });
+    wait_until(
+        Duration::from_secs(5),
+        "the PUT waiting for the lock",
+        || {
+            let waiting: i64 = holder
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            waiting == 1
+        },
+    );
+    let started = std::time::Instant::now();
+    app.app
+        .take()
+        .unwrap()
+        .shutdown()
+        .expect("a clean shutdown");
+    assert!(
+        started.elapsed() < app.config.shutdown_timeout,
+        "{:?}",
+        started.elapsed()
+    );
+    put.join().unwrap().assert_error(503, "shutting down");
+}

@@ -117,6 +117,8 @@ fn pause_racing_resume_ends_with_a_consumer_exactly_when_active() {
         outcomes.insert(view["status"].as_str().unwrap().to_string());
     }
     assert_eq!(outcomes.len(), 2, "both orders happened: {outcomes:?}");
+    let unclean = crate::support::logs::lines_with(&[&tenant, "closing the consumer failed"]);
+    assert!(unclean.is_empty(), "every stop closed cleanly: {unclean:?}");
 }
 
 #[test]

@@ -11,7 +11,10 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::support::child::Tenantd;
-use crate::support::{queue_name, rabbitmq_url, wait_until, Amqp, TestDb};
+use crate::support::proxy::Proxy;
+use crate::support::{
+    pg_host_port, pg_url_via, queue_name, rabbitmq_url, wait_until, Amqp, TestDb,
+};
 
 /// Replicas sharing one database; each tenant they create is cleaned up from the broker.
 struct Replicas {
@@ -30,13 +33,37 @@ impl Replicas {
     }
 
     fn start(&mut self, name: &str) {
-        let env = [
+        self.start_with(name, &[]);
+    }
+
+    /// Starts a replica with settings of its own (over the defaults here).
+    fn start_with(&mut self, name: &str, extra: &[(&str, String)]) {
+        let mut env = vec![
             ("DATABASE_URL", self.db.url()),
             ("RABBITMQ_URL", rabbitmq_url()),
             ("REPLICA_ID", name.to_string()),
             ("WORKER_POOL_SIZE", "2".to_string()),
         ];
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k, v.clone()));
+        }
         self.running.insert(name.to_string(), Tenantd::start(&env));
+    }
+
+    /// Sampled for `during`: the most consumers seen at once on each tenant's queue.
+    fn most_consumers(&self, during: Duration) -> HashMap<String, u32> {
+        let mut amqp = Amqp::connect();
+        let mut most: HashMap<String, u32> = HashMap::new();
+        let end = Instant::now() + during;
+        while Instant::now() < end {
+            for t in &self.tenants {
+                let n = amqp.consumers(&queue_name(t));
+                let m = most.entry(t.clone()).or_default();
+                *m = (*m).max(n);
+            }
+        }
+        most
     }
 
     fn get(&self, name: &str) -> &Tenantd {
@@ -348,4 +375,154 @@ fn a_replica_stopped_with_sigterm_hands_its_tenants_over_with_short_gaps() {
         );
     }
     replicas.settled("a", &["a"], Duration::from_secs(10));
+}
+
+/// Ends the coordinator sessions of these replicas, as a PostgreSQL restart does.
+fn end_sessions(db: &TestDb, replicas: &[&str]) -> i64 {
+    let names: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("tenantd replica {r}"))
+        .collect();
+    db.client()
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = ANY($1)",
+            &[&names],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn a_short_database_blip_of_one_replica_moves_no_tenant_and_doubles_no_consumer() {
+    let mut replicas = Replicas::new();
+    let proxy = Proxy::start(&pg_host_port());
+    replicas.start("a");
+    replicas.start("b");
+    let via = pg_url_via(proxy.port(), &replicas.db);
+    replicas.start_with("c", &[("DATABASE_URL", via)]);
+    replicas.create("a", 9);
+    let before = replicas.settled("a", &["a", "b", "c"], Duration::from_secs(30));
+    proxy.cut(); // c's sessions end, and for 2 s c cannot reconnect
+    let blip = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2)); // the blip itself
+        proxy.restore();
+        proxy
+    });
+    let most = replicas.most_consumers(Duration::from_secs(6));
+    let _proxy = blip.join().unwrap();
+    let after = replicas.settled("a", &["a", "b", "c"], Duration::from_secs(30));
+    let doubled: Vec<_> = most.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "queues with two consumers: {doubled:?}");
+    assert_eq!(before, after, "no tenant moved");
+}
+
+#[test]
+fn a_silent_partition_stops_the_old_owner_before_another_takes_over_or_a_pause_answers() {
+    let mut replicas = Replicas::new();
+    let proxy = Proxy::start(&pg_host_port());
+    let via = pg_url_via(proxy.port(), &replicas.db);
+    replicas.start_with("a", &[("DATABASE_URL", via)]);
+    replicas.start("b");
+    replicas.create("b", 4);
+    let owners = replicas.settled("b", &["a", "b"], Duration::from_secs(30));
+    let on_a = owners["a"].clone();
+    assert!(on_a.len() >= 2, "{owners:?}");
+    let (paused, watched) = (on_a[0].clone(), on_a[1].clone());
+    // a's path to PostgreSQL goes silent at t0; the server drops a's session at t0 + 6 s (as
+    // its keepalives would); a's own client gives up at t0 + 10 s (as tcp_user_timeout would).
+    let t0 = Instant::now();
+    proxy.freeze();
+    std::thread::sleep(Duration::from_secs(6)); // the silence before the server notices
+                                                // a's first session, and any it opened since (held by the silence too).
+    assert!(end_sessions(&replicas.db, &["a"]) >= 1);
+    let base = replicas.get("b").base.clone();
+    let path = format!("/api/tenants/{paused}");
+    let pause = std::thread::spawn(move || {
+        let reply =
+            crate::support::http::request(&base, "PATCH", &path, Some(br#"{"status":"inactive"}"#));
+        (reply.status, Instant::now())
+    });
+    let mut amqp = Amqp::connect();
+    let (mut doubled_at, mut left_at, mut cut) = (None, None, false);
+    while t0.elapsed() < Duration::from_secs(14) {
+        if !cut && t0.elapsed() >= Duration::from_secs(10) {
+            proxy.cut();
+            cut = true;
+        }
+        if doubled_at.is_none() && amqp.consumers(&queue_name(&watched)) == 2 {
+            doubled_at = Some(t0.elapsed());
+        }
+        if left_at.is_none() && amqp.consumers(&queue_name(&paused)) == 0 {
+            left_at = Some(Instant::now());
+        }
+    }
+    let (status, answered) = pause.join().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        doubled_at, None,
+        "b ran {watched} while a still consumed it"
+    );
+    assert!(
+        left_at.is_some_and(|t| t <= answered),
+        "the pause was answered before a's consumer left"
+    );
+}
+
+#[test]
+fn a_consumer_that_keeps_failing_right_after_it_starts_neither_spins_nor_stalls_failover() {
+    let vhost = crate::support::vhost::Vhost::create();
+    // The DLQs refuse every message: a poison message's copy is nacked, its session fails and
+    // the message comes back, again and again.
+    vhost.set_policy(
+        "dlq-cap",
+        "_dlq$",
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+    );
+    let mut replicas = Replicas::new();
+    let extra = [
+        ("RABBITMQ_URL", vhost.url()),
+        ("RETRY_DELAYS_MS", "none".to_string()),
+    ];
+    replicas.start_with("a", &extra);
+    replicas.start_with("b", &extra);
+    replicas.create("a", 4);
+    let mut owners = HashMap::new();
+    wait_until(Duration::from_secs(30), "every tenant running", || {
+        owners = replicas.owners("a").unwrap_or_default();
+        owners.values().map(Vec::len).sum::<usize>() == 4 && owners.len() == 2
+    });
+    let (flapping, orphan) = (owners["a"][0].clone(), owners["b"][0].clone());
+    let mut amqp = Amqp::connect_to(&vhost.url());
+    amqp.publish(
+        &queue_name(&flapping),
+        b"not json",
+        Some(&Uuid::new_v4().to_string()),
+    );
+    amqp.wait_confirms();
+    let sessions = |replicas: &Replicas| {
+        replicas
+            .get("a")
+            .lines()
+            .iter()
+            .filter(|l| l.contains("consumer started") && l.contains(&flapping))
+            .count()
+    };
+    wait_until(Duration::from_secs(10), "the session to fail", || {
+        sessions(&replicas) > 1
+    });
+    let mut killed = replicas.running.remove("b").unwrap();
+    killed.kill();
+    let started = Instant::now();
+    wait_until(Duration::from_secs(10), "b's tenant running on a", || {
+        let view = replicas.view("a", &orphan);
+        view["consumer"]["replica"] == "a" && view["consumer"]["state"] == "running"
+    });
+    let failover = started.elapsed();
+    let flaps = sessions(&replicas);
+    // Backing off (100 ms doubling to 30 s) gives some ten sessions here; without, hundreds.
+    assert!(
+        flaps < 15,
+        "{flaps} sessions in {failover:?}: the failing consumer backs off"
+    );
 }

@@ -27,14 +27,25 @@ pub fn set_payload_bytes(bytes: usize) {
 
 /// A ~240-byte JSON order event, padded to the chosen size.
 pub fn body(seq: u64) -> Vec<u8> {
+    body_sent(seq, 0)
+}
+
+/// The same, carrying when it was published (Unix time in µs) for latency measurements.
+pub fn body_sent(seq: u64, sent_us: i64) -> Vec<u8> {
     let pad = "x".repeat(PADDING.load(std::sync::atomic::Ordering::Relaxed));
     format!(
-        r#"{{"seq":{seq},"event":"order.created","customer":"c-{:06}","items":[{{"sku":"A-100","qty":2}},{{"sku":"B-220","qty":1}}],"total":{}.{:02},"currency":"EUR","note":"benchmark payload of roughly two hundred and forty bytes{pad}"}}"#,
+        r#"{{"seq":{seq},"sent_us":{sent_us},"event":"order.created","customer":"c-{:06}","items":[{{"sku":"A-100","qty":2}},{{"sku":"B-220","qty":1}}],"total":{}.{:02},"currency":"EUR","note":"benchmark payload of roughly two hundred and forty bytes{pad}"}}"#,
         seq % 1_000_000,
         seq % 997,
         seq % 100
     )
     .into_bytes()
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Publishes `per_queue` messages with UUID message ids to each queue, one thread per queue,
@@ -73,8 +84,9 @@ pub fn preload(url: &str, queues: &[String], per_queue: u64) {
     });
 }
 
-/// Drains the queues with consume + ack and no work, at `prefetch`, acking like tenantd does
-/// (one multiple-ack when nothing more is waiting). Returns the messages per second.
+/// Drains the queues with consume + ack and no work, at tenantd's prefetch (per consumer, as
+/// tenantd sets it), acking like tenantd does (one multiple-ack when nothing more is waiting).
+/// Returns the messages per second.
 pub fn drain_rate(url: &str, queues: &[String], per_queue: u64, prefetch: u16) -> f64 {
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -82,7 +94,7 @@ pub fn drain_rate(url: &str, queues: &[String], per_queue: u64, prefetch: u16) -
             s.spawn(move || {
                 let mut connection = connect(url);
                 let channel = connection.open_channel(None).unwrap();
-                channel.qos(0, prefetch, true).unwrap();
+                channel.qos(0, prefetch, false).unwrap();
                 let consumer = channel
                     .basic_consume(queue.as_str(), ConsumerOptions::default())
                     .unwrap();
@@ -108,13 +120,12 @@ pub fn drain_rate(url: &str, queues: &[String], per_queue: u64, prefetch: u16) -
     (per_queue * queues.len() as u64) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Publishes `{"seq": n, ...}` to `queue` at `rate` per second for `seconds`; returns the instant
-/// each message was handed to the broker.
-pub fn publish_at_rate(url: &str, queue: &str, rate: u64, seconds: u64) -> Vec<Instant> {
+/// Publishes `{"seq": n, "sent_us": …, ...}` to `queue` at `rate` per second for `seconds`;
+/// returns how many it published.
+pub fn publish_at_rate(url: &str, queue: &str, rate: u64, seconds: u64) -> u64 {
     let mut connection = connect(url);
     let channel = connection.open_channel(None).unwrap();
     let total = rate * seconds;
-    let mut sent = Vec::with_capacity(total as usize);
     let start = Instant::now();
     for seq in 0..total {
         let due = start + Duration::from_secs_f64(seq as f64 / rate as f64);
@@ -122,12 +133,51 @@ pub fn publish_at_rate(url: &str, queue: &str, rate: u64, seconds: u64) -> Vec<I
             std::thread::sleep(wait);
         }
         let props = AmqpProperties::default().with_message_id(Uuid::now_v7().to_string());
-        sent.push(Instant::now());
+        let body = body_sent(seq, now_us());
         channel
-            .basic_publish("", Publish::with_properties(&body(seq), queue, props))
+            .basic_publish("", Publish::with_properties(&body, queue, props))
             .unwrap();
     }
     let _ = channel.close();
+    let _ = connection.close();
+    total
+}
+
+/// Publishes to every queue `per_queue_rate` messages a second (with ids and publish times)
+/// until `stop`; returns how many it published, all confirmed.
+pub fn publish_flow(
+    url: &str,
+    queues: &[String],
+    per_queue_rate: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> u64 {
+    let mut connection = connect(url);
+    let channel = connection.open_channel(None).unwrap();
+    channel.enable_publisher_confirms().unwrap();
+    let confirms = channel.listen_for_publisher_confirms().unwrap();
+    let mut smoother = ConfirmSmoother::new();
+    let start = Instant::now();
+    let mut sent = 0;
+    let mut round = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        for queue in queues {
+            let props = AmqpProperties::default()
+                .with_message_id(Uuid::now_v7().to_string())
+                .with_delivery_mode(2);
+            let body = body_sent(round, now_us());
+            channel
+                .basic_publish("", Publish::with_properties(&body, queue.as_str(), props))
+                .unwrap();
+            sent += 1;
+        }
+        round += 1;
+        let due = start + Duration::from_secs_f64(round as f64 / per_queue_rate as f64);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    }
+    let mut confirmed = 0;
+    while confirmed < sent {
+        confirmed += smoother.process(confirms.recv().unwrap()).count() as u64;
+    }
     let _ = connection.close();
     sent
 }

@@ -1,10 +1,12 @@
-//! What the kernel says about the tenantd process: resident memory, threads, CPU time.
+//! What the kernel says about processes: resident memory, threads, descriptors, CPU time — of
+//! a tenantd replica, or of every process of a server (RabbitMQ's `beam.smp`, `postgres`).
 
 use std::time::Duration;
 
 pub struct Sample {
     pub rss_mb: f64,
     pub threads: u64,
+    pub fds: u64,
 }
 
 pub fn sample(pid: u32) -> Sample {
@@ -17,9 +19,11 @@ pub fn sample(pid: u32) -> Sample {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
     Sample {
         rss_mb: field("VmRSS:") as f64 / 1024.0,
         threads: field("Threads:"),
+        fds,
     }
 }
 
@@ -35,4 +39,45 @@ pub fn cpu_time(pid: u32) -> Duration {
         .sum();
     // The kernel's USER_HZ is 100 on every Linux this runs on.
     Duration::from_millis(ticks * 10)
+}
+
+/// CPU time used so far by every process whose command is `comm`.
+pub fn cpu_of(comm: &str) -> Duration {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    procs
+        .filter_map(|p| {
+            let p = p.ok()?;
+            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(p.path().join("comm")).ok()?;
+            (name.trim_end() == comm).then(|| cpu_time(pid))
+        })
+        .sum()
+}
+
+/// CPU used by tenantd, RabbitMQ and PostgreSQL between two readings.
+#[derive(Clone, Copy)]
+pub struct CpuSplit {
+    pub tenantd: Duration,
+    pub rabbitmq: Duration,
+    pub postgres: Duration,
+}
+
+impl CpuSplit {
+    pub fn now(tenantd_pids: &[u32]) -> CpuSplit {
+        CpuSplit {
+            tenantd: tenantd_pids.iter().map(|&p| cpu_time(p)).sum(),
+            rabbitmq: cpu_of("beam.smp"),
+            postgres: cpu_of("postgres"),
+        }
+    }
+
+    pub fn since(self, before: CpuSplit) -> CpuSplit {
+        CpuSplit {
+            tenantd: self.tenantd.saturating_sub(before.tenantd),
+            rabbitmq: self.rabbitmq.saturating_sub(before.rabbitmq),
+            postgres: self.postgres.saturating_sub(before.postgres),
+        }
+    }
 }

@@ -1,5 +1,8 @@
-//! The system under test: a fresh database and the real tenantd binary as a child process.
+//! The system under test: a fresh database and the real tenantd binary as child processes (one
+//! or several replicas). Everything the run creates in the broker is deleted when the stack is
+//! dropped, on every path, a panic included.
 
+use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,12 +13,25 @@ use serde_json::{json, Value};
 #[path = "../../../tests/it/support/http.rs"]
 pub mod http;
 
+pub struct Replica {
+    child: Child,
+    pub base: String,
+}
+
+impl Replica {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 pub struct Stack {
     pub pg_server: String,
     pub db_name: String,
     pub amqp_url: String,
-    child: Option<Child>,
-    pub base: String,
+    /// Running replicas by name; "main" when there is one.
+    replicas: BTreeMap<String, Replica>,
+    /// Tenants created by the run, whose queues go at the end.
+    created: Vec<String>,
 }
 
 impl Stack {
@@ -35,8 +51,8 @@ impl Stack {
             pg_server: pg_server.into(),
             db_name,
             amqp_url: amqp_url.into(),
-            child: None,
-            base: String::new(),
+            replicas: BTreeMap::new(),
+            created: Vec::new(),
         }
     }
 
@@ -44,8 +60,13 @@ impl Stack {
         Client::connect(&format!("{}/{}", self.pg_server, self.db_name), NoTls).unwrap()
     }
 
-    /// Starts tenantd with these extra settings and waits until it answers /healthz.
+    /// Starts the one replica with these extra settings.
     pub fn start(&mut self, env: &[(&str, &str)]) {
+        self.start_replica("main", env);
+    }
+
+    /// Starts a replica named `name` and waits until it answers.
+    pub fn start_replica(&mut self, name: &str, env: &[(&str, &str)]) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -63,50 +84,71 @@ impl Stack {
             )
             .env("RABBITMQ_URL", &self.amqp_url)
             .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("REPLICA_ID", name)
             .env("LOG_LEVEL", "warn")
             .stdout(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        self.child = Some(
-            cmd.spawn()
-                .expect("starting tenantd (build it with --release)"),
-        );
-        self.base = format!("http://127.0.0.1:{port}");
+        let child = cmd
+            .spawn()
+            .expect("starting tenantd (build it with --release)");
+        let base = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(120);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "tenantd did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.replicas.insert(name.into(), Replica { child, base });
+    }
+
+    pub fn replica(&self, name: &str) -> &Replica {
+        &self.replicas[name]
+    }
+
+    /// The one replica (or the first).
+    pub fn main(&self) -> &Replica {
+        self.replicas.values().next().expect("a running replica")
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.main().pid()
     }
 
     /// SIGTERM and wait: the same clean shutdown an operator gets.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        let names: Vec<String> = self.replicas.keys().cloned().collect();
+        for name in names {
+            self.signal(&name, "-TERM");
+        }
+    }
+
+    /// Sends `signal` to a replica and waits for it to exit.
+    pub fn signal(&mut self, name: &str, signal: &str) {
+        if let Some(mut replica) = self.replicas.remove(name) {
             let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
+                .args([signal, &replica.child.id().to_string()])
                 .status();
-            let _ = child.wait();
+            let _ = replica.child.wait();
         }
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<Value>) -> http::Reply {
         let body = body.map(|b| b.to_string());
-        http::request(&self.base, method, path, body.as_deref().map(str::as_bytes))
+        let base = &self.main().base;
+        http::request(base, method, path, body.as_deref().map(str::as_bytes))
     }
 
-    pub fn create_tenant(&self, name: &str, status: &str) -> String {
+    pub fn create_tenant(&mut self, name: &str, status: &str) -> String {
         let reply = self.request(
             "POST",
             "/api/tenants",
             Some(json!({"name": name, "status": status})),
         );
         assert_eq!(reply.status, 201, "{}", reply.text());
-        reply.json()["id"].as_str().unwrap().to_string()
+        let id = reply.json()["id"].as_str().unwrap().to_string();
+        self.created.push(id.clone());
+        id
     }
 
     pub fn set_status(&self, tenant: &str, status: &str) {
@@ -118,15 +160,49 @@ impl Stack {
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
 
+    pub fn set_workers(&self, tenant: &str, workers: u16) {
+        let reply = self.request(
+            "PUT",
+            &format!("/api/tenants/{tenant}/config/concurrency"),
+            Some(json!({ "workers": workers })),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+
     pub fn rows(&self, pg: &mut Client) -> i64 {
         pg.query_one("SELECT count(*) FROM messages", &[])
             .unwrap()
             .get(0)
     }
+
+    /// Deletes what the run made in the broker.
+    fn clean_broker(&self) {
+        let addr = tenantd::broker::BrokerAddr::parse(&self.amqp_url).unwrap();
+        let Ok(mut connection) =
+            tenantd::broker::connect(&addr, Duration::from_secs(10), "bench cleanup")
+        else {
+            return;
+        };
+        let Ok(channel) = connection.open_channel(None) else {
+            return;
+        };
+        for t in &self.created {
+            for q in ["queue", "retry", "dlq"] {
+                let name = format!("tenant_{t}_{q}");
+                let _ = channel.queue_delete(name, amiquip::QueueDeleteOptions::default());
+            }
+        }
+        let _ = connection.close();
+    }
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        self.stop();
+        // Stopped first: a running consumer would declare its queues again.
+        let names: Vec<String> = self.replicas.keys().cloned().collect();
+        for name in names {
+            self.signal(&name, "-KILL");
+        }
+        self.clean_broker();
     }
 }

@@ -56,6 +56,27 @@ impl Vhost {
         }
     }
 
+    /// Applies a policy to the vhost's queues whose names match `pattern`.
+    pub fn set_policy(&self, name: &str, pattern: &str, definition: &str) {
+        match api() {
+            Some(api) => {
+                let body = format!(
+                    r#"{{"pattern":"{pattern}","definition":{definition},"apply-to":"queues"}}"#
+                );
+                management(
+                    &api,
+                    "PUT",
+                    &format!("/api/policies/{}/{name}", self.name),
+                    &body,
+                );
+            }
+            None => {
+                let args = ["set_policy", "-p", &self.name, name, pattern, definition];
+                rabbitmqctl(&[&args[..], &["--apply-to", "queues"]].concat());
+            }
+        }
+    }
+
     /// The queue's type (`classic`, `quorum`) as the broker reports it.
     pub fn queue_type(&self, queue: &str) -> String {
         match api() {

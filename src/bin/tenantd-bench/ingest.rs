@@ -1,0 +1,160 @@
+//! Ingest: a backlog preloaded into paused tenants' queues, then resumed and stored, timed by
+//! the rows' own `created_at`; the same backlog drained by plain consumers that only ack (the
+//! broker's ceiling, at tenantd's prefetch); where the machine's CPU went meanwhile; and the
+//! same pipeline storing one message per transaction, at the same prefetch and count.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::procstat::{self, CpuSplit};
+use crate::stack::Stack;
+use crate::{load, Args, Report};
+
+/// What one timed drain measured.
+pub struct Drain {
+    pub msgs_per_s: f64,
+    pub cpu: CpuSplit,
+    pub wall: Duration,
+    pub peak_rss_mb: f64,
+}
+
+pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
+    stack.start(&[]);
+    let tenants: Vec<String> = (0..args.tenants)
+        .map(|i| stack.create_tenant(&format!("bench-{i}"), "inactive"))
+        .collect();
+    let queues: Vec<String> = tenants
+        .iter()
+        .map(|t| format!("tenant_{t}_queue"))
+        .collect();
+    let per_queue = args.messages / args.tenants;
+    let total = per_queue * args.tenants;
+
+    load::preload(&stack.amqp_url, &queues, per_queue);
+    let ingest = timed_drain(stack, &tenants, total);
+    report.add("ingest_msgs_per_s", ingest.msgs_per_s.round(), "msg/s");
+
+    load::preload(&stack.amqp_url, &queues, per_queue);
+    let broker = load::drain_rate(&stack.amqp_url, &queues, per_queue, prefetch());
+    report.add("broker_msgs_per_s", broker.round(), "msg/s");
+    report.add("ingest_ratio", ingest.msgs_per_s / broker, "");
+    let per_msg = |d: Duration| d.as_secs_f64() * 1e6 / total as f64;
+    report.add("tenantd_cpu_us_per_msg", per_msg(ingest.cpu.tenantd), "µs");
+    let share = |d: Duration| 100.0 * d.as_secs_f64() / ingest.wall.as_secs_f64();
+    report.add(
+        "ingest_cpu_tenantd_pct",
+        share(ingest.cpu.tenantd).round(),
+        "% of a core",
+    );
+    report.add(
+        "ingest_cpu_rabbitmq_pct",
+        share(ingest.cpu.rabbitmq).round(),
+        "% of a core",
+    );
+    report.add(
+        "ingest_cpu_postgres_pct",
+        share(ingest.cpu.postgres).round(),
+        "% of a core",
+    );
+    report.add("drain_peak_rss_mb", ingest.peak_rss_mb.round(), "MB");
+
+    if args.one_per_tx {
+        // The same pipeline storing one message per transaction, at the same prefetch (as many
+        // one-message batches in flight as messages before) and the same count.
+        stack.stop();
+        let workers = prefetch().to_string();
+        stack.start(&[("BATCH_SIZE", "1"), ("MAX_WORKERS", &workers)]);
+        for t in &tenants {
+            stack.set_workers(t, prefetch());
+        }
+        load::preload(&stack.amqp_url, &queues, per_queue);
+        let single = timed_drain(stack, &tenants, total);
+        report.add("one_per_tx_msgs_per_s", single.msgs_per_s.round(), "msg/s");
+        report.add(
+            "batching_speedup",
+            ingest.msgs_per_s / single.msgs_per_s,
+            "x",
+        );
+    }
+}
+
+/// tenantd's prefetch per tenant with the settings it inherits: DEFAULT_WORKERS × BATCH_SIZE.
+pub fn prefetch() -> u16 {
+    let setting = |name: &str, default: u16| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    setting("DEFAULT_WORKERS", 3) * setting("BATCH_SIZE", 100)
+}
+
+/// Resumes the tenants and waits for `more` new rows; the rate is the rows over the time from
+/// the resume to the last row's `created_at` (the database's own clock, so polling for the end
+/// costs nothing to the figure). Pauses the tenants again.
+pub fn timed_drain(stack: &Stack, tenants: &[String], more: u64) -> Drain {
+    let mut pg = stack.pg();
+    let target = stack.rows(&mut pg) + more as i64;
+    let pids = [stack.pid()];
+    let peak = PeakRss::watch(stack.pid());
+    let cpu_before = CpuSplit::now(&pids);
+    let wall = Instant::now();
+    let started: DateTime<Utc> = pg
+        .query_one("SELECT clock_timestamp()", &[])
+        .unwrap()
+        .get(0);
+    for t in tenants {
+        stack.set_status(t, "active");
+    }
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while stack.rows(&mut pg) < target {
+        assert!(Instant::now() < deadline, "ingest did not finish");
+        std::thread::sleep(Duration::from_millis(250)); // a light poll; the figure is the rows' own time
+    }
+    let cpu = CpuSplit::now(&pids).since(cpu_before);
+    let wall = wall.elapsed();
+    let last: DateTime<Utc> = pg
+        .query_one("SELECT max(created_at) FROM messages", &[])
+        .unwrap()
+        .get(0);
+    for t in tenants {
+        stack.set_status(t, "inactive");
+    }
+    let seconds = (last - started).num_microseconds().unwrap_or(1) as f64 / 1e6;
+    Drain {
+        msgs_per_s: more as f64 / seconds,
+        cpu,
+        wall,
+        peak_rss_mb: peak.stop(),
+    }
+}
+
+/// Samples a process's RSS every 50 ms until stopped; the peak.
+struct PeakRss {
+    done: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<f64>,
+}
+
+impl PeakRss {
+    fn watch(pid: u32) -> PeakRss {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak: f64 = 0.0;
+            while !flag.load(Ordering::SeqCst) {
+                peak = peak.max(procstat::sample(pid).rss_mb);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        PeakRss { done, thread }
+    }
+
+    fn stop(self) -> f64 {
+        self.done.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap_or(0.0)
+    }
+}

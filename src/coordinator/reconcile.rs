@@ -1,0 +1,159 @@
+//! Planning and carrying the plan out: which live replica runs which active tenant (`assign`),
+//! and, for this replica, stopping what should not run here, claiming and starting what
+//! should, resizing what changed, and giving up claims no thread here stands behind.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use anyhow::Result;
+use log::{error, info};
+
+use super::grace;
+use super::state::Loop;
+use crate::assign::{self, Placed};
+use crate::model::Status;
+use crate::store::replicas::{self, Claimed, TenantState};
+
+impl Loop {
+    /// Plans and carries the plan out for this replica.
+    pub(super) fn reconcile(&mut self) -> Result<()> {
+        self.heartbeat()?;
+        let session = self.session.as_mut().expect("connected");
+        let live = replicas::live(session)?;
+        let states = replicas::states(session)?;
+        self.members = live.iter().map(|r| (r.id.clone(), r.leaving)).collect();
+        let me = self.settings.replica_id.clone();
+        let live_ids: HashSet<&str> = live.iter().map(|r| r.id.as_str()).collect();
+        let taking: Vec<&str> = live
+            .iter()
+            .filter(|r| !(r.leaving || self.leaving && r.id == me))
+            .map(|r| r.id.as_str())
+            .collect();
+        let active: Vec<Placed> = states
+            .iter()
+            .filter(|s| s.status == Status::Active)
+            .map(|s| Placed {
+                tenant: s.id,
+                owner: s.owner.as_deref().filter(|o| taking.contains(o)),
+            })
+            .collect();
+        let plan = assign::plan(&active, &taking);
+        let mine = |s: &TenantState| {
+            s.status == Status::Active && plan.get(&s.id).is_some_and(|r| *r == me)
+        };
+        self.stop_or_update(&states, &mine);
+        let wanted: Vec<&TenantState> = states
+            .iter()
+            .filter(|s| mine(s) && self.manager.status(s.id).is_none())
+            .filter(|s| {
+                s.owner
+                    .as_deref()
+                    .is_none_or(|o| o == me || !live_ids.contains(o))
+            })
+            .collect();
+        let started = self.claim_and_start(&wanted)?;
+        self.release_stale_claims(&states, &mine)?;
+        let known: HashSet<_> = states.iter().map(|s| s.id).collect();
+        for id in self.manager.known() {
+            if !known.contains(&id) && self.manager.status(id).is_none() {
+                self.manager.forget(id);
+                self.restart_after.remove(&id);
+            }
+        }
+        self.settled(live.len(), active.len(), started);
+        Ok(())
+    }
+
+    /// Stops the threads here whose tenant should not run here (any more), and applies newer
+    /// versions to the others.
+    fn stop_or_update(&mut self, states: &[TenantState], mine: &impl Fn(&TenantState) -> bool) {
+        let me = self.settings.replica_id.clone();
+        let by_id: HashMap<_, _> = states.iter().map(|s| (s.id, s)).collect();
+        let mut reports = Vec::new();
+        for id in self.manager.ids() {
+            let keep = by_id
+                .get(&id)
+                .filter(|s| mine(s) && s.owner.as_deref() == Some(me.as_str()));
+            let deadline = Instant::now() + self.settings.drain_timeout;
+            let report = match keep {
+                Some(s) => self.manager.update(id, claimed(s)),
+                None => self.manager.stop(id, deadline),
+            };
+            reports.extend(report.map(|r| (id, r)));
+        }
+        for (id, report) in reports {
+            self.write_report(id, &report);
+        }
+    }
+
+    /// Claims each tenant and starts its consumer; how many started. A claim refused because
+    /// its owner, no longer live, may still be consuming (`grace`) is tried again next tick.
+    fn claim_and_start(&mut self, wanted: &[&TenantState]) -> Result<usize> {
+        let me = self.settings.replica_id.clone();
+        let grace = grace(self.settings.failover_timeout);
+        let mut started = 0;
+        for s in wanted {
+            if let Some((at, _)) = self.restart_after.get(&s.id) {
+                if Instant::now() < *at {
+                    self.dirty = true;
+                    continue;
+                }
+            }
+            self.keep_alive()?;
+            let session = self.session.as_mut().expect("connected");
+            let Some(claim) = replicas::claim(session, s.id, &me, grace)? else {
+                self.dirty |= s.owner.as_deref().is_some_and(|o| o != me);
+                continue;
+            };
+            match self.manager.start(s.id, claim) {
+                Ok(()) => started += 1,
+                Err(e) => {
+                    error!("tenant_id={} cannot start its consumer: {e:#}", s.id);
+                    replicas::release(session, s.id, &me, claim.version)?;
+                }
+            }
+        }
+        Ok(started)
+    }
+
+    /// Gives up claims of this replica's that no thread here stands behind and that it does
+    /// not want (their consumer ended while the session was down, so the release could not be
+    /// written): otherwise a pause or a delete would wait on them for ever.
+    fn release_stale_claims(
+        &mut self,
+        states: &[TenantState],
+        mine: &impl Fn(&TenantState) -> bool,
+    ) -> Result<()> {
+        let me = self.settings.replica_id.clone();
+        for s in states {
+            let stale = s.owner.as_deref() == Some(me.as_str())
+                && !mine(s)
+                && self.manager.status(s.id).is_none();
+            if stale {
+                self.keep_alive()?;
+                let session = self.session.as_mut().expect("connected");
+                replicas::release(session, s.id, &me, s.version)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn settled(&mut self, replicas: usize, active: usize, started: usize) {
+        let mut settled = self.health.settled.lock();
+        if !*settled {
+            *settled = true;
+            info!(
+                "replica {} took its share: {replicas} live replicas, {active} active tenants, \
+                 {started} started here",
+                self.settings.replica_id
+            );
+        }
+    }
+}
+
+fn claimed(s: &TenantState) -> Claimed {
+    Claimed {
+        workers: s.workers,
+        version: s.version,
+    }
+}

@@ -1,0 +1,286 @@
+//! The coordinator thread's loop: what wakes it (announced changes, consumer events, a fixed
+//! tick), its session to PostgreSQL (lost, reconnected, heartbeating), and the hand-over that
+//! ends it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use crossbeam_channel::{at, never, Receiver};
+use log::{error, info, warn};
+use postgres::Client;
+
+use super::listener::Note;
+use super::{open_session, Health, Settings, TICK};
+use crate::backoff::Backoff;
+use crate::consumer::Event;
+use crate::ids::TenantId;
+use crate::manager::TenantManager;
+use crate::store::replicas::{self, Report};
+
+/// How often everything is reconciled even when nothing was announced.
+const FULL_EVERY: Duration = Duration::from_secs(10);
+
+pub struct Loop {
+    pub(super) settings: Settings,
+    pub(super) health: Arc<Health>,
+    pub(super) session: Option<Client>,
+    pub(super) manager: Arc<TenantManager>,
+    /// Threads that ended on their own start again no sooner than this.
+    pub(super) restart_after: HashMap<TenantId, (Instant, Backoff)>,
+    reconnect: Backoff,
+    next_connect: Instant,
+    next_tick: Instant,
+    last_full: Instant,
+    /// The live replicas at the last look (id, leaving).
+    pub(super) members: Vec<(String, bool)>,
+    /// Something changed: plan again.
+    pub(super) dirty: bool,
+    pub(super) leaving: bool,
+}
+
+impl Loop {
+    pub fn new(
+        settings: Settings,
+        health: Arc<Health>,
+        manager: Arc<TenantManager>,
+        session: Client,
+    ) -> Loop {
+        Loop {
+            settings,
+            health,
+            session: Some(session),
+            manager,
+            restart_after: HashMap::new(),
+            reconnect: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+            next_connect: Instant::now(),
+            next_tick: Instant::now() + TICK,
+            last_full: Instant::now(),
+            members: Vec::new(),
+            dirty: true,
+            leaving: false,
+        }
+    }
+
+    pub fn run(
+        &mut self,
+        shutdown: &Receiver<Instant>,
+        notes: &Receiver<Note>,
+        events: &Receiver<Event>,
+    ) -> Result<()> {
+        let mut notes = notes.clone();
+        loop {
+            self.step();
+            // A fixed schedule: a stream of events never delays the tick.
+            let tick = at(self.next_tick);
+            crossbeam_channel::select! {
+                recv(shutdown) -> deadline => {
+                    return self.hand_over(deadline.unwrap_or_else(|_| Instant::now()), events);
+                }
+                recv(notes) -> note => match note {
+                    // Every announced change, of a tenant or of the replicas, may change the plan.
+                    Ok(_) => {
+                        self.dirty = true;
+                        while notes.try_recv().is_ok() {}
+                    }
+                    // The listener is gone (it never ends before the coordinator does): the
+                    // tick still brings changes, within `FULL_EVERY`.
+                    Err(_) => notes = never(),
+                },
+                recv(events) -> event => {
+                    if let Ok(event) = event {
+                        self.on_event(event);
+                    }
+                    while let Ok(event) = events.try_recv() {
+                        self.on_event(event);
+                    }
+                }
+                recv(tick) -> _ => {
+                    self.next_tick = Instant::now() + TICK;
+                    self.on_tick();
+                }
+            }
+        }
+    }
+
+    /// Reconnects when needed, and plans again when something changed.
+    fn step(&mut self) {
+        if self.session.is_none() && !self.connect() {
+            return;
+        }
+        if self.dirty {
+            self.dirty = false;
+            if let Err(e) = self.reconcile() {
+                self.lost(&e);
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if self.last_full.elapsed() >= FULL_EVERY {
+            self.last_full = Instant::now();
+            self.dirty = true;
+            return;
+        }
+        if self.session.is_none() {
+            return;
+        }
+        let live = self.heartbeat().and_then(|()| {
+            let session = self.session.as_mut().expect("connected");
+            replicas::live(session)
+        });
+        match live {
+            Ok(live) => {
+                let members: Vec<(String, bool)> =
+                    live.into_iter().map(|r| (r.id, r.leaving)).collect();
+                if members != self.members {
+                    self.dirty = true;
+                }
+            }
+            Err(e) => self.lost(&e),
+        }
+    }
+
+    /// Records in `replicas.seen_at` that this replica answers, and tells the fence. The time
+    /// the fence keeps is taken before the statement: never later than the database's.
+    pub(super) fn heartbeat(&mut self) -> Result<()> {
+        let sent = Instant::now();
+        let session = self.session.as_mut().expect("connected");
+        replicas::heartbeat(session, &self.settings.replica_id)?;
+        *self.health.heartbeat.lock() = sent;
+        Ok(())
+    }
+
+    /// Heartbeats again when the last one is a tick old: long work (claiming thousands of
+    /// tenants) must not look like silence to the fence.
+    pub(super) fn keep_alive(&mut self) -> Result<()> {
+        if self.health.heartbeat.lock().elapsed() >= TICK {
+            self.heartbeat()?;
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, event: Event) {
+        if let Event::Ended { tenant, error } = &event {
+            return self.on_ended(*tenant, error.as_deref());
+        }
+        if let Some((id, report)) = self.manager.on_event(&event) {
+            self.write_report(id, &report);
+        }
+    }
+
+    /// A thread ended: join it and give its claim up. One that ended on its own (its queue is
+    /// gone) is started again after a backoff if the tenant should still run here. A claim that
+    /// cannot be released now (no session) is released by the next reconcile.
+    fn on_ended(&mut self, id: TenantId, error: Option<&str>) {
+        let Some(version) = self.manager.ended(id) else {
+            return;
+        };
+        if let Some(error) = error {
+            let (at, backoff) = self.restart_after.entry(id).or_insert_with(|| {
+                (
+                    Instant::now(),
+                    Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+                )
+            });
+            *at = Instant::now() + backoff.next();
+            error!("tenant_id={id} consumer ended: {error}");
+        }
+        let me = self.settings.replica_id.clone();
+        if let Some(session) = self.session.as_mut() {
+            if let Err(e) = replicas::release(session, id, &me, version) {
+                self.lost(&e);
+            }
+        }
+        self.dirty = true;
+    }
+
+    pub(super) fn write_report(&mut self, id: TenantId, report: &Report) {
+        let me = self.settings.replica_id.clone();
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        match replicas::report(session, id, &me, report) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another replica holds the claim now (it took this one for dead).
+                warn!("tenant_id={id} another replica took the tenant; stopping here");
+                self.manager.stop(id, Instant::now());
+            }
+            Err(e) => self.lost(&e),
+        }
+    }
+
+    /// Opens the session again (with backoff); true once it is back.
+    fn connect(&mut self) -> bool {
+        if Instant::now() < self.next_connect {
+            return false;
+        }
+        let sent = Instant::now();
+        match open_session(&self.settings) {
+            Ok(session) => {
+                info!(
+                    "replica {} is back in touch with PostgreSQL",
+                    self.settings.replica_id
+                );
+                self.session = Some(session);
+                *self.health.db_error.lock() = None;
+                *self.health.heartbeat.lock() = sent;
+                self.reconnect.reset();
+                self.dirty = true;
+                true
+            }
+            Err(e) => {
+                *self.health.db_error.lock() = Some(format!("{e:#}"));
+                self.next_connect = Instant::now() + self.reconnect.next();
+                false
+            }
+        }
+    }
+
+    /// The session failed: drop it (the server releases the liveness lock when it notices).
+    pub(super) fn lost(&mut self, e: &anyhow::Error) {
+        if self.session.take().is_some() {
+            warn!(
+                "replica {} lost PostgreSQL: {e:#}",
+                self.settings.replica_id
+            );
+        }
+        *self.health.db_error.lock() = Some(format!("{e:#}"));
+        self.dirty = true;
+    }
+
+    /// The way out: say this replica is leaving, stop every consumer (they drain in parallel),
+    /// release each claim as its consumer ends, so the replica taking it starts at once, then
+    /// end the session (and with it the liveness lock).
+    fn hand_over(&mut self, deadline: Instant, events: &Receiver<Event>) -> Result<()> {
+        self.leaving = true;
+        let me = self.settings.replica_id.clone();
+        if let Some(session) = self.session.as_mut() {
+            if let Err(e) = replicas::leave(session, &me) {
+                self.lost(&e);
+            }
+        }
+        info!("stopping {} consumers", self.manager.ids().len());
+        self.manager.stop_all(deadline);
+        let grace = deadline + Duration::from_secs(2);
+        while !self.manager.is_empty() && Instant::now() < grace {
+            // Heartbeats go on, or the fence would cut the drains short.
+            match events.recv_deadline(grace.min(Instant::now() + TICK)) {
+                Ok(event) => self.on_event(event),
+                Err(_) if self.session.is_some() => {
+                    if let Err(e) = self.keep_alive() {
+                        self.lost(&e);
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        self.session = None;
+        match self.manager.ids().len() {
+            0 => Ok(()),
+            n => anyhow::bail!("{n} consumers did not stop in time"),
+        }
+    }
+}
