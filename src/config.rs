@@ -25,6 +25,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "RabbitMQ broker holding the tenants' queues; several, comma-separated, for a cluster",
     },
     Setting {
+        name: "BROKER_HEARTBEAT_SECS",
+        default: "30",
+        help: "AMQP heartbeat asked of the broker; a hung broker is noticed after two missed (0: none)",
+    },
+    Setting {
         name: "QUEUE_TYPE",
         default: "classic",
         help: "classic, or quorum: queues replicated by a RabbitMQ cluster (for tenants created from then on)",
@@ -126,6 +131,7 @@ pub struct Config {
     pub database_url: String,
     pub rabbitmq_url: String,
     pub queue_type: crate::broker::QueueType,
+    pub broker_heartbeat_secs: u16,
     pub replica_id: String,
     pub failover_timeout: Duration,
     pub http_addr: String,
@@ -164,6 +170,7 @@ impl Config {
             database_url: get("DATABASE_URL"),
             rabbitmq_url: get("RABBITMQ_URL"),
             queue_type: crate::broker::QueueType::parse(&get("QUEUE_TYPE"))?,
+            broker_heartbeat_secs: number(&get, "BROKER_HEARTBEAT_SECS")?,
             replica_id: lookup("REPLICA_ID")
                 .filter(|v| !v.trim().is_empty())
                 .unwrap_or_else(default_replica_id),

@@ -128,16 +128,37 @@ enum Leave {
     Resize(u16),
 }
 
+/// What the thread knows of its tenant's queues. The API declares them when it creates the
+/// tenant, so a session only looks the main queue up; they are declared from here only when one
+/// was found missing — never the main queue of a tenant that may be gone (see `open_queue`).
+#[derive(Default)]
+struct Queues {
+    /// A session of this thread has consumed.
+    started: bool,
+    /// A queue was missing: the next session declares them all.
+    declare: bool,
+}
+
+/// The main queue was not found.
+#[derive(Debug)]
+struct MainQueueMissing(String);
+
+impl std::fmt::Display for MainQueueMissing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "queue {} does not exist", self.0)
+    }
+}
+
 /// The thread's body: sessions, one per broker connection, until told to stop. Ends with an
-/// error only when the tenant's queue is gone (it is never declared again from here: the
-/// coordinator decides whether the tenant still exists).
+/// error only when the tenant's queue is gone after it consumed from it (it is never declared
+/// again from here: the coordinator decides whether the tenant still exists).
 fn run(ctx: &ConsumerContext, mut spec: TenantSpec, control: &Receiver<Control>) -> Result<()> {
     let id = spec.id;
-    let mut declared = false;
+    let mut queues = Queues::default();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     loop {
         let started = Instant::now();
-        let session = run_session(ctx, &mut spec, control, &mut declared);
+        let session = run_session(ctx, &mut spec, control, &mut queues);
         // Only a session that lasted starts the backoff over: one that fails right after it
         // connected (a queue refusing what is published to it, say) backs off like a refused
         // connect, instead of reconnecting ten times a second.
@@ -146,12 +167,15 @@ fn run(ctx: &ConsumerContext, mut spec: TenantSpec, control: &Receiver<Control>)
         }
         let err = match session {
             Ok(()) => return Ok(()),
-            Err(e) if broker::is_not_found(&e) && declared => {
+            Err(e) if e.is::<MainQueueMissing>() && queues.started => {
                 warn!("tenant_id={id} consumer stops: its queue is gone");
                 return Err(e);
             }
             Err(e) => e,
         };
+        queues.declare |= err.is::<MainQueueMissing>()
+            || err.is::<broker::Unroutable>()
+            || broker::is_not_found(&err);
         let delay = backoff.next();
         warn!("tenant_id={id} consumer cannot reach the broker, retrying in {delay:?}: {err:#}");
         let _ = ctx.events.send(Event::Failing {
@@ -185,12 +209,12 @@ fn run_session(
     ctx: &ConsumerContext,
     spec: &mut TenantSpec,
     control: &Receiver<Control>,
-    declared: &mut bool,
+    queues: &mut Queues,
 ) -> Result<()> {
     let label = format!("tenantd tenant {}", spec.id);
     let mut connection = ctx.brokers.connect(ctx.connect_timeout, &label)?;
     let result = loop {
-        match consume(ctx, spec, &mut connection, control, declared) {
+        match consume(ctx, spec, &mut connection, control, queues) {
             Ok(ChannelEnd::Stopped) => break Ok(()),
             Ok(ChannelEnd::Resized(n)) => spec.workers = n,
             Err(e) => break Err(e),
@@ -200,27 +224,34 @@ fn run_session(
     result
 }
 
-/// The tenant's queue, with its retry queue and DLQ declared. A thread's later sessions first
-/// check that the queue still exists: a thread that outlives its tenant never brings the queues
-/// of a deleted tenant back.
+/// The tenant's queue, looked up. When a queue was found missing the queues are declared
+/// first — before the lookup on the thread's first sessions (the coordinator just claimed the
+/// tenant, so it exists), after it on later ones (the main queue must still be there: a thread
+/// that outlives its tenant never brings a deleted tenant's queues back).
 fn open_queue<'c>(
     ctx: &ConsumerContext,
     connection: &mut Connection,
     channel: &'c Channel,
     id: TenantId,
-    declared: &mut bool,
+    queues: &mut Queues,
 ) -> Result<Queue<'c>> {
-    let lookup = || {
-        channel
-            .queue_declare_passive(id.queue_name())
-            .with_context(|| format!("looking up queue {}", id.queue_name()))
-    };
-    if *declared {
-        lookup()?;
+    if queues.declare && !queues.started {
+        broker::declare_tenant_queues(connection, id, ctx.queue_type)?;
     }
-    broker::declare_tenant_queues(connection, id, ctx.queue_type)?;
-    *declared = true;
-    lookup()
+    let queue = channel
+        .queue_declare_passive(id.queue_name())
+        .map_err(|e| {
+            let e = anyhow::Error::from(e);
+            match broker::is_not_found(&e) {
+                true => e.context(MainQueueMissing(id.queue_name())),
+                false => e.context(format!("looking up queue {}", id.queue_name())),
+            }
+        })?;
+    if queues.declare && queues.started {
+        broker::declare_tenant_queues(connection, id, ctx.queue_type)?;
+    }
+    queues.declare = false;
+    Ok(queue)
 }
 
 fn consume(
@@ -228,7 +259,7 @@ fn consume(
     spec: &mut TenantSpec,
     connection: &mut Connection,
     control: &Receiver<Control>,
-    declared: &mut bool,
+    queues: &mut Queues,
 ) -> Result<ChannelEnd> {
     let id = spec.id;
     let channel = connection.open_channel(None)?;
@@ -237,10 +268,11 @@ fn consume(
     channel.qos(0, ctx.prefetch(spec.workers), false)?;
     // Retries and dead letters are published here and acked only once the broker confirms them.
     let publisher = Publisher::enable(&channel, ctx.connect_timeout)?;
-    let queue = open_queue(ctx, connection, &channel, id, declared)?;
+    let queue = open_queue(ctx, connection, &channel, id, queues)?;
     let relay_channel = connection.open_channel(None)?;
     let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout)?;
     let consumer = queue.consume(ConsumerOptions::default())?;
+    queues.started = true;
     info!(
         "consumer started tenant_id={id} consumer_tag={} prefetch={}",
         consumer.consumer_tag(),

@@ -72,7 +72,8 @@ pub fn start(config: Config) -> Result<App> {
         keepalive: config.db_keepalive,
     };
     store::apply_schema(&mut store::connect(&db, "tenantd schema")?)?;
-    let brokers = Brokers::parse(&config.rabbitmq_url)?;
+    let brokers =
+        Brokers::parse(&config.rabbitmq_url)?.with_heartbeat(config.broker_heartbeat_secs);
     let admin = BrokerAdmin::connect(brokers.clone(), config.queue_type, config.connect_timeout)?;
     let metrics = Arc::new(Metrics::new());
     let pool = Arc::new(WorkerPool::new(

@@ -79,6 +79,7 @@ impl BrokerAddr {
 pub struct Brokers {
     addrs: Arc<[BrokerAddr]>,
     next: Arc<AtomicUsize>,
+    heartbeat_secs: u16,
 }
 
 impl Brokers {
@@ -94,7 +95,14 @@ impl Brokers {
         Ok(Brokers {
             addrs: addrs.into(),
             next: Arc::new(AtomicUsize::new(0)),
+            heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
         })
+    }
+
+    /// Asks the brokers for heartbeats every `secs` (0: none).
+    pub fn with_heartbeat(mut self, secs: u16) -> Brokers {
+        self.heartbeat_secs = secs;
+        self
     }
 
     /// Opens a connection to the first broker that answers, starting with the next in turn.
@@ -103,7 +111,7 @@ impl Brokers {
         let mut errors = Vec::new();
         for i in 0..self.addrs.len() {
             let addr = &self.addrs[(start + i) % self.addrs.len()];
-            match connect(addr, timeout, label) {
+            match connect_with(addr, timeout, self.heartbeat_secs, label) {
                 Ok(connection) => return Ok(connection),
                 Err(e) => errors.push(e),
             }
@@ -114,18 +122,38 @@ impl Brokers {
     }
 }
 
-/// Heartbeats asked of the broker, in seconds: a connection whose broker goes silent (a frozen
-/// node, a dropped route) is declared dead after two missed ones, failing whatever waits on it.
-/// amiquip's calls have no timeout of their own.
-const HEARTBEAT_SECS: u16 = 10;
+/// Heartbeats asked of the broker by default (`BROKER_HEARTBEAT_SECS`): a connection whose
+/// broker goes silent (a hung node) is declared dead after two missed ones, failing whatever
+/// waits on it, as amiquip's calls have no timeout of their own. Each heartbeat wakes a thread
+/// per connection, so thousands of tenants make short intervals cost CPU.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 30;
 
-/// Opens a connection within `timeout` (TCP connect and AMQP handshake both), with TCP_NODELAY.
-///
+/// TCP keepalives on broker sockets: a dead host or a cut path is noticed within ~25 s by the
+/// kernel, at no cost to tenantd.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Opens a connection within `timeout` (TCP connect and AMQP handshake both), with TCP_NODELAY
+/// and keepalives, asking for the default heartbeats.
+pub fn connect(addr: &BrokerAddr, timeout: Duration, label: &str) -> Result<Connection> {
+    connect_with(addr, timeout, DEFAULT_HEARTBEAT_SECS, label)
+}
+
 /// A broker out of file descriptors accepts TCP and never answers the handshake: the timeout
 /// turns that hang into an error.
-pub fn connect(addr: &BrokerAddr, timeout: Duration, label: &str) -> Result<Connection> {
+fn connect_with(
+    addr: &BrokerAddr,
+    timeout: Duration,
+    heartbeat_secs: u16,
+    label: &str,
+) -> Result<Connection> {
     let stream = tcp_connect(addr, timeout)?;
     stream.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(3);
+    socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
     let stream = mio::net::TcpStream::from_stream(stream)?;
     let options = ConnectionOptions::default()
         .auth(Auth::Plain {
@@ -134,7 +162,7 @@ pub fn connect(addr: &BrokerAddr, timeout: Duration, label: &str) -> Result<Conn
         })
         .virtual_host(addr.vhost.clone())
         .connection_timeout(Some(timeout))
-        .heartbeat(HEARTBEAT_SECS)
+        .heartbeat(heartbeat_secs)
         .information(Some(label.to_string()));
     Connection::insecure_open_stream(stream, options, ConnectionTuning::default())
         .with_context(|| format!("cannot open an AMQP connection to {}", addr.describe()))

@@ -18,9 +18,10 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Puts `channel` in confirm mode; use this publisher for every publish on it.
+    /// Puts `channel` in confirm mode (without waiting for the broker's answer: a refusal
+    /// closes the channel and fails the next call); use this publisher for every publish on it.
     pub fn enable(channel: &Channel, timeout: Duration) -> Result<Publisher> {
-        channel.enable_publisher_confirms()?;
+        channel.enable_publisher_confirms_nowait()?;
         Ok(Publisher {
             confirms: channel.listen_for_publisher_confirms()?,
             returns: channel.listen_for_returns()?,

@@ -13,7 +13,7 @@
 //! - one that could not heartbeat for F/2 stops its consumers (`fence`), even if its own
 //!   thread is stuck in a call to a silent database;
 //! - a claim of a replica that is not live may be taken, and counts as stopped, only once that
-//!   replica has not heartbeated for `grace(F)` = F/2 + two ticks: by then it has fenced.
+//!   replica has not heartbeated for `grace(F)` = F/2 + a tick: by then it has fenced.
 
 mod fence;
 mod listener;
@@ -39,9 +39,10 @@ use state::Loop;
 /// How often the replica heartbeats and checks who is live.
 pub const TICK: Duration = Duration::from_secs(1);
 
-/// How long after its last heartbeat a replica that is not live has surely stopped consuming.
+/// How long after its last heartbeat a replica that is not live has surely stopped consuming:
+/// its fence stops its consumers at F/2 (looking four times a tick), and a tick more is margin.
 pub fn grace(failover_timeout: Duration) -> Duration {
-    failover_timeout / 2 + TICK * 2
+    failover_timeout / 2 + TICK
 }
 
 #[derive(Clone, Debug)]

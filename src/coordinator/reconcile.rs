@@ -11,16 +11,19 @@ use log::{error, info};
 use super::grace;
 use super::state::Loop;
 use crate::assign::{self, Placed};
+use crate::ids::TenantId;
 use crate::model::Status;
 use crate::store::replicas::{self, Claimed, TenantState};
 
 impl Loop {
     /// Plans and carries the plan out for this replica.
     pub(super) fn reconcile(&mut self) -> Result<()> {
+        let t0 = Instant::now();
         self.heartbeat()?;
         let session = self.session.as_mut().expect("connected");
         let live = replicas::live(session)?;
         let states = replicas::states(session)?;
+        let read = t0.elapsed();
         self.members = live.iter().map(|r| (r.id.clone(), r.leaving)).collect();
         let me = self.settings.replica_id.clone();
         let live_ids: HashSet<&str> = live.iter().map(|r| r.id.as_str()).collect();
@@ -52,7 +55,7 @@ impl Loop {
             })
             .collect();
         let started = self.claim_and_start(&wanted)?;
-        self.release_stale_claims(&states, &mine)?;
+        self.release_stale_claims(&states, &mine);
         let known: HashSet<_> = states.iter().map(|s| s.id).collect();
         for id in self.manager.known() {
             if !known.contains(&id) && self.manager.status(id).is_none() {
@@ -61,6 +64,11 @@ impl Loop {
             }
         }
         self.settled(live.len(), active.len(), started);
+        log::debug!(
+            "planned {} tenants in {:?} (reading them: {read:?})",
+            states.len(),
+            t0.elapsed()
+        );
         Ok(())
     }
 
@@ -86,33 +94,41 @@ impl Loop {
         }
     }
 
-    /// Claims each tenant and starts its consumer; how many started. A claim refused because
-    /// its owner, no longer live, may still be consuming (`grace`) is tried again next tick.
+    /// Claims the tenants (one statement) and starts their consumers; how many started. A
+    /// claim refused because its owner, no longer live, may still be consuming (`grace`) is
+    /// tried again next tick.
     fn claim_and_start(&mut self, wanted: &[&TenantState]) -> Result<usize> {
         let me = self.settings.replica_id.clone();
-        let grace = grace(self.settings.failover_timeout);
+        let now = Instant::now();
+        let due: Vec<&TenantState> = wanted
+            .iter()
+            .copied()
+            .filter(|s| {
+                self.restart_after
+                    .get(&s.id)
+                    .is_none_or(|(at, _)| now >= *at)
+            })
+            .collect();
+        self.dirty |= due.len() < wanted.len();
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<TenantId> = due.iter().map(|s| s.id).collect();
+        let session = self.session.as_mut().expect("connected");
+        let claimed = replicas::claim(session, &ids, &me, grace(self.settings.failover_timeout))?;
+        // Owned elsewhere and not (yet) released: look again next tick.
+        self.dirty |= claimed.len() < due.len();
         let mut started = 0;
-        for s in wanted {
-            if let Some((at, _)) = self.restart_after.get(&s.id) {
-                if Instant::now() < *at {
-                    self.dirty = true;
-                    continue;
-                }
-            }
-            self.keep_alive()?;
-            let session = self.session.as_mut().expect("connected");
-            let Some(claim) = replicas::claim(session, s.id, &me, grace)? else {
-                self.dirty |= s.owner.as_deref().is_some_and(|o| o != me);
-                continue;
-            };
-            match self.manager.start(s.id, claim) {
+        for (id, claim) in claimed {
+            match self.manager.start(id, claim) {
                 Ok(()) => started += 1,
                 Err(e) => {
-                    error!("tenant_id={} cannot start its consumer: {e:#}", s.id);
-                    replicas::release(session, s.id, &me, claim.version)?;
+                    error!("tenant_id={id} cannot start its consumer: {e:#}");
+                    self.released.push((id, claim.version));
                 }
             }
         }
+        self.flush_releases();
         Ok(started)
     }
 
@@ -123,19 +139,17 @@ impl Loop {
         &mut self,
         states: &[TenantState],
         mine: &impl Fn(&TenantState) -> bool,
-    ) -> Result<()> {
+    ) {
         let me = self.settings.replica_id.clone();
         for s in states {
             let stale = s.owner.as_deref() == Some(me.as_str())
                 && !mine(s)
                 && self.manager.status(s.id).is_none();
             if stale {
-                self.keep_alive()?;
-                let session = self.session.as_mut().expect("connected");
-                replicas::release(session, s.id, &me, s.version)?;
+                self.released.push((s.id, s.version));
             }
         }
-        Ok(())
+        self.flush_releases();
     }
 
     fn settled(&mut self, replicas: usize, active: usize, started: usize) {

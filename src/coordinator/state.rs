@@ -21,6 +21,11 @@ use crate::store::replicas::{self, Report};
 
 /// How often everything is reconciled even when nothing was announced.
 const FULL_EVERY: Duration = Duration::from_secs(10);
+/// Tenants handed over at once when leaving (more when there are more than `MAX_WAVES` waves'
+/// worth), and how long a wave may take to run elsewhere before the next one goes anyway.
+const WAVE: usize = 50;
+const MAX_WAVES: usize = 20;
+const WAVE_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Loop {
     pub(super) settings: Settings,
@@ -29,6 +34,8 @@ pub struct Loop {
     pub(super) manager: Arc<TenantManager>,
     /// Threads that ended on their own start again no sooner than this.
     pub(super) restart_after: HashMap<TenantId, (Instant, Backoff)>,
+    /// Claims to give up (their consumers have ended), written together.
+    pub(super) released: Vec<(TenantId, i64)>,
     reconnect: Backoff,
     next_connect: Instant,
     next_tick: Instant,
@@ -53,6 +60,7 @@ impl Loop {
             session: Some(session),
             manager,
             restart_after: HashMap::new(),
+            released: Vec::new(),
             reconnect: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             next_connect: Instant::now(),
             next_tick: Instant::now() + TICK,
@@ -95,6 +103,7 @@ impl Loop {
                     while let Ok(event) = events.try_recv() {
                         self.on_event(event);
                     }
+                    self.flush_releases();
                 }
                 recv(tick) -> _ => {
                     self.next_tick = Instant::now() + TICK;
@@ -170,9 +179,9 @@ impl Loop {
         }
     }
 
-    /// A thread ended: join it and give its claim up. One that ended on its own (its queue is
-    /// gone) is started again after a backoff if the tenant should still run here. A claim that
-    /// cannot be released now (no session) is released by the next reconcile.
+    /// A thread ended: join it and give its claim up (with the others of the batch). One that
+    /// ended on its own (its queue is gone) is started again after a backoff if the tenant
+    /// should still run here.
     fn on_ended(&mut self, id: TenantId, error: Option<&str>) {
         let Some(version) = self.manager.ended(id) else {
             return;
@@ -187,13 +196,20 @@ impl Loop {
             *at = Instant::now() + backoff.next();
             error!("tenant_id={id} consumer ended: {error}");
         }
+        self.released.push((id, version));
+        self.dirty = true;
+    }
+
+    /// Writes the releases collected so far. Without a session they are dropped: the next
+    /// reconcile finds such claims (its own, with no thread behind them) and releases them.
+    pub(super) fn flush_releases(&mut self) {
+        let released = std::mem::take(&mut self.released);
         let me = self.settings.replica_id.clone();
         if let Some(session) = self.session.as_mut() {
-            if let Err(e) = replicas::release(session, id, &me, version) {
+            if let Err(e) = replicas::release(session, &released, &me) {
                 self.lost(&e);
             }
         }
-        self.dirty = true;
     }
 
     pub(super) fn write_report(&mut self, id: TenantId, report: &Report) {
@@ -251,9 +267,11 @@ impl Loop {
         self.dirty = true;
     }
 
-    /// The way out: say this replica is leaving, stop every consumer (they drain in parallel),
-    /// release each claim as its consumer ends, so the replica taking it starts at once, then
-    /// end the session (and with it the liveness lock).
+    /// The way out: say this replica is leaving, then hand the tenants over in waves — stop a
+    /// wave's consumers (they drain in parallel), release their claims as they end, and wait
+    /// until another replica runs them before stopping the next — so each tenant pauses only
+    /// for its own hand-over, not behind hundreds of connects. Then end the session (and with
+    /// it the liveness lock).
     fn hand_over(&mut self, deadline: Instant, events: &Receiver<Event>) -> Result<()> {
         self.leaving = true;
         let me = self.settings.replica_id.clone();
@@ -262,13 +280,48 @@ impl Loop {
                 self.lost(&e);
             }
         }
-        info!("stopping {} consumers", self.manager.ids().len());
+        let others = self
+            .members
+            .iter()
+            .any(|(id, leaving)| *id != me && !leaving);
+        let mut ids = self.manager.ids();
+        ids.sort_unstable();
+        info!("stopping {} consumers", ids.len());
+        let wave = WAVE.max(ids.len().div_ceil(MAX_WAVES));
+        for tenants in ids.chunks(wave) {
+            if Instant::now() >= deadline {
+                break;
+            }
+            for id in tenants {
+                self.manager.stop(*id, deadline);
+            }
+            self.await_ended(tenants, deadline, events);
+            if others {
+                self.await_taken(tenants, deadline.min(Instant::now() + WAVE_WAIT));
+            }
+        }
         self.manager.stop_all(deadline);
-        let grace = deadline + Duration::from_secs(2);
-        while !self.manager.is_empty() && Instant::now() < grace {
-            // Heartbeats go on, or the fence would cut the drains short.
-            match events.recv_deadline(grace.min(Instant::now() + TICK)) {
-                Ok(event) => self.on_event(event),
+        let all = self.manager.ids();
+        self.await_ended(&all, deadline + Duration::from_secs(2), events);
+        self.session = None;
+        match self.manager.ids().len() {
+            0 => Ok(()),
+            n => anyhow::bail!("{n} consumers did not stop in time"),
+        }
+    }
+
+    /// Handles events (heartbeating meanwhile, or the fence would cut the drains short) until
+    /// none of `tenants` runs here any more, or `until`.
+    fn await_ended(&mut self, tenants: &[TenantId], until: Instant, events: &Receiver<Event>) {
+        while tenants.iter().any(|t| self.manager.status(*t).is_some()) && Instant::now() < until {
+            match events.recv_deadline(until.min(Instant::now() + TICK)) {
+                Ok(event) => {
+                    self.on_event(event);
+                    while let Ok(event) = events.try_recv() {
+                        self.on_event(event);
+                    }
+                    self.flush_releases();
+                }
                 Err(_) if self.session.is_some() => {
                     if let Err(e) = self.keep_alive() {
                         self.lost(&e);
@@ -277,10 +330,20 @@ impl Loop {
                 Err(_) => {}
             }
         }
-        self.session = None;
-        match self.manager.ids().len() {
-            0 => Ok(()),
-            n => anyhow::bail!("{n} consumers did not stop in time"),
+    }
+
+    /// Waits (polling the claims) until another replica runs each of `tenants` still active.
+    fn await_taken(&mut self, tenants: &[TenantId], until: Instant) {
+        let me = self.settings.replica_id.clone();
+        while Instant::now() < until {
+            let Some(session) = self.session.as_mut() else {
+                return;
+            };
+            match replicas::taken_over(session, tenants, &me) {
+                Ok((active, taken)) if taken >= active => return,
+                Ok(_) => std::thread::sleep(Duration::from_millis(20)), // a poll of the claims
+                Err(e) => return self.lost(&e),
+            }
         }
     }
 }

@@ -395,7 +395,7 @@ impl Service {
                 return false;
             }
             std::thread::sleep(pause);
-            pause = (pause * 3 / 2).min(Duration::from_millis(25));
+            pause = (pause * 3 / 2).min(Duration::from_millis(10));
         }
     }
 

@@ -18,6 +18,8 @@ const REPLICA_LOCK: i32 = 0x746e_6472;
 
 /// The payload announcing a change in the set of replicas.
 pub const REPLICAS_CHANGED: &str = "replicas";
+/// The payload announcing claims given up.
+const RELEASED: &str = "released";
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Replica {
@@ -163,20 +165,22 @@ pub struct Claimed {
     pub version: i64,
 }
 
-/// Claims the tenant for `replica` when it is active and unclaimed, claimed by `replica`
-/// itself, or claimed by a replica that is not live and has not heartbeated for `grace` (by
-/// then it has stopped its consumers: a blip of its session moves nothing). The tenant's row is
-/// share-locked while claiming, so a concurrent change of its status is seen by one side or
-/// the other.
+/// Claims, for `replica`, each of the tenants that is active and unclaimed, claimed by
+/// `replica` itself, or claimed by a replica that is not live and has not heartbeated for
+/// `grace` (by then it has stopped its consumers: a blip of its session moves nothing). One
+/// statement for them all; rows are locked in id order, so replicas claiming at once wait for
+/// each other instead of deadlocking. The tenants' rows are share-locked while claiming, so a
+/// concurrent change of a status is seen by one side or the other. Returns what was claimed.
 pub fn claim(
     client: &mut Client,
-    tenant: TenantId,
+    tenants: &[TenantId],
     replica: &str,
     grace: Duration,
-) -> Result<Option<Claimed>> {
-    let row = client.query_opt(
+) -> Result<Vec<(TenantId, Claimed)>> {
+    let ids: Vec<uuid::Uuid> = tenants.iter().map(|t| t.uuid()).collect();
+    let rows = client.query(
         "WITH t AS (SELECT id, workers, version FROM tenants
-                    WHERE id = $1 AND status = 'active' FOR SHARE)
+                    WHERE id = ANY($1) AND status = 'active' ORDER BY id FOR SHARE)
          INSERT INTO consumers (tenant_id, replica_id, state, workers, version, updated_at)
          SELECT id, $2, 'starting', workers, version, now() FROM t
          ON CONFLICT (tenant_id) DO UPDATE
@@ -187,13 +191,20 @@ pub fn claim(
                    AND coalesce((SELECT r.seen_at FROM replicas r
                                  WHERE r.id = consumers.replica_id), '-infinity')
                        < now() - make_interval(secs => $3))
-         RETURNING workers, version",
-        &[&tenant.uuid(), &replica, &grace.as_secs_f64()],
+         RETURNING tenant_id, workers, version",
+        &[&ids, &replica, &grace.as_secs_f64()],
     )?;
-    Ok(row.map(|r| Claimed {
-        workers: u16::try_from(r.get::<_, i32>(0)).unwrap_or(u16::MAX),
-        version: r.get(1),
-    }))
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let id: uuid::Uuid = r.get(0);
+            let claimed = Claimed {
+                workers: u16::try_from(r.get::<_, i32>(1)).unwrap_or(u16::MAX),
+                version: r.get(2),
+            };
+            (id.into(), claimed)
+        })
+        .collect())
 }
 
 /// How a claimed consumer is doing, as its replica reports it.
@@ -224,17 +235,24 @@ pub fn report(client: &mut Client, tenant: TenantId, replica: &str, r: &Report) 
     Ok(n == 1)
 }
 
-/// Gives up the claim once the consumer has stopped, and announces it, so the replica the
-/// tenant now belongs to claims it at once.
-pub fn release(client: &mut Client, tenant: TenantId, replica: &str, version: i64) -> Result<()> {
+/// Gives up these claims (with the tenant version each stopped at) once their consumers have
+/// stopped, in one statement, and announces it, so the replicas the tenants now belong to claim
+/// them at once.
+pub fn release(client: &mut Client, released: &[(TenantId, i64)], replica: &str) -> Result<()> {
+    if released.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<uuid::Uuid> = released.iter().map(|(t, _)| t.uuid()).collect();
+    let versions: Vec<i64> = released.iter().map(|(_, v)| *v).collect();
     let mut tx = client.transaction()?;
     tx.execute(
-        "UPDATE consumers SET replica_id = NULL, state = 'stopped', workers = NULL,
-                error = NULL, version = $3, updated_at = now()
-         WHERE tenant_id = $1 AND replica_id = $2",
-        &[&tenant.uuid(), &replica, &version],
+        "UPDATE consumers c SET replica_id = NULL, state = 'stopped', workers = NULL,
+                error = NULL, version = r.version, updated_at = now()
+         FROM unnest($1::uuid[], $2::bigint[]) AS r(tenant_id, version)
+         WHERE c.tenant_id = r.tenant_id AND c.replica_id = $3",
+        &[&ids, &versions, &replica],
     )?;
-    notify(&mut tx, &tenant.to_string())?;
+    notify(&mut tx, RELEASED)?;
     tx.commit()?;
     Ok(())
 }
@@ -252,6 +270,21 @@ pub fn surely_stopped(client: &mut Client, tenant: TenantId, grace: Duration) ->
         &[&tenant.uuid(), &grace.as_secs_f64()],
     )?;
     Ok(row.is_none_or(|r| r.get(0)))
+}
+
+/// Of these tenants, how many are active, and how many of those run on another live replica
+/// than `replica`.
+pub fn taken_over(client: &mut Client, tenants: &[TenantId], replica: &str) -> Result<(i64, i64)> {
+    let ids: Vec<uuid::Uuid> = tenants.iter().map(|t| t.uuid()).collect();
+    let row = client.query_one(
+        "SELECT count(*),
+                count(*) FILTER (WHERE c.state = 'running' AND c.replica_id <> $2
+                                 AND c.replica_id IN (SELECT id FROM live_replicas))
+         FROM tenants t LEFT JOIN consumers c ON c.tenant_id = t.id
+         WHERE t.id = ANY($1) AND t.status = 'active'",
+        &[&ids, &replica],
+    )?;
+    Ok((row.get(0), row.get(1)))
 }
 
 /// The tenant's consumer on a live replica, if any.

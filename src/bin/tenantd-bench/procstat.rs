@@ -56,6 +56,21 @@ pub fn cpu_of(comm: &str) -> Duration {
         .sum()
 }
 
+/// Resident memory of every process whose command is `comm`, in MB.
+pub fn rss_of(comm: &str) -> f64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    procs
+        .filter_map(|p| {
+            let p = p.ok()?;
+            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(p.path().join("comm")).ok()?;
+            (name.trim_end() == comm).then(|| sample(pid).rss_mb)
+        })
+        .sum()
+}
+
 /// CPU used by tenantd, RabbitMQ and PostgreSQL between two readings.
 #[derive(Clone, Copy)]
 pub struct CpuSplit {

@@ -85,7 +85,10 @@ impl Stack {
             .env("RABBITMQ_URL", &self.amqp_url)
             .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("REPLICA_ID", name)
-            .env("LOG_LEVEL", "warn")
+            .env(
+                "LOG_LEVEL",
+                std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);
