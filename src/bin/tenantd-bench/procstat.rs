@@ -56,19 +56,25 @@ pub fn cpu_of(comm: &str) -> Duration {
         .sum()
 }
 
-/// Resident memory of every process whose command is `comm`, in MB.
-pub fn rss_of(comm: &str) -> f64 {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    procs
-        .filter_map(|p| {
-            let p = p.ok()?;
-            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
-            let name = std::fs::read_to_string(p.path().join("comm")).ok()?;
-            (name.trim_end() == comm).then(|| sample(pid).rss_mb)
-        })
-        .sum()
+/// The broker's memory for connections and queues, in MB, as RabbitMQ accounts for it
+/// (`rabbitmqctl status`; the Erlang VM's RSS moves too freely to tell). `None` without a local
+/// `rabbitmqctl`.
+pub fn broker_memory_mb() -> Option<f64> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "status", "--formatter", "json"])
+        .output()
+        .ok()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let memory = &status["memory"];
+    let keys = [
+        "connection_readers",
+        "connection_writers",
+        "connection_channels",
+        "connection_other",
+        "queue_procs",
+    ];
+    let bytes: f64 = keys.iter().filter_map(|k| memory[k].as_f64()).sum();
+    Some(bytes / 1024.0 / 1024.0)
 }
 
 /// CPU used by tenantd, RabbitMQ and PostgreSQL between two readings.

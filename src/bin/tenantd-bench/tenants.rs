@@ -9,7 +9,7 @@ use crate::{percentile, procstat, Args, Report};
 pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
     stack.start(&[]);
     let idle = procstat::sample(stack.pid());
-    let broker_idle = procstat::rss_of("beam.smp");
+    let broker_idle = procstat::broker_memory_mb();
     let mut times = Vec::with_capacity(args.create as usize);
     for i in 0..args.create {
         let started = Instant::now();
@@ -31,12 +31,14 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
     );
     report.add("threads", sample.threads as f64, "");
     report.add("fds_per_tenant", (sample.fds - idle.fds) as f64 / n, "");
-    let broker = procstat::rss_of("beam.smp") - broker_idle;
-    report.add(
-        "broker_rss_kb_per_tenant",
-        (1024.0 * broker / n).round(),
-        "KB",
-    );
+    if let (Some(before), Some(after)) = (broker_idle, procstat::broker_memory_mb()) {
+        let per_tenant = 1024.0 * (after - before) / n;
+        report.add(
+            "broker_kb_per_tenant",
+            per_tenant.round(),
+            "KB (connection + 3 queues)",
+        );
+    }
     let before = procstat::cpu_time(pid);
     std::thread::sleep(Duration::from_secs(args.idle_seconds));
     let used = procstat::cpu_time(pid) - before;
