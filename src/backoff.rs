@@ -21,11 +21,9 @@ impl Backoff {
     pub fn next(&mut self) -> Duration {
         let base = self.current;
         self.current = (self.current * 2).min(self.cap);
-        // Jitter from the clock's low bits: uniform enough to spread reconnects.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        base / 2 + base.mul_f64(f64::from(nanos % 1000) / 2000.0)
+        // Uniform in [base/2, base]: a thousand tenants losing the broker together spread their
+        // reconnects over the interval.
+        base / 2 + base.mul_f64(fastrand::f64() / 2.0)
     }
 
     pub fn reset(&mut self) {
@@ -48,5 +46,13 @@ mod tests {
         }
         b.reset();
         assert!(b.next() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn jitter_spreads_the_delays() {
+        let delays: std::collections::HashSet<Duration> = (0..100)
+            .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(1)).next())
+            .collect();
+        assert!(delays.len() > 90, "{} distinct delays of 100", delays.len());
     }
 }

@@ -8,14 +8,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use amiquip::{Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions, Delivery, Queue};
-use anyhow::{bail, Context, Result};
-use crossbeam_channel::{after, never, select, unbounded, Receiver, RecvTimeoutError, Sender};
+use anyhow::{anyhow, bail, Context, Result};
+use crossbeam_channel::{
+    after, never, select, unbounded, Receiver, RecvTimeoutError, Sender, TryRecvError,
+};
 use log::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::broker::{self, Brokers, Publisher, QueueType};
 use crate::ids::TenantId;
-use crate::inflight::InFlight;
+use crate::inflight::{Book, InFlight};
 use crate::metrics::Metrics;
 use crate::pool::{BatchDone, WorkerPool};
 use crate::relay::Relay;
@@ -168,7 +170,7 @@ fn run(ctx: &ConsumerContext, mut spec: TenantSpec, control: &Receiver<Control>)
         let err = match session {
             Ok(()) => return Ok(()),
             Err(e) if e.is::<MainQueueMissing>() && queues.started => {
-                warn!("tenant_id={id} consumer stops: its queue is gone");
+                warn!(tenant_id:% = id; "consumer stops: its queue is gone");
                 return Err(e);
             }
             Err(e) => e,
@@ -177,7 +179,7 @@ fn run(ctx: &ConsumerContext, mut spec: TenantSpec, control: &Receiver<Control>)
             || err.is::<broker::Unroutable>()
             || broker::is_not_found(&err);
         let delay = backoff.next();
-        warn!("tenant_id={id} consumer cannot reach the broker, retrying in {delay:?}: {err:#}");
+        warn!(tenant_id:% = id; "consumer cannot reach the broker, retrying in {delay:?}: {err:#}");
         let _ = ctx.events.send(Event::Failing {
             tenant: id,
             error: format!("{err:#}"),
@@ -274,13 +276,21 @@ fn consume(
     let consumer = queue.consume(ConsumerOptions::default())?;
     queues.started = true;
     info!(
-        "consumer started tenant_id={id} consumer_tag={} prefetch={}",
+        tenant_id:% = id;
+        "consumer started consumer_tag={} prefetch={}",
         consumer.consumer_tag(),
         ctx.prefetch(spec.workers)
     );
     running(ctx, id, spec.workers);
     let (reply_tx, reply_rx) = unbounded();
-    let mut flight = InFlight::new(ctx, spec, reply_tx, publisher);
+    let book = Book {
+        tenant: id,
+        workers: spec.workers,
+        batch_size: ctx.batch_size,
+        retry_delays: ctx.retry_delays.clone(),
+        stats: spec.stats.clone(),
+    };
+    let mut flight = InFlight::new(book, reply_tx, publisher);
     let session = Session {
         channel: &channel,
         consumer: &consumer,
@@ -302,7 +312,7 @@ fn consume(
     let closed = drained.and_then(|()| Ok(channel.close()?));
     match leave {
         Leave::Resize(n) => {
-            info!("concurrency changed tenant_id={id} {} -> {n}", spec.workers);
+            info!(tenant_id:% = id; "concurrency changed {} -> {n}", spec.workers);
             // A failed close fails the session: the next one runs at the new concurrency.
             spec.workers = n;
             closed.map(|()| ChannelEnd::Resized(n))
@@ -311,9 +321,9 @@ fn consume(
             // Told to stop: the session ends as stopped whatever fails while closing, so a
             // failed close is never mistaken for a lost connection and reconnected.
             if let Err(e) = closed {
-                warn!("tenant_id={id} closing the consumer failed (unacked messages go back to the queue): {e:#}");
+                warn!(tenant_id:% = id; "closing the consumer failed (unacked messages go back to the queue): {e:#}");
             }
-            info!("consumer stopped tenant_id={id}");
+            info!(tenant_id:% = id; "consumer stopped");
             Ok(ChannelEnd::Stopped)
         }
     }
@@ -341,6 +351,13 @@ struct Session<'a> {
 }
 
 /// Runs until told to stop or to resize, or until the broker session fails.
+///
+/// The thread wakes once per burst, not per delivery: it takes every delivery already waiting
+/// before it decides what goes to the pool, and while every worker slot of the tenant is busy
+/// (or the database is failing) it does not listen for deliveries at all — they accumulate in
+/// the consumer's channel, bounded by the prefetch, and are taken together when a batch is done.
+/// So a busy tenant sleeps between batches and sends full ones; a quiet one still sends each
+/// message at once.
 fn event_loop(
     ctx: &ConsumerContext,
     session: &Session,
@@ -354,38 +371,54 @@ fn event_loop(
         control,
     } = *session;
     loop {
-        let retry = flight.retry_at.map_or_else(never, |at| {
-            after(at.saturating_duration_since(Instant::now()))
-        });
+        take_waiting(consumer, flight)?;
+        flight.dispatch(&ctx.pool);
+        let deliveries = match flight.can_dispatch() {
+            true => consumer.receiver().clone(),
+            false => never(),
+        };
+        let retry = flight.retry_timer();
         let relay_due = relay.timer();
         select! {
-            recv(consumer.receiver()) -> message => {
-                flight.accept(delivery_of(message)?);
-                // Take what else is already waiting, so a busy queue makes full batches.
-                while flight.filling() {
-                    match consumer.receiver().try_recv() {
-                        Ok(message) => flight.accept(delivery_of(Ok(message))?),
-                        Err(_) => break,
-                    }
-                }
-            }
+            recv(deliveries) -> message => flight.accept([delivery_of(message)?]),
             recv(replies) -> done => {
                 flight.complete(channel, done.context("worker replies closed")?)?;
+                while let Ok(done) = replies.try_recv() {
+                    flight.complete(channel, done)?;
+                }
             }
             recv(control) -> command => match command {
-                Ok(Control::Resize(n)) if usize::from(n) != flight.workers => {
+                Ok(Control::Resize(n)) if usize::from(n) != flight.workers() => {
                     return Ok(Leave::Resize(n));
                 }
-                Ok(Control::Resize(n)) => running(ctx, flight.tenant, n),
+                Ok(Control::Resize(n)) => running(ctx, flight.tenant(), n),
                 Ok(Control::Stop { deadline }) => return Ok(Leave::Stop(deadline)),
                 Err(_) => return Ok(Leave::Stop(Instant::now())),
             },
-            recv(retry) -> _ => flight.retry_at = None,
+            recv(retry) -> _ => flight.retry_due(),
             recv(relay.deliveries()) -> message => relay.hold(message)?,
             recv(relay_due) -> _ => relay.release()?,
         }
-        flight.dispatch(&ctx.pool);
     }
+}
+
+/// Takes every delivery already in the consumer's channel.
+fn take_waiting(consumer: &Consumer, flight: &mut InFlight) -> Result<()> {
+    let mut burst = Vec::new();
+    let result = loop {
+        match consumer.receiver().try_recv() {
+            Ok(message) => match delivery_of(Ok(message)) {
+                Ok(delivery) => burst.push(delivery),
+                Err(e) => break Err(e),
+            },
+            Err(TryRecvError::Empty) => break Ok(()),
+            Err(TryRecvError::Disconnected) => {
+                break Err(anyhow!("consumer ended: its channel closed"))
+            }
+        }
+    };
+    flight.accept(burst);
+    result
 }
 
 fn delivery_of(message: Result<ConsumerMessage, crossbeam_channel::RecvError>) -> Result<Delivery> {
@@ -412,7 +445,7 @@ fn drain(
     consumer.cancel()?;
     let mut cancelled = false;
     let timeout = after(deadline.saturating_duration_since(Instant::now()));
-    while flight.busy > 0 || !cancelled {
+    while flight.in_pool() > 0 || !cancelled {
         let deliveries = match cancelled {
             true => never(),
             false => consumer.receiver().clone(),
@@ -426,8 +459,9 @@ fn drain(
             },
             recv(timeout) -> _ => {
                 warn!(
-                    "tenant_id={} stop deadline passed with {} batches in flight; they will be redelivered",
-                    flight.tenant, flight.busy
+                    tenant_id:% = flight.tenant();
+                    "stop deadline passed with {} batches in flight; they will be redelivered",
+                    flight.in_pool()
                 );
                 break;
             }

@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, AmqpValue, Channel, Delivery, FieldTable};
 use anyhow::{Context, Result};
-use crossbeam_channel::Sender;
+use crossbeam_channel::{after, never, Receiver, Sender};
 use log::warn;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::broker::Publisher;
-use crate::consumer::{ConsumerContext, TenantSpec};
 use crate::ids::TenantId;
 use crate::pool::{Batch, BatchDone, Item, Outcome, Poison, WorkerPool};
 use crate::stats::TenantStats;
@@ -27,11 +26,20 @@ const REASON_HEADER: &str = "x-tenantd-reason";
 /// Header of a copy in the retry queue: when (Unix time, ms) it goes back to the tenant's queue.
 pub const RETRY_AT_HEADER: &str = "x-tenantd-retry-at";
 
+/// What a book is kept for: the tenant, its concurrency on this channel, and the settings.
+pub struct Book {
+    pub tenant: TenantId,
+    pub workers: u16,
+    pub batch_size: usize,
+    pub retry_delays: Vec<Duration>,
+    pub stats: Arc<TenantStats>,
+}
+
 /// Deliveries between the broker and the database: which wait, which are in the pool, which are
 /// committed and not yet acked.
 pub struct InFlight {
-    pub(crate) tenant: TenantId,
-    pub(crate) workers: usize,
+    tenant: TenantId,
+    workers: usize,
     batch_size: usize,
     retry_delays: Vec<Duration>,
     stats: Arc<TenantStats>,
@@ -45,24 +53,20 @@ pub struct InFlight {
     /// Committed, waiting for every lower tag so one `ack_multiple` settles them all.
     committed: BTreeSet<u64>,
     /// Batches in the pool.
-    pub(crate) busy: usize,
-    pub(crate) retry_at: Option<Instant>,
+    busy: usize,
+    /// While set (the database failed), nothing goes to the pool before it.
+    retry_at: Option<Instant>,
     retry_backoff: Backoff,
 }
 
 impl InFlight {
-    pub fn new(
-        ctx: &ConsumerContext,
-        spec: &TenantSpec,
-        reply: Sender<BatchDone>,
-        publisher: Publisher,
-    ) -> Self {
+    pub fn new(book: Book, reply: Sender<BatchDone>, publisher: Publisher) -> Self {
         InFlight {
-            tenant: spec.id,
-            workers: usize::from(spec.workers),
-            batch_size: ctx.batch_size,
-            retry_delays: ctx.retry_delays.clone(),
-            stats: spec.stats.clone(),
+            tenant: book.tenant,
+            workers: usize::from(book.workers),
+            batch_size: book.batch_size,
+            retry_delays: book.retry_delays,
+            stats: book.stats,
             reply,
             publisher,
             waiting: VecDeque::new(),
@@ -74,24 +78,57 @@ impl InFlight {
         }
     }
 
-    /// Whether a batch is still filling: take more deliveries that are already waiting.
-    pub fn filling(&self) -> bool {
-        self.waiting.len() < self.batch_size
+    pub fn tenant(&self) -> TenantId {
+        self.tenant
     }
 
-    pub fn accept(&mut self, mut delivery: Delivery) {
-        let tag = delivery.delivery_tag();
-        let item = Item {
-            tag,
-            id: message_id(&delivery),
-            body: std::mem::take(&mut delivery.body),
-            accepted: Instant::now(),
-        };
-        self.waiting.push_back(item);
-        self.unacked.insert(tag, delivery);
-        self.stats.consumed(1);
+    pub fn workers(&self) -> usize {
+        self.workers
     }
 
+    /// Batches in the pool.
+    pub fn in_pool(&self) -> usize {
+        self.busy
+    }
+
+    /// Whether a delivery now could go to the pool at once. When not (every slot of the
+    /// tenant busy, or the database failing), there is nothing to decide: deliveries wait in
+    /// the consumer's channel, bounded by the prefetch, and are taken together later.
+    pub fn can_dispatch(&self) -> bool {
+        self.retry_at.is_none() && self.busy < self.workers
+    }
+
+    /// Takes deliveries (counting them once for the burst).
+    pub fn accept(&mut self, deliveries: impl IntoIterator<Item = Delivery>) {
+        let before = self.unacked.len();
+        let now = Instant::now();
+        for mut delivery in deliveries {
+            let tag = delivery.delivery_tag();
+            let item = Item {
+                tag,
+                id: message_id(&delivery),
+                body: std::mem::take(&mut delivery.body),
+                accepted: now,
+            };
+            self.waiting.push_back(item);
+            self.unacked.insert(tag, delivery);
+        }
+        self.stats.consumed((self.unacked.len() - before) as u64);
+    }
+
+    /// Fires when the database is to be tried again after a failure.
+    pub fn retry_timer(&self) -> Receiver<Instant> {
+        self.retry_at.map_or_else(never, |at| {
+            after(at.saturating_duration_since(Instant::now()))
+        })
+    }
+
+    /// The database may be tried again.
+    pub fn retry_due(&mut self) {
+        self.retry_at = None;
+    }
+
+    /// Hands what waits to the pool, a batch per free slot.
     pub fn dispatch(&mut self, pool: &WorkerPool) {
         if self.retry_at.is_some() {
             return;
@@ -121,8 +158,8 @@ impl InFlight {
             Outcome::Transient { items, error } => {
                 let delay = self.retry_backoff.next();
                 warn!(
-                    "tenant_id={} storing {} messages failed, retrying in {delay:?}: {error}",
-                    self.tenant,
+                    tenant_id:% = self.tenant;
+                    "storing {} messages failed, retrying in {delay:?}: {error}",
                     items.len()
                 );
                 for item in items.into_iter().rev() {
@@ -165,15 +202,17 @@ impl InFlight {
             Some(delay) => {
                 self.stats.retried();
                 warn!(
-                    "tenant_id={} message failed (attempt {attempt}), retrying in {delay:?}: {}",
-                    self.tenant, poison.reason
+                    tenant_id:% = self.tenant;
+                    "message failed (attempt {attempt}), retrying in {delay:?}: {}",
+                    poison.reason
                 );
             }
             None => {
                 self.stats.dead_lettered();
                 warn!(
-                    "tenant_id={} message dead-lettered after {attempt} attempts: {}",
-                    self.tenant, poison.reason
+                    tenant_id:% = self.tenant;
+                    "message dead-lettered after {attempt} attempts: {}",
+                    poison.reason
                 );
             }
         }

@@ -5,7 +5,7 @@
 
 mod assign;
 mod backoff;
-pub mod broker;
+mod broker;
 pub mod config;
 mod consumer;
 mod coordinator;
@@ -41,6 +41,9 @@ use metrics::Metrics;
 use pool::WorkerPool;
 use service::{Service, ServiceSettings};
 use store::DbSettings;
+
+/// What a client of the broker needs (the tests and the benchmark connect as publishers do).
+pub use broker::{connect as connect_broker, BrokerAddr, QueueType};
 
 /// The query of a page deep in a tenant's messages, for the test that holds it to its index.
 #[doc(hidden)]

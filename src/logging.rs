@@ -1,10 +1,14 @@
-//! One log line per event on stderr: time, level, thread, the HTTP request id when there is one,
-//! and the message (which names `tenant_id=` where there is one); as text or as JSON.
+//! One line per event on stderr: time, level, thread, the HTTP request id when there is one, the
+//! message, and the record's key-values (`tenant_id`, …); as text or as JSON.
+//!
+//! Our own logger rather than `simplelog`: it has neither JSON lines nor key-values, and the
+//! request id comes from a thread-local set by the HTTP front.
 
 use std::cell::RefCell;
 use std::io::Write;
 
 use chrono::{SecondsFormat, Utc};
+use log::kv::{Key, Value, VisitSource};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,15 +45,36 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let line = format_line(self.format, record.level(), &record.args().to_string());
+        let line = format_record(self.format, record);
         let _ = writeln!(std::io::stderr().lock(), "{line}");
     }
 
     fn flush(&self) {}
 }
 
+/// The record's key-values, in order, as text.
+struct Fields(Vec<(String, String)>);
+
+impl<'kvs> VisitSource<'kvs> for Fields {
+    fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
+        self.0.push((key.to_string(), value.to_string()));
+        Ok(())
+    }
+}
+
 /// One line as tenantd writes it (public so tests can capture lines exactly as operators see them).
-pub fn format_line(format: Format, level: Level, message: &str) -> String {
+pub fn format_record(format: Format, record: &Record) -> String {
+    let mut fields = Fields(Vec::new());
+    let _ = record.key_values().visit(&mut fields);
+    format_line(
+        format,
+        record.level(),
+        &record.args().to_string(),
+        &fields.0,
+    )
+}
+
+fn format_line(format: Format, level: Level, message: &str, fields: &[(String, String)]) -> String {
     let time = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
     let thread = std::thread::current();
     let thread = thread.name().unwrap_or("-");
@@ -59,7 +84,8 @@ pub fn format_line(format: Format, level: Level, message: &str) -> String {
             let rid = request_id
                 .map(|id| format!(" request_id={id}"))
                 .unwrap_or_default();
-            format!("{time} {level:<5} [{thread}]{rid} {message}")
+            let kvs: String = fields.iter().map(|(k, v)| format!(" {k}={v}")).collect();
+            format!("{time} {level:<5} [{thread}]{rid} {message}{kvs}")
         }
         Format::Json => {
             let mut line = serde_json::json!({
@@ -71,18 +97,12 @@ pub fn format_line(format: Format, level: Level, message: &str) -> String {
             if let Some(id) = request_id {
                 line["request_id"] = id.into();
             }
-            if let Some(tenant) = tenant_of(message) {
-                line["tenant_id"] = tenant.into();
+            for (key, value) in fields {
+                line[key.as_str()] = value.as_str().into();
             }
             line.to_string()
         }
     }
-}
-
-/// The `tenant_id=<uuid>` a message names, if any.
-fn tenant_of(message: &str) -> Option<&str> {
-    let rest = message.split("tenant_id=").nth(1)?;
-    rest.get(..36)
 }
 
 /// Installs the logger; a second call (as in tests) keeps the first.
@@ -97,26 +117,42 @@ pub fn init(level: LevelFilter, format: Format) {
 mod tests {
     use super::*;
 
+    fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     #[test]
-    fn json_lines_carry_the_request_and_tenant() {
+    fn json_lines_carry_the_request_and_the_key_values() {
         set_request_id(Some("r-1"));
+        let tenant = "2a7a0324-8118-4e0a-9699-35c1ca694c2e";
         let line = format_line(
             Format::Json,
             Level::Info,
-            "tenant created tenant_id=2a7a0324-8118-4e0a-9699-35c1ca694c2e status=active",
+            "tenant created",
+            &fields(&[("tenant_id", tenant), ("status", "active")]),
         );
         set_request_id(None);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["request_id"], "r-1");
-        assert_eq!(v["tenant_id"], "2a7a0324-8118-4e0a-9699-35c1ca694c2e");
+        assert_eq!(v["tenant_id"], tenant);
+        assert_eq!(v["status"], "active");
+        assert_eq!(v["message"], "tenant created");
         assert_eq!(v["level"], "INFO");
     }
 
     #[test]
-    fn text_lines_are_one_line_with_time_level_and_thread() {
-        let line = format_line(Format::Text, Level::Warn, "hello");
+    fn text_lines_are_one_line_with_time_level_thread_and_key_values() {
+        let line = format_line(
+            Format::Text,
+            Level::Warn,
+            "hello",
+            &fields(&[("tenant_id", "t")]),
+        );
         assert!(
-            line.contains(" WARN  [") && line.ends_with("] hello"),
+            line.contains(" WARN  [") && line.ends_with("] hello tenant_id=t"),
             "{line}"
         );
     }

@@ -170,7 +170,7 @@ impl TenantManager {
         let local = self.consumers.lock().remove(&id)?;
         let version = local.want.version;
         if !local.handle.join() {
-            warn!("tenant_id={id} consumer thread panicked");
+            warn!(tenant_id:% = id; "consumer thread panicked");
         }
         self.publish_gauges();
         Some(version)

@@ -164,9 +164,7 @@ fn store_guarded(
     match catch_unwind(AssertUnwindSafe(|| judge(&items))) {
         Ok(verdict) => (settle(metrics, items, verdict), false),
         Err(_) => {
-            error!(
-                "tenant_id={tenant} a worker panicked while storing a batch; it will be retried"
-            );
+            error!(tenant_id:% = tenant; "a worker panicked while storing a batch; it will be retried");
             let verdict = Verdict {
                 poison: Vec::new(),
                 stored: Err("a worker failed while storing the batch".into()),
@@ -255,7 +253,7 @@ fn judge(
         Err(e) => Err(e),
     };
     if let Err(e) = &stored {
-        debug!("tenant_id={tenant} storing a batch failed: {e}");
+        debug!(tenant_id:% = tenant; "storing a batch failed: {e}");
         // The connection may be broken; the next batch opens a fresh one.
         *slot = None;
     }

@@ -217,7 +217,7 @@ pub fn declare_tenant_queues(
     let declared = declare_all(&channel, id, queue_type);
     match declared {
         Err(e) if is_precondition_failed(&e) => {
-            warn!("tenant_id={id} its queues exist with other arguments (QUEUE_TYPE changed?); using them as they are: {e:#}");
+            warn!(tenant_id:% = id; "its queues exist with other arguments (QUEUE_TYPE changed?); using them as they are: {e:#}");
             Ok(())
         }
         other => {

@@ -123,7 +123,7 @@ impl Loop {
             match self.manager.start(id, claim) {
                 Ok(()) => started += 1,
                 Err(e) => {
-                    error!("tenant_id={id} cannot start its consumer: {e:#}");
+                    error!(tenant_id:% = id; "cannot start its consumer: {e:#}");
                     self.released.push((id, claim.version));
                 }
             }

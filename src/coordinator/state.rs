@@ -194,7 +194,7 @@ impl Loop {
                 )
             });
             *at = Instant::now() + backoff.next();
-            error!("tenant_id={id} consumer ended: {error}");
+            error!(tenant_id:% = id; "consumer ended: {error}");
         }
         self.released.push((id, version));
         self.dirty = true;
@@ -221,7 +221,7 @@ impl Loop {
             Ok(true) => {}
             Ok(false) => {
                 // Another replica holds the claim now (it took this one for dead).
-                warn!("tenant_id={id} another replica took the tenant; stopping here");
+                warn!(tenant_id:% = id; "another replica took the tenant; stopping here");
                 self.manager.stop(id, Instant::now());
             }
             Err(e) => self.lost(&e),

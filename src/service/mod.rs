@@ -213,10 +213,7 @@ impl Service {
             .map_err(ServiceError::broker)?;
         let created = self.with_db(|db| {
             tenants::create(db, &tenant).map_err(ServiceError::database)?;
-            info!(
-                "tenant created tenant_id={id} status={}",
-                tenant.status.as_str()
-            );
+            info!(tenant_id:% = id, status = tenant.status.as_str(); "tenant created");
             self.wait_applied(db, &tenant);
             self.tenant(db, id)
         });
@@ -228,7 +225,7 @@ impl Service {
 
     fn delete_queues_quietly(&self, id: TenantId) {
         if let Err(e) = self.admin.delete_queues(id) {
-            warn!("tenant_id={id} could not delete its queues: {e:#}");
+            warn!(tenant_id:% = id; "could not delete its queues: {e:#}");
         }
     }
 
@@ -246,7 +243,7 @@ impl Service {
         let stats = |name: &str| match self.admin.queue_stats(name) {
             Ok(stats) => Some(stats.unwrap_or_default()),
             Err(e) => {
-                warn!("tenant_id={id} cannot read queue {name}: {e:#}");
+                warn!(tenant_id:% = id; "cannot read queue {name}: {e:#}");
                 None
             }
         };
@@ -280,7 +277,7 @@ impl Service {
             self.admin.delete_queues(id).map_err(ServiceError::broker)?;
             tenants::drop_with_partition(db, id).map_err(ServiceError::database)?;
             self.manager.forget(id);
-            info!("tenant deleted tenant_id={id}");
+            info!(tenant_id:% = id; "tenant deleted");
             Ok(())
         })
     }
@@ -326,7 +323,8 @@ impl Service {
             tenants::save(db, &tenant, bump).map_err(ServiceError::database)?;
             if tenant.status != status {
                 info!(
-                    "tenant_id={id} status {} -> {}",
+                    tenant_id:% = id;
+                    "status {} -> {}",
                     status.as_str(),
                     tenant.status.as_str()
                 );
@@ -338,7 +336,8 @@ impl Service {
             }
             if tenant.workers != workers && tenant.status != Status::Active {
                 info!(
-                    "concurrency changed tenant_id={id} {workers} -> {} (consumer paused)",
+                    tenant_id:% = id;
+                    "concurrency changed {workers} -> {} (consumer paused)",
                     tenant.workers
                 );
             }
@@ -386,12 +385,12 @@ impl Service {
                 Ok(true) => return true,
                 Ok(false) => {}
                 Err(e) => {
-                    warn!("tenant_id={id} cannot read its consumer's state: {e:#}");
+                    warn!(tenant_id:% = id; "cannot read its consumer's state: {e:#}");
                     return false;
                 }
             }
             if Instant::now() + pause > deadline || self.is_stopping() {
-                warn!("tenant_id={id} the change was saved but not applied within {timeout:?}");
+                warn!(tenant_id:% = id; "the change was saved but not applied within {timeout:?}");
                 return false;
             }
             std::thread::sleep(pause);

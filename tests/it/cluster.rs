@@ -17,7 +17,7 @@ fn quorum_queues_store_retry_and_dead_letter_like_classic_ones() {
     let vhost = Vhost::create();
     let app = TestApp::spawn_with(|c| {
         c.rabbitmq_url = vhost.url();
-        c.queue_type = tenantd::broker::QueueType::Quorum;
+        c.queue_type = tenantd::QueueType::Quorum;
         c.retry_delays = vec![Duration::from_millis(100); 2];
     });
     let tenant = app.create_tenant("replicated");

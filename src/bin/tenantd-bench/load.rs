@@ -4,13 +4,12 @@
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
-use tenantd::broker::{self, BrokerAddr};
+use tenantd::{connect_broker, BrokerAddr};
 use uuid::Uuid;
 
 fn connect(url: &str) -> amiquip::Connection {
     let addr = BrokerAddr::parse(url).expect("RABBITMQ_URL");
-    broker::connect(&addr, Duration::from_secs(10), "tenantd-bench")
-        .expect("connecting to RabbitMQ")
+    connect_broker(&addr, Duration::from_secs(10), "tenantd-bench").expect("connecting to RabbitMQ")
 }
 
 /// Extra bytes of padding in every body (`--payload-bytes` minus the ~240 of the base body).

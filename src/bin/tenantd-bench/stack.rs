@@ -180,9 +180,9 @@ impl Stack {
 
     /// Deletes what the run made in the broker.
     fn clean_broker(&self) {
-        let addr = tenantd::broker::BrokerAddr::parse(&self.amqp_url).unwrap();
+        let addr = tenantd::BrokerAddr::parse(&self.amqp_url).unwrap();
         let Ok(mut connection) =
-            tenantd::broker::connect(&addr, Duration::from_secs(10), "bench cleanup")
+            tenantd::connect_broker(&addr, Duration::from_secs(10), "bench cleanup")
         else {
             return;
         };

@@ -6,7 +6,7 @@ use amiquip::{
     AmqpProperties, Channel, Confirm, ConfirmSmoother, Connection, Publish, QueueDeleteOptions,
 };
 use crossbeam_channel::Receiver;
-use tenantd::broker::{self, BrokerAddr};
+use tenantd::{connect_broker, BrokerAddr};
 
 pub struct Amqp {
     // Field order: the channel closes before its connection.
@@ -26,7 +26,7 @@ impl Amqp {
     /// A client of the broker (and vhost) at `url`.
     pub fn connect_to(url: &str) -> Amqp {
         let addr = BrokerAddr::parse(url).expect("RABBITMQ_URL");
-        let mut connection = broker::connect(&addr, Duration::from_secs(5), "tenantd tests")
+        let mut connection = connect_broker(&addr, Duration::from_secs(5), "tenantd tests")
             .unwrap_or_else(|e| {
                 panic!("RabbitMQ is unreachable at {url}: {e:#} (scripts/test.sh starts it)")
             });

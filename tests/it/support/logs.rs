@@ -19,8 +19,7 @@ impl Log for Capture {
 
     fn log(&self, record: &Record) {
         if self.enabled(record.metadata()) {
-            let message = record.args().to_string();
-            let line = tenantd::logging::format_line(Format::Text, record.level(), &message);
+            let line = tenantd::logging::format_record(Format::Text, record);
             if std::env::var_os("TENANTD_TEST_LOG").is_some() {
                 eprintln!("{line}");
             }
