@@ -126,6 +126,52 @@ pub const SETTINGS: &[Setting] = &[
     },
 ];
 
+/// What each setting accepts beyond its type; `--help` and the README show it, `check` holds it.
+pub const BOUNDS: &[(&str, &str)] = &[
+    ("DATABASE_URL", "a postgres:// URL"),
+    ("RABBITMQ_URL", "amqp:// URLs, comma-separated"),
+    ("BROKER_HEARTBEAT_SECS", "0 to 65535; 0: no heartbeats"),
+    ("QUEUE_TYPE", "classic or quorum"),
+    ("REPLICA_ID", "unique among the live replicas"),
+    ("FAILOVER_TIMEOUT", "at least 2"),
+    ("HTTP_ADDR", "host:port"),
+    ("HTTP_TIMEOUT_MS", "at least 100"),
+    ("HTTP_MAX_CONNECTIONS", "at least 1"),
+    ("DEFAULT_WORKERS", "1 to MAX_WORKERS"),
+    (
+        "MAX_WORKERS",
+        "at least 1; MAX_WORKERS x BATCH_SIZE at most 65535 (a prefetch count)",
+    ),
+    (
+        "WORKER_POOL_SIZE",
+        "at least 1, or cpus: one per CPU, at least 2",
+    ),
+    (
+        "BATCH_SIZE",
+        "at least 1; MAX_WORKERS x BATCH_SIZE at most 65535",
+    ),
+    ("MAX_MESSAGE_BYTES", "at least 1"),
+    (
+        "RETRY_DELAYS_MS",
+        "milliseconds, comma-separated; none: failing messages go straight to the DLQ",
+    ),
+    ("CONNECT_TIMEOUT_MS", "at least 1"),
+    ("STATEMENT_TIMEOUT_MS", "0: no limit"),
+    ("DB_KEEPALIVE_MS", "at least 2000"),
+    ("SHUTDOWN_TIMEOUT", "seconds"),
+    ("LOG_LEVEL", "error, warn, info, debug or trace"),
+    ("LOG_FORMAT", "text or json"),
+    ("API_TOKEN", "any text"),
+];
+
+/// The bounds of a setting.
+pub fn bounds(name: &str) -> &'static str {
+    BOUNDS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or("", |(_, b)| b)
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub database_url: String,
@@ -228,6 +274,12 @@ impl Config {
         if self.db_keepalive < Duration::from_secs(2) {
             bail!("DB_KEEPALIVE_MS must be at least 2000");
         }
+        if self.http_timeout < Duration::from_millis(100) {
+            bail!("HTTP_TIMEOUT_MS must be at least 100");
+        }
+        if self.connect_timeout.is_zero() || self.max_message_bytes == 0 {
+            bail!("CONNECT_TIMEOUT_MS and MAX_MESSAGE_BYTES must be at least 1");
+        }
         Ok(())
     }
 }
@@ -297,8 +349,11 @@ pub fn help_text() -> String {
             s.default
         };
         text.push_str(&format!(
-            "  {:<20} {}\n  {:<20} default: {default}\n",
-            s.name, s.help, ""
+            "  {:<22} {}\n  {:<22} default: {default}; {}\n",
+            s.name,
+            s.help,
+            "",
+            bounds(s.name)
         ));
     }
     text
@@ -307,6 +362,21 @@ pub fn help_text() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_setting_says_what_it_accepts() {
+        for s in SETTINGS {
+            assert!(!bounds(s.name).is_empty(), "{} has no bounds", s.name);
+        }
+        assert_eq!(BOUNDS.len(), SETTINGS.len());
+    }
+
+    #[test]
+    fn a_prefetch_that_cannot_be_is_refused_naming_both_settings() {
+        let lookup = |n: &str| (n == "BATCH_SIZE").then(|| "1024".to_string());
+        let err = Config::from_lookup(lookup).unwrap_err().to_string();
+        assert!(err.contains("MAX_WORKERS x BATCH_SIZE"), "{err}");
+    }
 
     #[test]
     fn defaults_parse() {

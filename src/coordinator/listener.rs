@@ -76,7 +76,7 @@ fn run(db: &DbSettings, notes: &Sender<Note>, stop: &Receiver<()>) {
 
 fn listen(db: &DbSettings) -> Result<Client> {
     let mut client = store::connect(db, "tenantd listener")?;
-    client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+    store::listen(&mut client)?;
     debug!("listening on channel {CHANNEL}");
     Ok(client)
 }

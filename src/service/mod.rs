@@ -29,6 +29,9 @@ use crate::store::{self, replicas, tenants};
 
 pub use error::{ServiceError, ServiceResult};
 
+/// Below this many rows a tenant's rows are counted; above, PostgreSQL's estimate is shown.
+const EXACT_ROWS_BELOW: i64 = 10_000;
+
 /// What the service needs to know of the settings.
 #[derive(Clone, Debug)]
 pub struct ServiceSettings {
@@ -79,12 +82,14 @@ pub struct Changed {
     pub applied: bool,
 }
 
-/// A tenant as `GET /api/tenants/{id}` shows it: its row, its consumer, and its queues as the
-/// broker sees them.
+/// A tenant as `GET /api/tenants/{id}` shows it: its row, its consumer, what is stored, and its
+/// queues as the broker sees them.
 #[derive(Serialize)]
 pub struct TenantView {
     #[serde(flatten)]
     pub tenant: Tenant,
+    /// Rows in its partition (exact below `EXACT_ROWS_BELOW`, PostgreSQL's estimate above).
+    pub rows: i64,
     /// `None` while the broker cannot be asked.
     pub queue: Option<QueueView>,
     /// Counted by this replica since it started.
@@ -230,9 +235,14 @@ impl Service {
     }
 
     pub fn tenant_view(&self, id: TenantId) -> ServiceResult<TenantView> {
-        let tenant = self.with_db(|db| self.tenant(db, id))?;
+        let (tenant, rows) = self.with_db(|db| {
+            let tenant = self.tenant(db, id)?;
+            let rows = tenants::rows(db, id, EXACT_ROWS_BELOW).map_err(ServiceError::database)?;
+            Ok((tenant, rows))
+        })?;
         Ok(TenantView {
             tenant,
+            rows,
             queue: self.queue_view(id),
             counts: self.manager.counts(id),
         })

@@ -7,7 +7,7 @@ use log::warn;
 use super::{Service, ServiceError, ServiceResult};
 use crate::ids::TenantId;
 use crate::store::replicas::{self, Replica};
-use crate::store::tenants;
+use crate::store::{self, tenants};
 
 /// Queue depths in `/metrics` are read from the broker at most this often.
 const QUEUE_METRICS_EVERY: Duration = Duration::from_secs(15);
@@ -18,10 +18,7 @@ impl Service {
     /// that should run here but cannot connect, a start not yet done).
     pub fn readiness(&self) -> Result<(), String> {
         let mut down = Vec::new();
-        let database = self.with_db(|db| {
-            db.simple_query("SELECT 1")
-                .map_err(|e| ServiceError::database(e.into()))
-        });
+        let database = self.with_db(|db| store::ping(db).map_err(ServiceError::database));
         match database {
             Err(ServiceError::Unavailable(why)) => down.push(why),
             Err(e) => down.push(format!("database unavailable: {e:?}")),

@@ -150,6 +150,18 @@ pub fn apply_schema(client: &mut Client) -> Result<()> {
     Ok(())
 }
 
+/// A round trip to the server: whether it answers now.
+pub fn ping(client: &mut Client) -> Result<()> {
+    client.simple_query("SELECT 1")?;
+    Ok(())
+}
+
+/// Subscribes this session to `CHANNEL`.
+pub fn listen(client: &mut Client) -> Result<()> {
+    client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+    Ok(())
+}
+
 /// Announces a change on `CHANNEL`; inside a transaction, it is sent when that commits.
 fn notify(client: &mut impl postgres::GenericClient, payload: &str) -> Result<()> {
     client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])?;

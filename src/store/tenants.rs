@@ -225,6 +225,24 @@ pub fn save(client: &mut Client, tenant: &Tenant, bump: bool) -> Result<()> {
     Ok(())
 }
 
+/// Rows in the tenant's partition: counted when PostgreSQL estimates fewer than `exact_below`
+/// (or has no estimate yet), its estimate (as of its last analyze) above.
+pub fn rows(client: &mut Client, id: TenantId, exact_below: i64) -> Result<i64> {
+    let estimate: Option<f32> = client
+        .query_opt(
+            "SELECT reltuples FROM pg_class WHERE relname = $1",
+            &[&id.partition_name()],
+        )?
+        .map(|r| r.get(0));
+    match estimate {
+        Some(n) if n as i64 >= exact_below => Ok(n as i64),
+        _ => {
+            let sql = format!(r#"SELECT count(*) FROM "{}""#, id.partition_name());
+            Ok(client.query_one(&sql, &[])?.get(0))
+        }
+    }
+}
+
 /// Tenant ids after `after` in id order: the walk order of `/api/messages` over all tenants.
 pub fn ids_after(client: &mut Client, after: Option<Uuid>, limit: i64) -> Result<Vec<Uuid>> {
     let rows = client.query(

@@ -19,6 +19,8 @@ fn help_lists_every_setting_with_its_default() {
     for s in tenantd::config::SETTINGS {
         assert!(text.contains(s.name), "{} missing from --help", s.name);
         assert!(text.contains(s.default), "default of {} missing", s.name);
+        let accepts = tenantd::config::bounds(s.name);
+        assert!(text.contains(accepts), "what {} accepts is missing", s.name);
     }
 }
 
@@ -151,4 +153,42 @@ fn a_shutdown_past_its_timeout_exits_1_instead_of_hanging() {
     );
     lock.rollback().unwrap();
     amqp.delete_tenant_queues(&tenant);
+}
+
+#[test]
+fn the_readme_tells_every_setting_its_default_and_what_it_accepts() {
+    let readme = include_str!("../../README.md");
+    let table: Vec<&str> = readme
+        .split("## Configuration")
+        .nth(1)
+        .expect("a Configuration section")
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .collect();
+    assert_eq!(
+        table.len(),
+        tenantd::config::SETTINGS.len(),
+        "one row per setting"
+    );
+    for s in tenantd::config::SETTINGS {
+        let row = table
+            .iter()
+            .find(|l| l.starts_with(&format!("| `{}` |", s.name)))
+            .unwrap_or_else(|| panic!("{} is missing from the README", s.name));
+        let default = match s.default {
+            "" => "(unset)".to_string(),
+            d => format!("`{d}`"),
+        };
+        assert!(
+            row.contains(&format!("| {default} |")),
+            "{}: default {default}: {row}",
+            s.name
+        );
+        let accepts = tenantd::config::bounds(s.name);
+        assert!(
+            row.ends_with(&format!("| {accepts} |")),
+            "{}: accepts {accepts}: {row}",
+            s.name
+        );
+    }
 }

@@ -358,8 +358,34 @@ fn the_guards_own_answers_carry_a_request_id_a_log_line_and_a_count() {
     );
     assert_eq!(chunked.status, 411);
     assert_eq!(chunked.header("x-request-id"), Some("chunked-1"));
+    let mut big = connect(&app);
+    big.write_all(
+        b"POST /api/tenants HTTP/1.1\r\nHost: x\r\nX-Request-Id: big-1\r\n\
+          Content-Length: 2000000\r\n\r\n",
+    )
+    .unwrap();
+    let (status, head, _) = read_response(&mut big);
+    assert_eq!(status, 413);
+    assert!(head.contains("X-Request-Id: big-1"), "{head}");
+    let huge_head = request_with(
+        &app.base(),
+        "GET",
+        "/api/tenants",
+        &[("X-Big", &"y".repeat(20_000))],
+        None,
+    );
+    assert_eq!(huge_head.status, 431);
+    assert_eq!(
+        huge_head.header("x-request-id").map(str::len),
+        Some(32),
+        "a fresh id"
+    );
+    assert_eq!(
+        lines_with(&["request_id=big-1", "POST /api/tenants -> 413"]).len(),
+        1
+    );
     let metrics = app.get("/metrics").text();
-    for status in ["408", "411"] {
+    for status in ["408", "411", "413"] {
         let series =
             format!("tenantd_http_requests_total{{route=\"/api/tenants\",status=\"{status}\"}} 1");
         assert!(metrics.contains(&series), "{series} in {metrics}");

@@ -147,9 +147,12 @@ fn resizing_under_load_applies_at_once_persists_and_loses_nothing() {
     );
 
     app.restart();
+    let view = app.get(&format!("/api/tenants/{tenant}")).json();
+    assert_eq!(view["workers"], 5);
+    assert_eq!(view["rows"], 4000, "what is stored survives the restart");
     assert_eq!(
-        app.get(&format!("/api/tenants/{tenant}")).json()["workers"],
-        5
+        view["counts"]["stored"], 0,
+        "this replica's counters start again"
     );
     let started = format!("tenant_id={tenant}");
     wait_until(

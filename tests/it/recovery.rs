@@ -312,3 +312,39 @@ fn a_resize_that_meets_a_dying_connection_is_applied_after_the_reconnect() {
         v["consumer"]["state"] == "running" && v["consumer"]["workers"] == 5
     });
 }
+
+#[test]
+fn readiness_names_every_dependency_that_is_down_as_the_consumers_see_it() {
+    use crate::support::proxy::Proxy;
+    use crate::support::{amqp_host_port, amqp_url_via, pg_host_port};
+    let pg = Proxy::start(&pg_host_port());
+    let mq = Proxy::start(&amqp_host_port());
+    let via_pg = format!("127.0.0.1:{}", pg.port());
+    let app = TestApp::spawn_with(|c| {
+        c.database_url = c.database_url.replace(&pg_host_port(), &via_pg);
+        c.rabbitmq_url = amqp_url_via(mq.port());
+        c.connect_timeout = Duration::from_secs(1);
+    });
+    let tenant = app.create_tenant("watched");
+    wait_running(&app, &tenant);
+    assert_eq!(app.get("/readyz").status, 200);
+    mq.cut();
+    wait_until(Duration::from_secs(10), "the broker reported down", || {
+        let reply = app.get("/readyz");
+        reply.status == 503
+            && reply.text().contains("message broker unavailable")
+            && reply
+                .text()
+                .contains("1 tenants should run on this replica but cannot connect")
+    });
+    pg.cut();
+    wait_until(Duration::from_secs(10), "both reported down", || {
+        let text = app.get("/readyz").text();
+        text.contains("database unavailable") && text.contains("message broker unavailable")
+    });
+    pg.restore();
+    mq.restore();
+    wait_until(Duration::from_secs(30), "ready again", || {
+        app.get("/readyz").status == 200
+    });
+}
