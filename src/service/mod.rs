@@ -88,8 +88,9 @@ pub struct Changed {
 pub struct TenantView {
     #[serde(flatten)]
     pub tenant: Tenant,
-    /// Rows in its partition (exact below `EXACT_ROWS_BELOW`, PostgreSQL's estimate above).
-    pub rows: i64,
+    /// Rows in its partition (exact below `EXACT_ROWS_BELOW`, PostgreSQL's estimate above);
+    /// `None` while another session holds the partition locked.
+    pub rows: Option<i64>,
     /// `None` while the broker cannot be asked.
     pub queue: Option<QueueView>,
     /// Counted by this replica since it started.

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
+use postgres::error::SqlState;
 use postgres::{Client, Row};
 use uuid::Uuid;
 
@@ -226,8 +227,9 @@ pub fn save(client: &mut Client, tenant: &Tenant, bump: bool) -> Result<()> {
 }
 
 /// Rows in the tenant's partition: counted when PostgreSQL estimates fewer than `exact_below`
-/// (or has no estimate yet), its estimate (as of its last analyze) above.
-pub fn rows(client: &mut Client, id: TenantId, exact_below: i64) -> Result<i64> {
+/// (or has no estimate yet), its estimate (as of its last analyze) above. `None` when another
+/// session holds the partition locked against reads: a view never waits behind it.
+pub fn rows(client: &mut Client, id: TenantId, exact_below: i64) -> Result<Option<i64>> {
     let estimate: Option<f32> = client
         .query_opt(
             "SELECT reltuples FROM pg_class WHERE relname = $1",
@@ -235,11 +237,19 @@ pub fn rows(client: &mut Client, id: TenantId, exact_below: i64) -> Result<i64> 
         )?
         .map(|r| r.get(0));
     match estimate {
-        Some(n) if n as i64 >= exact_below => Ok(n as i64),
-        _ => {
-            let sql = format!(r#"SELECT count(*) FROM "{}""#, id.partition_name());
-            Ok(client.query_one(&sql, &[])?.get(0))
-        }
+        Some(n) if n as i64 >= exact_below => Ok(Some(n as i64)),
+        _ => count_without_waiting(client, id),
+    }
+}
+
+fn count_without_waiting(client: &mut Client, id: TenantId) -> Result<Option<i64>> {
+    let mut tx = client.transaction()?;
+    tx.batch_execute("SET LOCAL lock_timeout = 100")?;
+    let sql = format!(r#"SELECT count(*) FROM "{}""#, id.partition_name());
+    match tx.query_one(&sql, &[]) {
+        Ok(row) => Ok(Some(row.get(0))),
+        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -121,12 +121,7 @@ fn a_shutdown_past_its_timeout_exits_1_instead_of_hanging() {
     let reply = child.request("POST", "/api/tenants", Some(r#"{"name": "stuck"}"#));
     let tenant = reply.json()["id"].as_str().unwrap().to_string();
     let mut pg = db.client();
-    let mut lock = pg.transaction().unwrap();
-    lock.batch_execute(&format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        crate::support::partition_name(&tenant)
-    ))
-    .unwrap();
+    let lock = crate::support::lock_partition(&mut pg, &tenant);
     let mut amqp = Amqp::connect();
     amqp.publish(&crate::support::queue_name(&tenant), b"{}", None);
     amqp.wait_confirms();

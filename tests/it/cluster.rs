@@ -96,21 +96,7 @@ fn a_cluster_node_stopped_under_load_loses_nothing() {
         .collect();
     let publisher = {
         let (plan, tenants, url) = (plan.clone(), tenants.clone(), node(3));
-        std::thread::spawn(move || {
-            let mut amqp = Amqp::connect_to(&url);
-            for (i, (t, id, poison)) in plan.iter().enumerate() {
-                let body = if *poison {
-                    b"poison".to_vec()
-                } else {
-                    json!({ "i": i }).to_string().into_bytes()
-                };
-                amqp.publish(&queue_name(&tenants[*t]), &body, Some(id));
-                if i % 200 == 199 {
-                    amqp.wait_confirms();
-                }
-            }
-            amqp.wait_confirms();
-        })
+        std::thread::spawn(move || Amqp::connect_to(&url).publish_plan(&tenants, &plan, 200))
     };
     let mut pg = db.client();
     wait_until(Duration::from_secs(60), "1,000 rows", || {

@@ -229,21 +229,7 @@ fn every_good_message_is_stored_once_and_every_poison_dead_lettered_through_faul
         .collect();
     let publisher = {
         let (plan, tenants) = (plan.clone(), tenants.clone());
-        std::thread::spawn(move || {
-            let mut amqp = Amqp::connect();
-            for (i, (t, id, poison)) in plan.iter().enumerate() {
-                let body = if *poison {
-                    b"poison".to_vec()
-                } else {
-                    json!({ "i": i }).to_string().into_bytes()
-                };
-                amqp.publish(&queue_name(&tenants[*t]), &body, Some(id));
-                if i % 1000 == 999 {
-                    amqp.wait_confirms();
-                }
-            }
-            amqp.wait_confirms();
-        })
+        std::thread::spawn(move || Amqp::connect().publish_plan(&tenants, &plan, 1000))
     };
     let mut pg = db.client();
     let mut rows = move || -> i64 {

@@ -463,10 +463,7 @@ fn a_shutdown_ends_though_a_kept_alive_client_sends_a_request_while_http_stops()
     let tenant = app.create_tenant("slow to pause");
     // A batch blocked in the pool makes the pause below wait, as a drain does.
     let mut locker = app.pg();
-    let mut lock = locker.transaction().unwrap();
-    let table = crate::support::partition_name(&tenant);
-    lock.batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
-        .unwrap();
+    let lock = crate::support::lock_partition(&mut locker, &tenant);
     let mut amqp = crate::support::Amqp::connect();
     amqp.publish(&crate::support::queue_name(&tenant), b"{}", None);
     amqp.wait_confirms();

@@ -3,12 +3,10 @@
 
 use std::time::Duration;
 
-use serde_json::json;
-
 use crate::support::logs::lines_with;
 use crate::support::vhost::Vhost;
 use crate::support::{
-    partition_name, queue_name, tenant_thread, threads_named, wait_until, Amqp, TestApp,
+    lock_partition, queue_name, tenant_thread, threads_named, wait_until, Amqp, TestApp,
 };
 
 /// The value of an unlabelled series in a Prometheus scrape.
@@ -91,25 +89,18 @@ fn a_pause_waiting_for_a_blocked_batch_costs_no_cpu() {
     let app = TestApp::spawn_with(|c| c.statement_timeout = Duration::ZERO);
     let tenant = app.create_tenant("blocked");
     let mut locker = app.pg();
-    let mut lock = locker.transaction().unwrap();
-    lock.batch_execute(&format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        partition_name(&tenant)
-    ))
-    .unwrap();
+    let lock = lock_partition(&mut locker, &tenant);
     let mut amqp = Amqp::connect();
-    for i in 0..10 {
-        amqp.publish(
-            &queue_name(&tenant),
-            json!({ "i": i }).to_string().as_bytes(),
-            None,
-        );
-    }
-    amqp.wait_confirms();
+    amqp.publish_numbered(&queue_name(&tenant), 10);
     wait_until(
         Duration::from_secs(10),
         "the batch to reach the pool",
         || app.get(&format!("/api/tenants/{tenant}")).json()["counts"]["consumed"] == 10,
+    );
+    let view = app.get(&format!("/api/tenants/{tenant}")).json();
+    assert!(
+        view["rows"].is_null(),
+        "a locked partition is not waited for: {view}"
     );
     let base = app.base();
     let path = format!("/api/tenants/{tenant}");
@@ -136,21 +127,9 @@ fn a_statement_that_hangs_is_cancelled_and_its_batch_retried() {
     let app = TestApp::spawn_with(|c| c.statement_timeout = Duration::from_millis(300));
     let tenant = app.create_tenant("stalled");
     let mut locker = app.pg();
-    let mut lock = locker.transaction().unwrap();
-    lock.batch_execute(&format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        partition_name(&tenant)
-    ))
-    .unwrap();
+    let lock = lock_partition(&mut locker, &tenant);
     let mut amqp = Amqp::connect();
-    for i in 0..10 {
-        amqp.publish(
-            &queue_name(&tenant),
-            json!({ "i": i }).to_string().as_bytes(),
-            None,
-        );
-    }
-    amqp.wait_confirms();
+    amqp.publish_numbered(&queue_name(&tenant), 10);
     wait_until(
         Duration::from_secs(10),
         "the stalled insert to be cancelled",

@@ -55,6 +55,36 @@ impl Amqp {
         self.published += 1;
     }
 
+    /// Publishes `{"i": n}` for n in 0..count to `queue` (without message ids), confirmed.
+    pub fn publish_numbered(&mut self, queue: &str, count: usize) {
+        for i in 0..count {
+            let body = serde_json::json!({ "i": i }).to_string();
+            self.publish(queue, body.as_bytes(), None);
+        }
+        self.wait_confirms();
+    }
+
+    /// Publishes a plan of (tenant index, message id, poison) — poison is not JSON, the others
+    /// `{"i": n}` — waiting for confirms every `confirm_every` messages.
+    pub fn publish_plan(
+        &mut self,
+        tenants: &[String],
+        plan: &[(usize, String, bool)],
+        confirm_every: usize,
+    ) {
+        for (i, (t, id, poison)) in plan.iter().enumerate() {
+            let body = match poison {
+                true => b"poison".to_vec(),
+                false => serde_json::json!({ "i": i }).to_string().into_bytes(),
+            };
+            self.publish(&super::queue_name(&tenants[*t]), &body, Some(id));
+            if i % confirm_every == confirm_every - 1 {
+                self.wait_confirms();
+            }
+        }
+        self.wait_confirms();
+    }
+
     /// Waits until the broker confirmed every message published so far.
     pub fn wait_confirms(&mut self) {
         while self.confirmed < self.published {

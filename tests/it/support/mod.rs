@@ -227,6 +227,18 @@ pub fn test_config(db: &TestDb) -> Config {
     config
 }
 
+/// Holds an ACCESS EXCLUSIVE lock on the tenant's partition until the transaction ends: every
+/// insert into it waits (a database stalled, for one tenant).
+pub fn lock_partition<'a>(pg: &'a mut Client, tenant: &str) -> postgres::Transaction<'a> {
+    let mut lock = pg.transaction().unwrap();
+    let sql = format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        partition_name(tenant)
+    );
+    lock.batch_execute(&sql).unwrap();
+    lock
+}
+
 pub fn partition_name(tenant: &str) -> String {
     format!("messages_{}", tenant.replace('-', "_"))
 }
