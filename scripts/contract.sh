@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs schemathesis against a real tenantd (fresh database, ephemeral port) with the OpenAPI
 # document it serves: no 5xx, no status or body outside the contract. Then deletes what the run
-# created. Expects PostgreSQL and RabbitMQ up (scripts/test.sh sees to it).
+# created. Expects PostgreSQL and RabbitMQ up (scripts/test.sh sees to it). schemathesis also
+# reads ../schemathesis.toml (one operation kept out of the stateful phase; it says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/services.sh
