@@ -43,6 +43,18 @@ pub fn decode_all(cursor: &str) -> Option<AllPosition> {
     Some(AllPosition::After(Uuid::try_parse(tenant).ok()?))
 }
 
+/// A position in a list read from its start every time (the dead letters): how many come
+/// before it.
+pub fn encode_offset(skip: u64) -> String {
+    format!("o{skip}")
+}
+
+pub fn decode_offset(cursor: &str) -> Option<u64> {
+    let digits = cursor.strip_prefix('o')?;
+    let canonical = !digits.starts_with('0') && digits.bytes().all(|b| b.is_ascii_digit());
+    canonical.then(|| digits.parse().ok()).flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +70,7 @@ mod tests {
         assert_eq!(decode_all(&encode_all(all)), Some(all));
         let after = AllPosition::After(Uuid::new_v4());
         assert_eq!(decode_all(&encode_all(after)), Some(after));
+        assert_eq!(decode_offset(&encode_offset(40)), Some(40));
     }
 
     #[test]
@@ -65,6 +78,10 @@ mod tests {
         for bad in ["", "x", "1.", ".abc", "1.zz", "m.1", "t.", "q.1.2"] {
             assert_eq!(decode(bad), None, "{bad}");
             assert_eq!(decode_all(bad), None, "{bad}");
+            assert_eq!(decode_offset(bad), None, "{bad}");
+        }
+        for bad in ["o", "o0", "o01", "o-1", "o1x", "o99999999999999999999999"] {
+            assert_eq!(decode_offset(bad), None, "{bad}");
         }
     }
 }

@@ -20,11 +20,13 @@ use crate::stats::TenantStats;
 
 /// Header counting a message's failed attempts; it travels with the message, so the count
 /// survives restarts.
-const ATTEMPTS_HEADER: &str = "x-tenantd-attempts";
+pub const ATTEMPTS_HEADER: &str = "x-tenantd-attempts";
 /// Header saying why the last attempt failed.
-const REASON_HEADER: &str = "x-tenantd-reason";
+pub const REASON_HEADER: &str = "x-tenantd-reason";
 /// Header of a copy in the retry queue: when (Unix time, ms) it goes back to the tenant's queue.
 pub const RETRY_AT_HEADER: &str = "x-tenantd-retry-at";
+/// Header of a copy in the DLQ: when (Unix time, ms) it was dead-lettered.
+pub const DEAD_LETTERED_AT_HEADER: &str = "x-tenantd-dead-lettered-at";
 
 /// What a book is kept for: the tenant, its concurrency on this channel, and the settings.
 pub struct Book {
@@ -179,13 +181,16 @@ impl InFlight {
         };
         let attempt = attempts(&delivery.properties) + 1;
         let delay = self.retry_delays.get(attempt as usize - 1).copied();
-        let mut properties = copy_properties(&delivery.properties, attempt, &poison.reason);
-        let queue = match delay {
-            Some(delay) => {
-                properties = with_retry_at(properties, delay);
-                self.tenant.retry_name()
-            }
-            None => self.tenant.dlq_name(),
+        let properties = copy_properties(&delivery.properties, attempt, &poison);
+        let (queue, properties) = match delay {
+            Some(delay) => (
+                self.tenant.retry_name(),
+                with_time(properties, RETRY_AT_HEADER, delay),
+            ),
+            None => (
+                self.tenant.dlq_name(),
+                with_time(properties, DEAD_LETTERED_AT_HEADER, Duration::ZERO),
+            ),
         };
         let published = self
             .publisher
@@ -236,7 +241,7 @@ impl InFlight {
 }
 
 /// How many times this message has failed before, from its header.
-fn attempts(properties: &AmqpProperties) -> u32 {
+pub fn attempts(properties: &AmqpProperties) -> u32 {
     let value = properties
         .headers()
         .as_ref()
@@ -252,18 +257,26 @@ fn attempts(properties: &AmqpProperties) -> u32 {
 }
 
 /// The properties a retried or dead-lettered copy keeps (not the publisher's expiration, which
-/// could make a dead letter vanish), plus the attempt count and the reason.
-fn copy_properties(original: &AmqpProperties, attempt: u32, reason: &str) -> AmqpProperties {
+/// could make a dead letter vanish), plus the attempt count and the reason. A message published
+/// without an id gets the one it would have been stored under, so its copies — and a replay of
+/// it that a crash interrupts and repeats — are stored once.
+fn copy_properties(original: &AmqpProperties, attempt: u32, poison: &Poison) -> AmqpProperties {
     let mut headers: FieldTable = original.headers().clone().unwrap_or_default();
     headers.remove(RETRY_AT_HEADER);
+    headers.remove(DEAD_LETTERED_AT_HEADER);
     headers.insert(ATTEMPTS_HEADER.into(), AmqpValue::LongInt(attempt as i32));
-    headers.insert(REASON_HEADER.into(), AmqpValue::LongString(reason.into()));
+    headers.insert(
+        REASON_HEADER.into(),
+        AmqpValue::LongString(poison.reason.clone()),
+    );
+    let id = match original.message_id() {
+        Some(id) => id.clone(),
+        None => poison.id.to_string(),
+    };
     let mut copy = AmqpProperties::default()
         .with_headers(headers)
-        .with_delivery_mode(2);
-    if let Some(id) = original.message_id() {
-        copy = copy.with_message_id(id.clone());
-    }
+        .with_delivery_mode(2)
+        .with_message_id(id);
     if let Some(content_type) = original.content_type() {
         copy = copy.with_content_type(content_type.clone());
     }
@@ -276,14 +289,15 @@ fn copy_properties(original: &AmqpProperties, attempt: u32, reason: &str) -> Amq
     copy
 }
 
-/// Says when the copy is due back: now plus `delay`.
-fn with_retry_at(properties: AmqpProperties, delay: Duration) -> AmqpProperties {
-    let due = std::time::SystemTime::now() + delay;
-    let ms = due
+/// Sets `header` to a time (Unix ms): now plus `delay` (when a retry is due back, when a dead
+/// letter arrived).
+fn with_time(properties: AmqpProperties, header: &str, delay: Duration) -> AmqpProperties {
+    let at = std::time::SystemTime::now() + delay;
+    let ms = at
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
     let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(RETRY_AT_HEADER.into(), AmqpValue::LongLongInt(ms));
+    headers.insert(header.into(), AmqpValue::LongLongInt(ms));
     properties.with_headers(headers)
 }
 

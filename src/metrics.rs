@@ -1,6 +1,6 @@
 //! Prometheus metrics, one registry per running replica (`App`): per-tenant message counters,
-//! commit latency and batch sizes, concurrency, queue depths read from the broker (cached),
-//! consumers, HTTP requests, and the process itself.
+//! commit latency and batch sizes, concurrency, queue and dead-letter depths read from the broker
+//! (cached), dead letters replayed and dropped, consumers, HTTP requests, and the process itself.
 
 use prometheus::{
     register_histogram_vec_with_registry, register_histogram_with_registry,
@@ -19,6 +19,9 @@ pub struct Metrics {
     pub workers: IntGaugeVec,
     pub queue_messages: IntGaugeVec,
     pub queue_consumers: IntGaugeVec,
+    pub dead_letters: IntGaugeVec,
+    pub dead_letters_replayed: IntCounterVec,
+    pub dead_letters_dropped: IntCounterVec,
     pub commit_seconds: Histogram,
     pub batch_messages: Histogram,
     pub tenants_running: IntGauge,
@@ -76,6 +79,18 @@ impl Metrics {
                 "tenantd_queue_consumers",
                 "consumers on the tenant's queue (cached)",
             ),
+            dead_letters: gauge_per_tenant(
+                "tenantd_dead_letters",
+                "messages in the tenant's dead-letter queue (cached)",
+            ),
+            dead_letters_replayed: per_tenant(
+                "tenantd_dead_letters_replayed_total",
+                "dead letters moved back to the tenant's queue through this replica",
+            ),
+            dead_letters_dropped: per_tenant(
+                "tenantd_dead_letters_dropped_total",
+                "dead letters dropped through this replica",
+            ),
             commit_seconds: register_histogram_with_registry!(
                 "tenantd_delivery_to_commit_seconds",
                 "from delivery to committed row",
@@ -129,10 +144,18 @@ impl Metrics {
             &self.duplicates,
             &self.retried,
             &self.dead_lettered,
+            &self.dead_letters_replayed,
+            &self.dead_letters_dropped,
         ] {
             let _ = counter.remove_label_values(&[tenant]);
         }
-        for gauge in [&self.workers, &self.queue_messages, &self.queue_consumers] {
+        let gauges = [
+            &self.workers,
+            &self.queue_messages,
+            &self.queue_consumers,
+            &self.dead_letters,
+        ];
+        for gauge in gauges {
             let _ = gauge.remove_label_values(&[tenant]);
         }
     }

@@ -41,6 +41,8 @@ pub struct BatchDone {
 /// A message that can never be stored, its body back for a retry or the DLQ, and why.
 pub struct Poison {
     pub tag: u64,
+    /// The id it would have been stored under: its copies keep it.
+    pub id: Uuid,
     pub body: Vec<u8>,
     pub reason: String,
 }
@@ -193,6 +195,7 @@ fn settle(metrics: &Metrics, items: Vec<Item>, verdict: Verdict) -> BatchDone {
         match reason {
             Some(reason) => poison.push(Poison {
                 tag: item.tag,
+                id: item.id,
                 body: item.body,
                 reason,
             }),

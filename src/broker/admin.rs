@@ -1,4 +1,5 @@
-//! Broker connections for the HTTP side — declaring, deleting, inspecting and publishing — kept
+//! Broker connections for the HTTP side — declaring, deleting, inspecting, publishing, and the
+//! tenants' dead letters (`dead_letters`) — kept
 //! in a small pool, so requests do not queue behind one another's round trips (a publish waits
 //! for its confirm). A connection that failed is closed; the next call opens another.
 
@@ -8,6 +9,7 @@ use amiquip::{AmqpProperties, Channel, Connection, QueueDeleteOptions};
 use anyhow::{Context, Result};
 use parking_lot::Mutex;
 
+use super::dead_letters::{self, Peeked, Progress};
 use super::{declare_tenant_queues, is_not_found, Brokers, Publisher, QueueType};
 use crate::ids::TenantId;
 
@@ -166,6 +168,35 @@ impl BrokerAdmin {
             let queue = id.queue_name();
             s.publisher.publish(&s.channel, &queue, body, properties)
         })
+    }
+
+    /// The tenant's dead letters after the first `skip`, at most `limit`, left in place.
+    pub fn peek_dead_letters(&self, id: TenantId, skip: u64, limit: u64) -> Result<Peeked> {
+        self.with_session(|s| dead_letters::peek(&mut s.connection, id, skip, limit))
+    }
+
+    /// Moves up to `limit` dead letters (`None`: all) back to the tenant's queue, confirmed
+    /// before acked; `progress` counts them. Returns the letters left.
+    pub fn replay_dead_letters(
+        &self,
+        id: TenantId,
+        limit: Option<u64>,
+        progress: &Progress,
+    ) -> Result<u32> {
+        self.with_session(|s| {
+            dead_letters::replay(&mut s.connection, id, limit, self.timeout, progress)
+        })
+    }
+
+    /// Drops up to `limit` dead letters (`None`: all); `progress` counts them. Returns the
+    /// letters left.
+    pub fn drop_dead_letters(
+        &self,
+        id: TenantId,
+        limit: Option<u64>,
+        progress: &Progress,
+    ) -> Result<u32> {
+        self.with_session(|s| dead_letters::drop_letters(&mut s.connection, id, limit, progress))
     }
 }
 

@@ -1,8 +1,9 @@
 //! Connections to RabbitMQ: one or several brokers (a cluster), opened with a timeout and
-//! TCP_NODELAY (amiquip sets neither); the tenant queues' one declaration; and the shared admin
-//! connection of the HTTP side (`admin`).
+//! TCP_NODELAY (amiquip sets neither); the tenant queues' one declaration; the shared admin
+//! connections of the HTTP side (`admin`) and what they do with dead letters (`dead_letters`).
 
 mod admin;
+mod dead_letters;
 mod publisher;
 
 use std::net::{TcpStream, ToSocketAddrs};
@@ -20,6 +21,7 @@ use log::warn;
 use percent_encoding::percent_decode_str;
 
 pub use admin::{BrokerAdmin, QueueStats, Unroutable};
+pub use dead_letters::{DeadLetter, Progress};
 pub use publisher::Publisher;
 
 use crate::ids::TenantId;

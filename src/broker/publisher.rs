@@ -1,11 +1,12 @@
-//! Publishing one message at a time on a channel in confirm mode, `mandatory`: done only when
-//! the broker has taken it, failing when it refused it or could not route it (its queue is
-//! missing: the broker returns it before confirming).
+//! Publishing on a channel in confirm mode, `mandatory`: done only when the broker has taken
+//! each message, failing when it refused one or could not route it (its queue is missing: the
+//! broker returns it before confirming). One at a time (`publish`), or a window sent at once and
+//! then waited for (`send`, then `wait_all`).
 
 use std::time::Duration;
 
 use amiquip::{AmqpProperties, Channel, Confirm, Publish, Return};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use crossbeam_channel::Receiver;
 
 use super::{wait_for_confirm, Unroutable};
@@ -13,7 +14,10 @@ use super::{wait_for_confirm, Unroutable};
 pub struct Publisher {
     confirms: Receiver<Confirm>,
     returns: Receiver<Return>,
+    /// Publishes sent on the channel so far (the broker numbers confirms from 1).
     published: u64,
+    /// Publishes the broker has confirmed so far.
+    confirmed: u64,
     timeout: Duration,
 }
 
@@ -26,6 +30,7 @@ impl Publisher {
             confirms: channel.listen_for_publisher_confirms()?,
             returns: channel.listen_for_returns()?,
             published: 0,
+            confirmed: 0,
             timeout,
         })
     }
@@ -38,14 +43,50 @@ impl Publisher {
         body: &[u8],
         properties: AmqpProperties,
     ) -> Result<()> {
+        self.send(channel, queue, body, properties)?;
+        wait_for_confirm(&self.confirms, self.published, self.timeout)?;
+        self.confirmed = self.published;
+        self.check_returns(queue)
+    }
+
+    /// Publishes to `queue` through the default exchange without waiting: `wait_all` says
+    /// whether the broker took it.
+    pub fn send(
+        &mut self,
+        channel: &Channel,
+        queue: &str,
+        body: &[u8],
+        properties: AmqpProperties,
+    ) -> Result<()> {
         let publish = Publish {
             mandatory: true,
             ..Publish::with_properties(body, queue, properties)
         };
         channel.basic_publish("", publish)?;
         self.published += 1;
-        wait_for_confirm(&self.confirms, self.published, self.timeout)?;
-        // A return comes before the confirm of the same publish.
+        Ok(())
+    }
+
+    /// Waits until the broker confirmed everything sent so far; fails when it refused or
+    /// returned any of it (`queue` names the destination in the error).
+    pub fn wait_all(&mut self, queue: &str) -> Result<()> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        while self.confirmed < self.published {
+            let confirm = self
+                .confirms
+                .recv_deadline(deadline)
+                .map_err(|_| anyhow::anyhow!("the broker did not confirm the publish in time"))?;
+            let payload = match confirm {
+                Confirm::Ack(p) => p,
+                Confirm::Nack(_) => bail!("the broker refused a message"),
+            };
+            self.confirmed = self.confirmed.max(payload.delivery_tag);
+        }
+        self.check_returns(queue)
+    }
+
+    /// A return comes before the confirm of the same publish.
+    fn check_returns(&self, queue: &str) -> Result<()> {
         match self.returns.try_recv() {
             Ok(_) => Err(Unroutable(queue.to_string()).into()),
             Err(_) => Ok(()),

@@ -27,6 +27,8 @@ enum Route {
     Tenant(String),
     Concurrency(String),
     TenantMessages(String),
+    DeadLetters(String),
+    Replay(String),
     Messages,
     Replicas,
 }
@@ -43,6 +45,8 @@ impl Route {
             ["api", "tenants", id] => Route::Tenant(id.to_string()),
             ["api", "tenants", id, "config", "concurrency"] => Route::Concurrency(id.to_string()),
             ["api", "tenants", id, "messages"] => Route::TenantMessages(id.to_string()),
+            ["api", "tenants", id, "dead-letters"] => Route::DeadLetters(id.to_string()),
+            ["api", "tenants", id, "dead-letters", "replay"] => Route::Replay(id.to_string()),
             ["api", "messages"] => Route::Messages,
             ["api", "replicas"] => Route::Replicas,
             _ => return None,
@@ -61,6 +65,8 @@ impl Route {
             Route::Tenant(_) => "/api/tenants/{id}",
             Route::Concurrency(_) => "/api/tenants/{id}/config/concurrency",
             Route::TenantMessages(_) => "/api/tenants/{id}/messages",
+            Route::DeadLetters(_) => "/api/tenants/{id}/dead-letters",
+            Route::Replay(_) => "/api/tenants/{id}/dead-letters/replay",
             Route::Messages => "/api/messages",
             Route::Replicas => "/api/replicas",
         }
@@ -77,6 +83,8 @@ impl Route {
             Route::Tenants | Route::TenantMessages(_) => &["GET", "POST"],
             Route::Tenant(_) => &["GET", "PATCH", "DELETE"],
             Route::Concurrency(_) => &["PUT"],
+            Route::DeadLetters(_) => &["GET", "DELETE"],
+            Route::Replay(_) => &["POST"],
         }
     }
 }
@@ -141,6 +149,24 @@ pub fn route(service: &Service, req: ApiRequest) -> Result<ApiResponse, ApiError
             let id = tenant_id(id)?;
             let (cursor, limit) = page_params(&req.query)?;
             ok(200, service.tenant_messages(id, cursor.as_deref(), limit)?)
+        }
+        (Method::Get, Route::DeadLetters(id)) => {
+            let id = tenant_id(id)?;
+            let (cursor, limit) = page_params(&req.query)?;
+            ok(
+                200,
+                service.dead_letters(id, cursor.as_deref(), limit as u64)?,
+            )
+        }
+        (Method::Post, Route::Replay(id)) => {
+            let id = tenant_id(id)?;
+            let limit = parse_how_many(&req.body)?;
+            ok(200, service.replay_dead_letters(id, limit)?)
+        }
+        (Method::Delete, Route::DeadLetters(id)) => {
+            let id = tenant_id(id)?;
+            let limit = parse_how_many(&req.body)?;
+            ok(200, service.drop_dead_letters(id, limit)?)
         }
         (Method::Get, Route::Messages) => {
             let (cursor, limit) = page_params(&req.query)?;
@@ -300,6 +326,45 @@ fn parse_workers(body: &[u8], max: u16) -> Result<u16, ApiError> {
         .map(|n| n as u16)
         .ok_or_else(|| {
             ApiError::BadRequest(format!("workers must be an integer between 1 and {max}"))
+        })
+}
+
+/// The most dead letters one replay or drop may be asked for.
+const MAX_MOVE: u64 = 1_000_000_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HowManyBody {
+    #[serde(default, deserialize_with = "not_null")]
+    limit: Option<Value>,
+}
+
+/// `{"limit": N}` for N dead letters; `{}` or no body at all for every one.
+fn parse_how_many(body: &[u8]) -> Result<Option<u64>, ApiError> {
+    if body.is_empty() {
+        return Ok(None);
+    }
+    // An object only: serde would take a struct from an array too (`[5]`).
+    let body = match parse_json::<Value>(body)? {
+        object @ Value::Object(_) => serde_json::from_value::<HowManyBody>(object)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "request body must be a JSON object".into(),
+            ))
+        }
+    };
+    let Some(limit) = body.limit else {
+        return Ok(None);
+    };
+    limit
+        .as_u64()
+        .filter(|n| (1..=MAX_MOVE).contains(n))
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "limit must be an integer between 1 and {MAX_MOVE} (leave it out for all)"
+            ))
         })
 }
 

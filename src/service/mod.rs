@@ -3,6 +3,7 @@
 //! state), and waits until the replica that runs the tenant (this one or another) has applied
 //! it: so two operations on one tenant never interleave, on one replica or several.
 
+mod dead_letters;
 mod error;
 mod operations;
 mod pages;

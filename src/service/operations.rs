@@ -9,7 +9,7 @@ use crate::ids::TenantId;
 use crate::store::replicas::{self, Replica};
 use crate::store::{self, tenants};
 
-/// Queue depths in `/metrics` are read from the broker at most this often.
+/// Queue and dead-letter depths in `/metrics` are read from the broker at most this often.
 const QUEUE_METRICS_EVERY: Duration = Duration::from_secs(15);
 
 impl Service {
@@ -77,20 +77,31 @@ impl Service {
         // Tenants deleted meanwhile (through any replica) lose their series.
         m.queue_messages.reset();
         m.queue_consumers.reset();
+        m.dead_letters.reset();
         for id in ids {
             let id = TenantId::from(id);
-            match self.admin.queue_stats(&id.queue_name()) {
-                Ok(Some(stats)) => {
-                    let label = id.to_string();
-                    let label = [label.as_str()];
-                    m.queue_messages
-                        .with_label_values(&label)
-                        .set(i64::from(stats.messages));
-                    m.queue_consumers
-                        .with_label_values(&label)
-                        .set(i64::from(stats.consumers));
+            let label = id.to_string();
+            let label = [label.as_str()];
+            let read = self
+                .admin
+                .queue_stats(&id.queue_name())
+                .and_then(|main| Ok((main, self.admin.queue_stats(&id.dlq_name())?)));
+            match read {
+                Ok((main, dlq)) => {
+                    if let Some(stats) = main {
+                        m.queue_messages
+                            .with_label_values(&label)
+                            .set(i64::from(stats.messages));
+                        m.queue_consumers
+                            .with_label_values(&label)
+                            .set(i64::from(stats.consumers));
+                    }
+                    if let Some(stats) = dlq {
+                        m.dead_letters
+                            .with_label_values(&label)
+                            .set(i64::from(stats.messages));
+                    }
                 }
-                Ok(None) => {}
                 Err(e) => return warn!("metrics: cannot read queue depths: {e:#}"),
             }
         }

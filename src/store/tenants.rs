@@ -1,4 +1,5 @@
-//! Tenant rows, their partitions, and the per-tenant lock every lifecycle operation holds.
+//! Tenant rows, their partitions, the per-tenant lock every lifecycle operation holds, and the
+//! lock of a tenant's dead letters.
 
 use std::time::Duration;
 
@@ -35,6 +36,29 @@ pub fn unlock(client: &mut Client, id: TenantId) -> Result<()> {
     client.execute(
         "SELECT pg_advisory_unlock($1, $2)",
         &[&TENANT_LOCK, &id.lock_key()],
+    )?;
+    Ok(())
+}
+
+/// The first key of the lock held by a replay or a drop of a tenant's dead letters (`'tndl'`).
+const DEAD_LETTER_LOCK: i32 = 0x746e_646c;
+
+/// Takes the lock of the tenant's dead letters on this session if no session holds it: one
+/// replay or drop per tenant at a time, on whichever replica each arrives. Another lock than
+/// the tenant's own: a replay may run for minutes and must not hold up a pause or a delete,
+/// nor wait behind one. The server releases it if the session ends.
+pub fn try_lock_dead_letters(client: &mut Client, id: TenantId) -> Result<bool> {
+    let row = client.query_one(
+        "SELECT pg_try_advisory_lock($1, $2)",
+        &[&DEAD_LETTER_LOCK, &id.lock_key()],
+    )?;
+    Ok(row.get(0))
+}
+
+pub fn unlock_dead_letters(client: &mut Client, id: TenantId) -> Result<()> {
+    client.execute(
+        "SELECT pg_advisory_unlock($1, $2)",
+        &[&DEAD_LETTER_LOCK, &id.lock_key()],
     )?;
     Ok(())
 }

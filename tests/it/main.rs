@@ -3,6 +3,7 @@
 mod cli;
 mod cluster;
 mod contract;
+mod dead_letters;
 mod delivery;
 mod front;
 mod ingest;
@@ -11,6 +12,7 @@ mod metrics;
 mod pagination;
 mod races;
 mod recovery;
+mod replay;
 mod replicas;
 mod startup;
 mod support;

@@ -45,10 +45,16 @@ impl Amqp {
 
     /// Publishes to `queue` through the default exchange, as any AMQP client would.
     pub fn publish(&mut self, queue: &str, body: &[u8], message_id: Option<&str>) {
-        let mut properties = AmqpProperties::default().with_delivery_mode(2);
+        let mut properties = AmqpProperties::default();
         if let Some(id) = message_id {
             properties = properties.with_message_id(id.to_string());
         }
+        self.publish_with(queue, body, properties);
+    }
+
+    /// Publishes with these properties (made persistent).
+    pub fn publish_with(&mut self, queue: &str, body: &[u8], properties: AmqpProperties) {
+        let properties = properties.with_delivery_mode(2);
         self.channel
             .basic_publish("", Publish::with_properties(body, queue, properties))
             .expect("publishing");
