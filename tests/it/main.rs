@@ -1,5 +1,6 @@
 //! The integration tests: one binary, the real tenantd against the real PostgreSQL and RabbitMQ.
 
+mod auth;
 mod cli;
 mod cluster;
 mod contract;

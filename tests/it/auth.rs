@@ -1,0 +1,542 @@
+//! Tenant-scoped access: a tenant's JWT reaches its own tenant and nothing else; tokens that do
+//! not verify get 401; `API_TOKEN` stays an admin credential; refusals are logged without the
+//! token; `tenantd token` mints what the server accepts; an open API on a public address warns.
+
+use serde_json::{json, Value};
+use tenantd::Config;
+
+use crate::support::child::Tenantd;
+use crate::support::http::request_with;
+use crate::support::logs::lines_with;
+use crate::support::tokens::{self, call, KeyPair, SECRET};
+use crate::support::{rabbitmq_url, TestApp, TestDb};
+
+const API_TOKEN: &str = "tenantd-tests-admin-token";
+
+/// What a tenant's own token may do, as the README's table says; every other documented
+/// operation answers it 403.
+const TENANT_MAY: &[(&str, &str)] = &[
+    ("GET", "/api/openapi.json"),
+    ("GET", "/api/tenants/{id}"),
+    ("POST", "/api/tenants/{id}/messages"),
+    ("GET", "/api/tenants/{id}/messages"),
+];
+
+/// tenantd verifying HS256 tokens, with `API_TOKEN` for the admin's own calls.
+fn spawn_hs256() -> TestApp {
+    TestApp::spawn_with(|c| {
+        c.api_token = Some(API_TOKEN.into());
+        c.jwt_hs256_secret = Some(SECRET.into());
+    })
+}
+
+fn create_tenant(base: &str, admin: &str, name: &str) -> String {
+    let body = json!({ "name": name }).to_string();
+    let reply = call(base, Some(admin), "POST", "/api/tenants", Some(&body));
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    reply.json()["id"].as_str().unwrap().to_string()
+}
+
+/// Every operation the OpenAPI document names: method and path template.
+fn documented_operations() -> Vec<(String, String)> {
+    let doc: Value = serde_json::from_str(include_str!("../../src/http/openapi.json")).unwrap();
+    let mut operations = Vec::new();
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        for method in ["get", "post", "put", "patch", "delete"] {
+            if item.get(method).is_some() {
+                operations.push((method.to_uppercase(), template.clone()));
+            }
+        }
+    }
+    operations
+}
+
+#[test]
+fn a_tenant_token_is_refused_on_every_route_of_another_tenant_and_every_admin_route() {
+    let app = spawn_hs256();
+    let base = app.base();
+    let a = create_tenant(&base, API_TOKEN, "a");
+    let b = create_tenant(&base, API_TOKEN, "b");
+    let token_a = tokens::hs256(SECRET.as_bytes(), &tokens::tenant(&a));
+    let before_b = call(
+        &base,
+        Some(API_TOKEN),
+        "GET",
+        &format!("/api/tenants/{b}"),
+        None,
+    );
+    let nobody = uuid::Uuid::new_v4().to_string();
+    let body = r#"{"workers": 5, "name": "taken over", "status": "inactive"}"#;
+    let mut refused = 0;
+    for (method, template) in documented_operations() {
+        if !template.starts_with("/api/") {
+            continue;
+        }
+        let own = TENANT_MAY.contains(&(method.as_str(), template.as_str()));
+        // Another tenant's id, and one of no tenant at all: 403 both, so a token cannot tell
+        // which tenants exist.
+        for other in [&b, &nobody] {
+            if template.contains("{id}") || !own {
+                let path = template.replace("{id}", other);
+                call(&base, Some(&token_a), &method, &path, Some(body)).assert_forbidden();
+                refused += 1;
+            }
+        }
+        // Its own id on an admin route.
+        if !own {
+            let path = template.replace("{id}", &a);
+            call(&base, Some(&token_a), &method, &path, Some(body)).assert_forbidden();
+        }
+    }
+    assert!(
+        refused >= 15,
+        "only {refused} refusals: the document lost routes?"
+    );
+    // `/api/messages` needs the tenant's own `tenant_id`.
+    for query in [
+        "",
+        "?limit=5",
+        &format!("?tenant_id={b}"),
+        &format!("?tenant_id={nobody}"),
+    ] {
+        let path = format!("/api/messages{query}");
+        call(&base, Some(&token_a), "GET", &path, None).assert_forbidden();
+    }
+    // Nothing changed, as the admin sees it.
+    let after_b = call(
+        &base,
+        Some(API_TOKEN),
+        "GET",
+        &format!("/api/tenants/{b}"),
+        None,
+    );
+    assert_eq!(after_b.json()["workers"], before_b.json()["workers"]);
+    assert_eq!(after_b.json()["name"], "b");
+    assert_eq!(after_b.json()["status"], "active");
+    let a_now = call(
+        &base,
+        Some(API_TOKEN),
+        "GET",
+        &format!("/api/tenants/{a}"),
+        None,
+    );
+    assert_eq!(
+        (
+            a_now.json()["name"].clone(),
+            a_now.json()["workers"].clone()
+        ),
+        (json!("a"), json!(3))
+    );
+    let listed = call(&base, Some(API_TOKEN), "GET", "/api/tenants", None);
+    assert_eq!(listed.json()["data"].as_array().unwrap().len(), 2);
+    assert_eq!(app.partition_rows(&b), 0);
+}
+
+#[test]
+fn a_tenant_token_reads_and_publishes_to_its_own_tenant() {
+    let app = spawn_hs256();
+    let base = app.base();
+    let a = create_tenant(&base, API_TOKEN, "a");
+    let b = create_tenant(&base, API_TOKEN, "b");
+    let post = |tenant: &str, body: &str| {
+        let path = format!("/api/tenants/{tenant}/messages");
+        call(&base, Some(API_TOKEN), "POST", &path, Some(body)).status
+    };
+    assert_eq!(post(&b, r#"{"secret of": "b"}"#), 202);
+    let token = tokens::hs256(SECRET.as_bytes(), &tokens::tenant(&a));
+    let own = |method: &str, path: String, body: Option<&str>| {
+        call(&base, Some(&token), method, &path, body)
+    };
+    let tenant = own("GET", format!("/api/tenants/{a}"), None);
+    assert_eq!(tenant.status, 200, "{}", tenant.text());
+    assert_eq!(tenant.json()["id"], a.as_str());
+    let published = own(
+        "POST",
+        format!("/api/tenants/{a}/messages"),
+        Some(r#"{"n": 1}"#),
+    );
+    assert_eq!(published.status, 202, "{}", published.text());
+    app.wait_rows(&a, 1);
+    app.wait_rows(&b, 1);
+    let page = own("GET", format!("/api/tenants/{a}/messages"), None);
+    assert_eq!(page.status, 200);
+    assert_eq!(page.json()["data"][0]["payload"], json!({ "n": 1 }));
+    assert_eq!(own("GET", "/api/openapi.json".into(), None).status, 200);
+    // Its own walk over `/api/messages`, however the query is dressed up, never reaches B.
+    let b_simple = b.replace('-', "");
+    let queries = [
+        format!("tenant_id={a}"),
+        format!("tenant_id={a}&tenant_id={b}"),
+        format!("tenant_id={a}&cursor=t.{b_simple}"),
+        format!("tenant_id={a}&cursor=m.{b_simple}.0.{b_simple}"),
+    ];
+    for query in queries {
+        let page = own("GET", format!("/api/messages?{query}"), None);
+        assert_eq!(page.status, 200, "{query}: {}", page.text());
+        for row in page.json()["data"].as_array().unwrap() {
+            assert_eq!(row["tenant_id"], a.as_str(), "{query}");
+        }
+    }
+    let walk = own("GET", format!("/api/messages?tenant_id={a}"), None);
+    assert_eq!(walk.json()["data"].as_array().unwrap().len(), 1);
+}
+
+/// tenantd verifying RS256 tokens from `key`, which must name this issuer and audience.
+fn spawn_with_key(key: &KeyPair) -> TestApp {
+    let file = key.public_file();
+    TestApp::spawn_with(move |c| {
+        c.jwt_public_key_file = Some(file);
+        c.jwt_issuer = Some("https://id.example.test".into());
+        c.jwt_audience = Some("tenantd".into());
+    })
+}
+
+/// Claims `spawn_with_key`'s tenantd accepts.
+fn addressed(claims: Value) -> Value {
+    tokens::with(
+        claims,
+        json!({ "iss": "https://id.example.test", "aud": "tenantd" }),
+    )
+}
+
+#[test]
+fn forged_expired_and_misaddressed_tokens_get_401_invalid_token() {
+    let key = KeyPair::rsa();
+    let app = spawn_with_key(&key);
+    let base = app.base();
+    let admin = key.sign(&addressed(tokens::admin()));
+    let get = |token: &str| call(&base, Some(token), "GET", "/api/tenants", None);
+    assert_eq!(get(&admin).status, 200, "{}", get(&admin).text());
+    let now = tokens::now();
+    let claims = |changes: Value| tokens::with(addressed(tokens::admin()), changes);
+    let other_key = KeyPair::rsa();
+    let cases = [
+        ("garbage", "not-a-jwt".to_string(), "malformed"),
+        (
+            "alg none",
+            tokens::unsigned(&claims(json!({}))),
+            "malformed",
+        ),
+        (
+            "HS256 signed with the RS256 public key's PEM bytes",
+            tokens::hs256(&key.public_pem, &claims(json!({}))),
+            "algorithm",
+        ),
+        (
+            "signed by another key",
+            other_key.sign(&claims(json!({}))),
+            "signature",
+        ),
+        (
+            "expired an hour ago",
+            key.sign(&claims(json!({ "exp": now - 3600 }))),
+            "expired",
+        ),
+        (
+            "no exp",
+            key.sign(&claims(json!({ "exp": null }))),
+            "no exp",
+        ),
+        (
+            "nbf an hour ahead",
+            key.sign(&claims(json!({ "nbf": now + 3600 }))),
+            "not valid yet",
+        ),
+        (
+            "wrong aud",
+            key.sign(&claims(json!({ "aud": "another-api" }))),
+            "audience",
+        ),
+        (
+            "no aud",
+            key.sign(&claims(json!({ "aud": null }))),
+            "no aud",
+        ),
+        (
+            "wrong iss",
+            key.sign(&claims(json!({ "iss": "https://evil.test" }))),
+            "issuer",
+        ),
+        (
+            "no iss",
+            key.sign(&claims(json!({ "iss": null }))),
+            "no iss",
+        ),
+        ("a signature altered", altered(&admin), "signature"),
+    ];
+    for (what, token, why) in cases {
+        let reply = get(&token);
+        assert_eq!(reply.status, 401, "{what}: {}", reply.text());
+        reply.assert_invalid_token(why);
+    }
+    // Within the leeway (30 s by default), a clock slightly behind or ahead is forgiven.
+    let skewed = claims(json!({ "exp": now - 10, "nbf": now + 10 }));
+    assert_eq!(get(&key.sign(&skewed)).status, 200);
+    let missing = call(&base, None, "GET", "/api/tenants", None);
+    missing.assert_error(401, "missing bearer token");
+    assert_eq!(missing.header("www-authenticate"), Some("Bearer"));
+}
+
+/// `token` with one character of its signature changed.
+fn altered(token: &str) -> String {
+    let at = token.rfind('.').unwrap() + 10;
+    let swap = if &token[at..=at] == "A" { "B" } else { "A" };
+    format!("{}{swap}{}", &token[..at], &token[at + 1..])
+}
+
+#[test]
+fn an_es256_key_verifies_es256_tokens_and_nothing_else() {
+    let key = KeyPair::p256();
+    let app = spawn_with_key(&key);
+    let base = app.base();
+    let admin = key.sign(&addressed(tokens::admin()));
+    let a = create_tenant(&base, &admin, "a");
+    let b = create_tenant(&base, &admin, "b");
+    let token_a = key.sign(&addressed(tokens::tenant(&a)));
+    let get = |token: &str, path: &str| call(&base, Some(token), "GET", path, None);
+    assert_eq!(get(&token_a, &format!("/api/tenants/{a}")).status, 200);
+    get(&token_a, &format!("/api/tenants/{b}")).assert_forbidden();
+    get(&token_a, "/api/tenants").assert_forbidden();
+    let path = format!("/api/tenants/{a}");
+    let forged = [
+        KeyPair::p256().sign(&addressed(tokens::admin())),
+        KeyPair::rsa().sign(&addressed(tokens::admin())),
+        tokens::hs256(&key.public_pem, &addressed(tokens::tenant(&a))),
+    ];
+    for token in forged {
+        assert_eq!(get(&token, &path).status, 401);
+    }
+}
+
+#[test]
+fn hs256_tokens_and_api_token_work_side_by_side_and_probes_stay_open() {
+    let app = spawn_hs256();
+    let base = app.base();
+    let tenant = create_tenant(&base, API_TOKEN, "t");
+    let get = |token: Option<&str>, path: &str| call(&base, token, "GET", path, None);
+    let admin = tokens::hs256(SECRET.as_bytes(), &tokens::admin());
+    assert_eq!(get(Some(&admin), "/api/replicas").status, 200);
+    assert_eq!(get(Some(API_TOKEN), "/api/replicas").status, 200);
+    let lower = request_with(
+        &base,
+        "GET",
+        "/api/replicas",
+        &[("Authorization", &format!("bearer {admin}"))],
+        None,
+    );
+    assert_eq!(lower.status, 200, "the scheme is case-insensitive");
+    let claims = |changes: Value| tokens::with(tokens::admin(), changes);
+    let sign = |claims: Value| tokens::hs256(SECRET.as_bytes(), &claims);
+    let refused = [
+        (
+            tokens::hs256(
+                b"another secret of at least thirty-two bytes",
+                &tokens::admin(),
+            ),
+            "signature",
+        ),
+        (sign(claims(json!({ "role": "root" }))), "role"),
+        (sign(claims(json!({ "role": null }))), "role"),
+        (
+            sign(claims(json!({ "tenant_id": tenant }))),
+            "admin token carries no tenant_id",
+        ),
+        (
+            sign(claims(json!({ "role": "tenant" }))),
+            "needs a tenant_id",
+        ),
+        (
+            sign(claims(json!({ "role": "tenant", "tenant_id": "t-1" }))),
+            "not a tenant id",
+        ),
+        (sign(claims(json!({ "aud": "tenantd" }))), "audience"),
+        (format!("{API_TOKEN}x"), "malformed"),
+    ];
+    for (token, why) in refused {
+        get(Some(&token), "/api/replicas").assert_invalid_token(why);
+    }
+    let basic = request_with(
+        &base,
+        "GET",
+        "/api/replicas",
+        &[("Authorization", "Basic dTpw")],
+        None,
+    );
+    basic.assert_invalid_token("not a bearer token");
+    // Probes and metrics ask for nothing, and ignore what is sent.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(get(None, path).status, 200, "{path}");
+        assert_eq!(get(Some("garbage"), path).status, 200, "{path}");
+    }
+}
+
+#[test]
+fn refusals_are_logged_with_request_id_route_and_reason_but_never_the_token() {
+    let app = spawn_hs256();
+    let base = app.base();
+    let tenant = create_tenant(&base, API_TOKEN, "logged");
+    let token = tokens::hs256(SECRET.as_bytes(), &tokens::tenant(&tenant));
+    let expired = tokens::hs256(
+        SECRET.as_bytes(),
+        &tokens::with(
+            tokens::tenant(&tenant),
+            json!({ "exp": tokens::now() - 3600 }),
+        ),
+    );
+    let send = |token: &str, method: &str, path: &str, request_id: &str| {
+        let bearer = format!("Bearer {token}");
+        let headers = [
+            ("Authorization", bearer.as_str()),
+            ("X-Request-Id", request_id),
+        ];
+        request_with(&base, method, path, &headers, None)
+    };
+    let forbidden = send(
+        &token,
+        "DELETE",
+        &format!("/api/tenants/{tenant}"),
+        "deny-forbidden-1",
+    );
+    assert_eq!(forbidden.status, 403);
+    assert_eq!(forbidden.header("x-request-id"), Some("deny-forbidden-1"));
+    let unauthorized = send(&expired, "GET", "/api/tenants", "deny-expired-1");
+    assert_eq!(unauthorized.status, 401);
+    let forbidden_line = [
+        "request_id=deny-forbidden-1",
+        "-> 403",
+        "denied on DELETE /api/tenants/{id}",
+        "needs an admin credential",
+    ];
+    assert_eq!(lines_with(&forbidden_line).len(), 1);
+    let expired_line = [
+        "request_id=deny-expired-1",
+        "-> 401",
+        "denied on GET /api/tenants",
+        "expired",
+    ];
+    assert_eq!(lines_with(&expired_line).len(), 1);
+    for secret in [&token, &expired, SECRET, API_TOKEN] {
+        // Any part of a token (its signature, say) would do to find it.
+        let tail = &secret[secret.len() - 16..];
+        assert_eq!(lines_with(&[tail]), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn tenantd_token_mints_tokens_the_server_accepts() {
+    let settings = |c: &mut Config| {
+        c.jwt_hs256_secret = Some(SECRET.into());
+        c.jwt_issuer = Some("tenantd-ops".into());
+        c.jwt_audience = Some("tenantd".into());
+    };
+    let app = TestApp::spawn_with(settings);
+    let mint = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tenantd"))
+            .env_clear()
+            .env("JWT_HS256_SECRET", SECRET)
+            .env("JWT_ISSUER", "tenantd-ops")
+            .env("JWT_AUDIENCE", "tenantd")
+            .arg("token")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let admin = mint(&["--admin"]);
+    assert!(
+        admin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&admin.stderr)
+    );
+    let admin = String::from_utf8(admin.stdout).unwrap().trim().to_string();
+    let base = app.base();
+    let tenant = create_tenant(&base, &admin, "minted");
+    let out = mint(&["--tenant", &tenant, "--ttl", "2h"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let get = |path: &str| call(&base, Some(&token), "GET", path, None);
+    assert_eq!(get(&format!("/api/tenants/{tenant}")).status, 200);
+    get("/api/tenants").assert_forbidden();
+    let claims = jsonwebtoken::dangerous::insecure_decode_claims::<Value>(&token).unwrap();
+    let lifetime = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
+    assert_eq!(lifetime, 7200, "{claims}");
+    // Without a secret there is nothing to sign with: one line saying which setting is missing.
+    let unsigned = std::process::Command::new(env!("CARGO_BIN_EXE_tenantd"))
+        .env_clear()
+        .args(["token", "--admin"])
+        .output()
+        .unwrap();
+    assert_eq!(unsigned.status.code(), Some(1));
+    let err = String::from_utf8(unsigned.stderr).unwrap();
+    assert!(
+        err.contains("JWT_HS256_SECRET") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn keys_that_cannot_verify_stop_the_start_with_a_clear_error() {
+    let db = TestDb::create();
+    let start_with = |adjust: &dyn Fn(&mut Config)| {
+        let mut config = crate::support::test_config(&db);
+        adjust(&mut config);
+        match tenantd::start(config) {
+            Ok(app) => {
+                app.shutdown().unwrap();
+                panic!("tenantd started");
+            }
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let rsa = KeyPair::rsa();
+    let private = rsa.private_file();
+    let err = start_with(&|c| c.jwt_public_key_file = Some(private.clone()));
+    assert!(err.contains("holds a private key"), "{err}");
+    let p384 = KeyPair::p384();
+    let err = start_with(&|c| c.jwt_public_key_file = Some(p384.public_file()));
+    assert!(err.contains("not on P-256"), "{err}");
+    let missing = std::path::PathBuf::from("/nonexistent/key.pem");
+    let err = start_with(&|c| c.jwt_public_key_file = Some(missing.clone()));
+    assert!(err.contains("/nonexistent/key.pem"), "{err}");
+    let short = Config::from_lookup(|n| (n == "JWT_HS256_SECRET").then(|| "short".into()));
+    assert!(short.unwrap_err().to_string().contains("at least 32 bytes"));
+}
+
+#[test]
+fn an_open_api_on_a_public_address_warns_at_start_and_a_credential_quiets_it() {
+    let db = TestDb::create();
+    let env = |extra: &[(&'static str, &str)]| {
+        let mut env = vec![("DATABASE_URL", db.url()), ("RABBITMQ_URL", rabbitmq_url())];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        env
+    };
+    let warning = "open to anyone who can reach 0.0.0.0:";
+    let mut open = Tenantd::start(&env(&[("HTTP_ADDR", "0.0.0.0:0")]));
+    let log = open.stop_cleanly("-TERM");
+    let line = log
+        .lines()
+        .find(|l| l.contains(warning))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("WARN"), "{line}");
+    for remedy in [
+        "API_TOKEN",
+        "JWT_HS256_SECRET",
+        "JWT_PUBLIC_KEY_FILE",
+        "127.0.0.1",
+    ] {
+        assert!(line.contains(remedy), "{remedy} missing from {line}");
+    }
+    let guarded = [("HTTP_ADDR", "0.0.0.0:0"), ("API_TOKEN", API_TOKEN)];
+    let log = Tenantd::start(&env(&guarded)).stop_cleanly("-TERM");
+    assert!(!log.contains("open to anyone"), "{log}");
+    assert!(log.contains("API access: API_TOKEN (admin)"), "{log}");
+    // On loopback (the default address) an open API is said once, quietly.
+    let app = TestApp::spawn();
+    let addr = app.base().trim_start_matches("http://").to_string();
+    let said = lines_with(&["API access: open", &addr]);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("INFO"), "{said:?}");
+}
