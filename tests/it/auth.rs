@@ -1,17 +1,15 @@
 //! Tenant-scoped access: a tenant's JWT reaches its own tenant and nothing else; tokens that do
 //! not verify get 401; `API_TOKEN` stays an admin credential; refusals are logged without the
-//! token; `tenantd token` mints what the server accepts; an open API on a public address warns.
+//! token. (What an operator sets up for it is in `auth_setup.rs`.)
 
 use serde_json::{json, Value};
-use tenantd::Config;
 
-use crate::support::child::Tenantd;
 use crate::support::http::request_with;
 use crate::support::logs::lines_with;
 use crate::support::tokens::{self, call, KeyPair, SECRET};
-use crate::support::{rabbitmq_url, TestApp, TestDb};
+use crate::support::TestApp;
 
-const API_TOKEN: &str = "tenantd-tests-admin-token";
+pub const API_TOKEN: &str = "tenantd-tests-admin-token";
 
 /// What a tenant's own token may do, as the README's table says; every other documented
 /// operation answers it 403.
@@ -30,7 +28,7 @@ fn spawn_hs256() -> TestApp {
     })
 }
 
-fn create_tenant(base: &str, admin: &str, name: &str) -> String {
+pub fn create_tenant(base: &str, admin: &str, name: &str) -> String {
     let body = json!({ "name": name }).to_string();
     let reply = call(base, Some(admin), "POST", "/api/tenants", Some(&body));
     assert_eq!(reply.status, 201, "{}", reply.text());
@@ -420,123 +418,4 @@ fn refusals_are_logged_with_request_id_route_and_reason_but_never_the_token() {
         let tail = &secret[secret.len() - 16..];
         assert_eq!(lines_with(&[tail]), Vec::<String>::new());
     }
-}
-
-#[test]
-fn tenantd_token_mints_tokens_the_server_accepts() {
-    let settings = |c: &mut Config| {
-        c.jwt_hs256_secret = Some(SECRET.into());
-        c.jwt_issuer = Some("tenantd-ops".into());
-        c.jwt_audience = Some("tenantd".into());
-    };
-    let app = TestApp::spawn_with(settings);
-    let mint = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tenantd"))
-            .env_clear()
-            .env("JWT_HS256_SECRET", SECRET)
-            .env("JWT_ISSUER", "tenantd-ops")
-            .env("JWT_AUDIENCE", "tenantd")
-            .arg("token")
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let admin = mint(&["--admin"]);
-    assert!(
-        admin.status.success(),
-        "{}",
-        String::from_utf8_lossy(&admin.stderr)
-    );
-    let admin = String::from_utf8(admin.stdout).unwrap().trim().to_string();
-    let base = app.base();
-    let tenant = create_tenant(&base, &admin, "minted");
-    let out = mint(&["--tenant", &tenant, "--ttl", "2h"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let get = |path: &str| call(&base, Some(&token), "GET", path, None);
-    assert_eq!(get(&format!("/api/tenants/{tenant}")).status, 200);
-    get("/api/tenants").assert_forbidden();
-    let claims = jsonwebtoken::dangerous::insecure_decode_claims::<Value>(&token).unwrap();
-    let lifetime = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
-    assert_eq!(lifetime, 7200, "{claims}");
-    // Without a secret there is nothing to sign with: one line saying which setting is missing.
-    let unsigned = std::process::Command::new(env!("CARGO_BIN_EXE_tenantd"))
-        .env_clear()
-        .args(["token", "--admin"])
-        .output()
-        .unwrap();
-    assert_eq!(unsigned.status.code(), Some(1));
-    let err = String::from_utf8(unsigned.stderr).unwrap();
-    assert!(
-        err.contains("JWT_HS256_SECRET") && err.trim().lines().count() == 1,
-        "{err}"
-    );
-}
-
-#[test]
-fn keys_that_cannot_verify_stop_the_start_with_a_clear_error() {
-    let db = TestDb::create();
-    let start_with = |adjust: &dyn Fn(&mut Config)| {
-        let mut config = crate::support::test_config(&db);
-        adjust(&mut config);
-        match tenantd::start(config) {
-            Ok(app) => {
-                app.shutdown().unwrap();
-                panic!("tenantd started");
-            }
-            Err(e) => format!("{e:#}"),
-        }
-    };
-    let rsa = KeyPair::rsa();
-    let private = rsa.private_file();
-    let err = start_with(&|c| c.jwt_public_key_file = Some(private.clone()));
-    assert!(err.contains("holds a private key"), "{err}");
-    let p384 = KeyPair::p384();
-    let err = start_with(&|c| c.jwt_public_key_file = Some(p384.public_file()));
-    assert!(err.contains("not on P-256"), "{err}");
-    let missing = std::path::PathBuf::from("/nonexistent/key.pem");
-    let err = start_with(&|c| c.jwt_public_key_file = Some(missing.clone()));
-    assert!(err.contains("/nonexistent/key.pem"), "{err}");
-    let short = Config::from_lookup(|n| (n == "JWT_HS256_SECRET").then(|| "short".into()));
-    assert!(short.unwrap_err().to_string().contains("at least 32 bytes"));
-}
-
-#[test]
-fn an_open_api_on_a_public_address_warns_at_start_and_a_credential_quiets_it() {
-    let db = TestDb::create();
-    let env = |extra: &[(&'static str, &str)]| {
-        let mut env = vec![("DATABASE_URL", db.url()), ("RABBITMQ_URL", rabbitmq_url())];
-        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
-        env
-    };
-    let warning = "open to anyone who can reach 0.0.0.0:";
-    let mut open = Tenantd::start(&env(&[("HTTP_ADDR", "0.0.0.0:0")]));
-    let log = open.stop_cleanly("-TERM");
-    let line = log
-        .lines()
-        .find(|l| l.contains(warning))
-        .unwrap_or_else(|| panic!("{log}"));
-    assert!(line.contains("WARN"), "{line}");
-    for remedy in [
-        "API_TOKEN",
-        "JWT_HS256_SECRET",
-        "JWT_PUBLIC_KEY_FILE",
-        "127.0.0.1",
-    ] {
-        assert!(line.contains(remedy), "{remedy} missing from {line}");
-    }
-    let guarded = [("HTTP_ADDR", "0.0.0.0:0"), ("API_TOKEN", API_TOKEN)];
-    let log = Tenantd::start(&env(&guarded)).stop_cleanly("-TERM");
-    assert!(!log.contains("open to anyone"), "{log}");
-    assert!(log.contains("API access: API_TOKEN (admin)"), "{log}");
-    // On loopback (the default address) an open API is said once, quietly.
-    let app = TestApp::spawn();
-    let addr = app.base().trim_start_matches("http://").to_string();
-    let said = lines_with(&["API access: open", &addr]);
-    assert_eq!(said.len(), 1, "{said:?}");
-    assert!(said[0].contains("INFO"), "{said:?}");
 }
