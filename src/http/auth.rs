@@ -353,3 +353,40 @@ pub fn mint(settings: &AuthSettings, caller: Caller, ttl: Duration) -> Result<St
     let key = EncodingKey::from_secret(secret.as_bytes()).context("JWT_HS256_SECRET")?;
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).context("signing a token")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_whatever_the_scheme_case() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        for refused in ["", "Bearer", "Bearer ", "Basic abc", "abc", "Bearerabc"] {
+            assert_eq!(bearer(refused), None, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn a_tenant_route_admits_the_tenant_the_route_reads() {
+        let id = "2a7a0324-8118-4e0a-9699-35c1ca694c2e";
+        let tenant = |path: &str, query: &str| match scope(
+            &Method::Get,
+            Route::parse(path).as_ref(),
+            path,
+            query,
+        ) {
+            Scope::Tenant(named) => named,
+            _ => panic!("{path}?{query} is not a tenant's"),
+        };
+        assert_eq!(tenant(&format!("/api/tenants/{id}/"), ""), Some(id.into()));
+        let query = format!("tenant_id={id}&tenant_id=other");
+        assert_eq!(tenant("/api/messages", &query), Some(id.into()));
+        assert_eq!(tenant("/api/messages", "tenant%5Fid=x"), Some("x".into()));
+        assert_eq!(tenant("/api/messages", "limit=5"), None);
+        let unknown = scope(&Method::Get, None, "/api/nothing", "");
+        assert!(matches!(unknown, Scope::Admin));
+        let elsewhere = scope(&Method::Get, None, "/favicon.ico", "");
+        assert!(matches!(elsewhere, Scope::Open));
+    }
+}
