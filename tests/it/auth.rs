@@ -85,6 +85,16 @@ fn a_tenant_token_is_refused_on_every_route_of_another_tenant_and_every_admin_ro
             let path = template.replace("{id}", &a);
             call(&base, Some(&token_a), &method, &path, Some(body)).assert_forbidden();
         }
+        // And no token at all: 401, a bare challenge (nothing was presented to be invalid).
+        let anonymous = call(
+            &base,
+            None,
+            &method,
+            &template.replace("{id}", &a),
+            Some(body),
+        );
+        anonymous.assert_error(401, "missing bearer token");
+        assert_eq!(anonymous.header("www-authenticate"), Some("Bearer"));
     }
     assert!(
         refused >= 15,
