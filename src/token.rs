@@ -13,6 +13,10 @@ pub const USAGE: &str = "tenantd token (--tenant <id> | --admin) [--ttl <n>s|m|h
 /// Prints a token for the caller the arguments name, signed with `JWT_HS256_SECRET` and
 /// carrying `JWT_ISSUER` and `JWT_AUDIENCE` when set.
 pub fn run(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("Usage: {USAGE}\nPrints a JWT signed with JWT_HS256_SECRET, with JWT_ISSUER and JWT_AUDIENCE when set (ttl default 1h)");
+        return Ok(());
+    }
     let (caller, ttl) = parse(args)?;
     let config = Config::from_env()?;
     let token = auth::mint(&crate::auth_settings(&config), caller, ttl)?;
