@@ -1,6 +1,7 @@
 //! Settings, read once from the environment; the same table prints `tenantd --help`, so the help
 //! can never disagree with what is parsed.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -46,8 +47,8 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "HTTP_ADDR",
-        default: "0.0.0.0:8080",
-        help: "address the HTTP API listens on",
+        default: "127.0.0.1:8080",
+        help: "address the HTTP API listens on (0.0.0.0:8080 to serve other hosts: set a credential below)",
     },
     Setting {
         name: "HTTP_TIMEOUT_MS",
@@ -122,7 +123,32 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "API_TOKEN",
         default: "",
-        help: "when set, every /api request needs `Authorization: Bearer <token>`",
+        help: "an admin credential: `Authorization: Bearer <API_TOKEN>` may do everything under /api",
+    },
+    Setting {
+        name: "JWT_HS256_SECRET",
+        default: "",
+        help: "verifies HS256 JWTs (at least 32 bytes); `tenantd token` mints tokens with it",
+    },
+    Setting {
+        name: "JWT_PUBLIC_KEY_FILE",
+        default: "",
+        help: "PEM public key verifying JWTs: an RSA key verifies RS256, a P-256 key ES256",
+    },
+    Setting {
+        name: "JWT_ISSUER",
+        default: "",
+        help: "when set, a JWT must carry this `iss`",
+    },
+    Setting {
+        name: "JWT_AUDIENCE",
+        default: "",
+        help: "when set, a JWT must carry this `aud`; when unset, a JWT carrying an `aud` is refused",
+    },
+    Setting {
+        name: "JWT_LEEWAY_SECS",
+        default: "30",
+        help: "clock skew allowed when checking a JWT's `exp` and `nbf`",
     },
 ];
 
@@ -162,6 +188,14 @@ pub const BOUNDS: &[(&str, &str)] = &[
     ("LOG_LEVEL", "error, warn, info, debug or trace"),
     ("LOG_FORMAT", "text or json"),
     ("API_TOKEN", "any text"),
+    ("JWT_HS256_SECRET", "at least 32 bytes"),
+    (
+        "JWT_PUBLIC_KEY_FILE",
+        "a PEM public key file: RSA (RS256) or P-256 (ES256)",
+    ),
+    ("JWT_ISSUER", "any text"),
+    ("JWT_AUDIENCE", "any text"),
+    ("JWT_LEEWAY_SECS", "seconds"),
 ];
 
 /// The bounds of a setting.
@@ -195,8 +229,13 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub log_level: LevelFilter,
     pub log_format: crate::logging::Format,
-    /// `None`: no authentication.
+    /// With neither `api_token` nor a JWT key, the API is open.
     pub api_token: Option<String>,
+    pub jwt_hs256_secret: Option<String>,
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub jwt_leeway: Duration,
 }
 
 impl Config {
@@ -243,6 +282,13 @@ impl Config {
                 other => bail!("LOG_FORMAT={other:?} is neither text nor json"),
             },
             api_token: lookup("API_TOKEN").filter(|t| !t.is_empty()),
+            jwt_hs256_secret: lookup("JWT_HS256_SECRET").filter(|t| !t.is_empty()),
+            jwt_public_key_file: lookup("JWT_PUBLIC_KEY_FILE")
+                .filter(|t| !t.is_empty())
+                .map(PathBuf::from),
+            jwt_issuer: lookup("JWT_ISSUER").filter(|t| !t.is_empty()),
+            jwt_audience: lookup("JWT_AUDIENCE").filter(|t| !t.is_empty()),
+            jwt_leeway: Duration::from_secs(number(&get, "JWT_LEEWAY_SECS")?),
         };
         config.check()?;
         Ok(config)
@@ -279,6 +325,10 @@ impl Config {
         }
         if self.connect_timeout.is_zero() || self.max_message_bytes == 0 {
             bail!("CONNECT_TIMEOUT_MS and MAX_MESSAGE_BYTES must be at least 1");
+        }
+        // RFC 7518 3.2: an HS256 key must be at least as long as the hash, 256 bits.
+        if self.jwt_hs256_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            bail!("JWT_HS256_SECRET must be at least 32 bytes (`openssl rand -hex 32` makes one)");
         }
         Ok(())
     }
@@ -338,9 +388,11 @@ fn delays(raw: &str) -> Result<Vec<Duration>> {
 
 /// The text of `tenantd --help`.
 pub fn help_text() -> String {
-    let mut text = String::from(
+    let mut text = format!(
         "tenantd: multi-tenant message ingestion from RabbitMQ into partitioned PostgreSQL\n\n\
-         Usage: tenantd [--help]\n\nSettings (environment variables):\n",
+         Usage: tenantd [--help]\n       {}\n         prints a JWT signed with JWT_HS256_SECRET \
+         (ttl default 1h)\n\nSettings (environment variables):\n",
+        crate::token::USAGE
     );
     for s in SETTINGS {
         let default = if s.default.is_empty() {
@@ -388,7 +440,8 @@ mod tests {
             Config::from_lookup(|_| None).unwrap().replica_id,
             "unique per process"
         );
-        assert_eq!(config.http_addr, "0.0.0.0:8080");
+        assert_eq!(config.http_addr, "127.0.0.1:8080");
+        assert_eq!(config.jwt_leeway, Duration::from_secs(30));
     }
 
     #[test]

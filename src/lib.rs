@@ -22,6 +22,7 @@ mod relay;
 mod service;
 mod stats;
 mod store;
+pub mod token;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use broker::{BrokerAdmin, Brokers};
 pub use config::Config;
 use consumer::ConsumerContext;
 use coordinator::{Coordinator, Health};
+use http::auth::{Auth, AuthSettings};
 use http::{HttpServer, HttpSettings};
 use manager::TenantManager;
 use metrics::Metrics;
@@ -68,6 +70,8 @@ pub struct App {
 /// taking this replica's share of the active tenants. Fails with the reason when a dependency
 /// is missing.
 pub fn start(config: Config) -> Result<App> {
+    // Before anything else: a key that cannot verify tokens must not cost a half start.
+    let auth = Auth::new(&auth_settings(&config))?;
     let db = DbSettings {
         url: config.database_url.as_str().into(),
         connect_timeout: config.connect_timeout,
@@ -117,7 +121,7 @@ pub fn start(config: Config) -> Result<App> {
         shutdown_timeout: config.shutdown_timeout,
         stopped: false,
     };
-    let http = HttpServer::start(&http_settings(&config), service)?;
+    let http = HttpServer::start(&http_settings(&config), auth, service)?;
     let http_addr = http.addr();
     app.http = Some(http);
     let settings = coordinator::Settings {
@@ -152,7 +156,18 @@ fn http_settings(config: &Config) -> HttpSettings {
         threads: HTTP_THREADS,
         max_connections: config.http_max_connections,
         timeout: config.http_timeout,
+    }
+}
+
+/// The credentials the API checks, and `tenantd token` signs with.
+fn auth_settings(config: &Config) -> AuthSettings {
+    AuthSettings {
         api_token: config.api_token.clone(),
+        hs256_secret: config.jwt_hs256_secret.clone(),
+        public_key_file: config.jwt_public_key_file.clone(),
+        issuer: config.jwt_issuer.clone(),
+        audience: config.jwt_audience.clone(),
+        leeway: config.jwt_leeway,
     }
 }
 

@@ -1,4 +1,5 @@
-//! The `tenantd` binary: reads settings, starts, waits for SIGTERM or SIGINT, shuts down.
+//! The `tenantd` binary: reads settings, starts, waits for SIGTERM or SIGINT, shuts down; or
+//! prints its help, or mints a token.
 
 use std::process::ExitCode;
 
@@ -18,13 +19,21 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    if let Some(arg) = std::env::args().nth(1) {
-        if arg == "--help" || arg == "-h" {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => serve(),
+        Some("--help" | "-h") => {
             print!("{}", tenantd::config::help_text());
-            return Ok(());
+            Ok(())
         }
-        bail!("unknown argument {arg:?}; settings come from the environment, see --help");
+        Some("token") => tenantd::token::run(&args[1..]),
+        Some(arg) => {
+            bail!("unknown argument {arg:?}; settings come from the environment, see --help")
+        }
     }
+}
+
+fn serve() -> Result<()> {
     let config = tenantd::Config::from_env()?;
     tenantd::logging::init(config.log_level, config.log_format);
     // Registered before starting, so a signal during start-up is not lost.

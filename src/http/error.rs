@@ -8,7 +8,10 @@ use crate::service::ServiceError;
 #[derive(Debug)]
 pub enum ApiError {
     BadRequest(String),
-    Unauthorized,
+    /// No credential (`None`), or one that does not verify (why, in words safe to show).
+    Unauthorized(Option<&'static str>),
+    /// A valid credential that does not reach this route.
+    Forbidden(String),
     NotFound(String),
     MethodNotAllowed(&'static [&'static str]),
     Conflict(String),
@@ -35,7 +38,8 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             ApiError::BadRequest(_) => 400,
-            ApiError::Unauthorized => 401,
+            ApiError::Unauthorized(_) => 401,
+            ApiError::Forbidden(_) => 403,
             ApiError::NotFound(_) => 404,
             ApiError::MethodNotAllowed(_) => 405,
             ApiError::Conflict(_) => 409,
@@ -51,10 +55,12 @@ impl ApiError {
             ApiError::BadRequest(m)
             | ApiError::NotFound(m)
             | ApiError::Conflict(m)
+            | ApiError::Forbidden(m)
             | ApiError::Unavailable(m) => m.clone(),
-            ApiError::Unauthorized => {
-                "missing or wrong bearer token (Authorization: Bearer <token>)".into()
+            ApiError::Unauthorized(None) => {
+                "missing bearer token (Authorization: Bearer <token>)".into()
             }
+            ApiError::Unauthorized(Some(why)) => format!("invalid bearer token: {why}"),
             ApiError::UnsupportedMediaType(t) => {
                 format!("request body must be application/json, not {t}")
             }

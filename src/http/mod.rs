@@ -1,7 +1,8 @@
 //! The HTTP front: the guard (limits) before tiny_http, and a few threads taking requests from
-//! tiny_http, each with its own database connection. Bodies are capped, tokens checked and
+//! tiny_http, each with its own database connection. Bodies are capped, callers checked and
 //! request ids given here, because tiny_http does none of it.
 
+pub mod auth;
 pub mod error;
 mod guard;
 mod routes;
@@ -23,6 +24,7 @@ use tiny_http::{Header, Request, Response, Server};
 use crate::logging;
 use crate::metrics::Metrics;
 use crate::service::Service;
+use auth::Auth;
 use error::ApiError;
 use guard::{Guard, Limits};
 
@@ -87,14 +89,15 @@ pub struct HttpSettings {
     pub max_connections: usize,
     /// Silence allowed between requests, and time allowed for a whole request.
     pub timeout: std::time::Duration,
-    /// `None`: no authentication.
-    pub api_token: Option<String>,
 }
 
 impl HttpServer {
-    pub fn start(settings: &HttpSettings, service: Arc<Service>) -> Result<HttpServer> {
+    /// Listens on `settings.addr`, admitting callers as `auth` says.
+    pub fn start(settings: &HttpSettings, auth: Auth, service: Arc<Service>) -> Result<HttpServer> {
+        let auth = Arc::new(auth);
         let public = listen(&settings.addr)?;
         let local = public.local_addr()?;
+        auth.log_start(local);
         let socket_dir = private_dir()?;
         let socket = socket_dir.join("http.sock");
         let listener = UnixListener::bind(&socket).context("binding the private HTTP socket")?;
@@ -106,9 +109,8 @@ impl HttpServer {
             stopping: AtomicBool::new(false),
             threads: settings.threads,
         });
-        let token: Arc<Option<String>> = Arc::new(settings.api_token.clone());
         let threads = (0..settings.threads)
-            .map(|i| spawn_request_thread(i, &front, &service, &token))
+            .map(|i| spawn_request_thread(i, &front, &service, &auth))
             .collect::<Result<_>>()?;
         let limits = Limits {
             max_connections: settings.max_connections,
@@ -189,20 +191,17 @@ fn spawn_request_thread(
     i: usize,
     front: &Arc<Front>,
     service: &Arc<Service>,
-    token: &Arc<Option<String>>,
+    auth: &Arc<Auth>,
 ) -> Result<JoinHandle<()>> {
-    let (front, service, token) = (front.clone(), service.clone(), token.clone());
+    let (front, service, auth) = (front.clone(), service.clone(), auth.clone());
     std::thread::Builder::new()
         .name(format!("http-{i}"))
-        .spawn(move || {
-            let token = token.as_deref();
-            loop {
-                let server = front.current();
-                match server.recv() {
-                    Ok(request) => handle_guarded(&service, token, request),
-                    Err(_) if front.stopping.load(Ordering::SeqCst) => return,
-                    Err(e) => front.replace(&server, &e),
-                }
+        .spawn(move || loop {
+            let server = front.current();
+            match server.recv() {
+                Ok(request) => handle_guarded(&service, &auth, request),
+                Err(_) if front.stopping.load(Ordering::SeqCst) => return,
+                Err(e) => front.replace(&server, &e),
             }
         })
         .context("spawning an HTTP thread")
@@ -230,20 +229,34 @@ pub enum Body {
     Empty,
 }
 
-fn handle(service: &Service, token: Option<&str>, mut request: Request) {
+fn handle(service: &Service, auth: &Auth, mut request: Request) {
     let started = std::time::Instant::now();
-    let given = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("X-Request-Id"))
-        .map(|h| h.value.as_str().to_string());
-    let request_id = request_id(given.as_deref());
+    let request_id = request_id(header_value(&request, "X-Request-Id").as_deref());
     logging::set_request_id(Some(&request_id));
     let method = request.method().clone();
-    let path = request.url().split('?').next().unwrap_or("").to_string();
-    let result = authorize(token, &request)
-        .and_then(|()| read_request(&mut request))
-        .and_then(|r| routes::route(service, r));
+    let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
+    let (path, query) = (path.to_string(), query.to_string());
+    let route = routes::Route::parse(&path);
+    let authorization = header_value(&request, "Authorization");
+    let result = auth
+        .authorize(
+            &method,
+            route.as_ref(),
+            &path,
+            &query,
+            authorization.as_deref(),
+        )
+        .and_then(|()| read_request(&mut request, path.clone(), query))
+        .and_then(|r| routes::route(service, route, r));
+    // Refusals say why in the request's log line (never the token itself).
+    let denied = match &result {
+        Err(e @ (ApiError::Unauthorized(_) | ApiError::Forbidden(_))) => Some(format!(
+            "denied on {method} {}: {}",
+            routes::label(&path),
+            e.message()
+        )),
+        _ => None,
+    };
     let (status, mut response) = match result {
         Ok(ok) => (ok.status, respond(ok.status, ok.body)),
         Err(e) => error_response(&e),
@@ -255,7 +268,7 @@ fn handle(service: &Service, token: Option<&str>, mut request: Request) {
         &path,
         status,
         started.elapsed(),
-        None,
+        denied.as_deref(),
     );
     if let Err(e) = request.respond(response) {
         debug!("could not send the response to {method} {path}: {e}");
@@ -265,9 +278,9 @@ fn handle(service: &Service, token: Option<&str>, mut request: Request) {
 
 /// A panic while handling one request must not take an HTTP thread down: it is logged, the
 /// client gets tiny_http's 500 (the database connection it held is closed, not reused).
-fn handle_guarded(service: &Service, token: Option<&str>, request: Request) {
+fn handle_guarded(service: &Service, auth: &Auth, request: Request) {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        handle(service, token, request)
+        handle(service, auth, request)
     }));
     if outcome.is_err() {
         log::error!("a request handler panicked; the thread goes on");
@@ -283,7 +296,16 @@ fn error_response(e: &ApiError) -> (u16, Response<std::io::Cursor<Vec<u8>>>) {
         ApiError::MethodNotAllowed(allow) => {
             response.add_header(header("Allow", &allow.join(", ")))
         }
-        ApiError::Unauthorized => response.add_header(header("WWW-Authenticate", "Bearer")),
+        // RFC 6750 3.1: no error code when the request carried no credential at all.
+        ApiError::Unauthorized(None) => response.add_header(header("WWW-Authenticate", "Bearer")),
+        ApiError::Unauthorized(Some(why)) => response.add_header(header(
+            "WWW-Authenticate",
+            &format!("Bearer error=\"invalid_token\", error_description=\"{why}\""),
+        )),
+        ApiError::Forbidden(_) => response.add_header(header(
+            "WWW-Authenticate",
+            "Bearer error=\"insufficient_scope\"",
+        )),
         _ => {}
     }
     (status, response)
@@ -332,35 +354,6 @@ fn record(
     }
 }
 
-/// With `API_TOKEN` set, `/api/*` needs `Authorization: Bearer <token>`; the probes stay open.
-fn authorize(token: Option<&str>, request: &Request) -> Result<(), ApiError> {
-    let Some(token) = token else {
-        return Ok(());
-    };
-    if !request.url().starts_with("/api/") && request.url() != "/api" {
-        return Ok(());
-    }
-    let presented = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .and_then(|h| h.value.as_str().strip_prefix("Bearer "))
-        .unwrap_or("");
-    match constant_time_eq(presented.as_bytes(), token.as_bytes()) {
-        true => Ok(()),
-        false => Err(ApiError::Unauthorized),
-    }
-}
-
-/// Compares without stopping at the first difference, so timing does not leak the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (i, &x) in b.iter().enumerate() {
-        diff |= usize::from(x ^ a.get(i).copied().unwrap_or(0));
-    }
-    diff == 0
-}
-
 /// A body must be JSON; a request that says it is something else is refused.
 fn check_content_type(request: &Request) -> Result<(), ApiError> {
     let Some(value) = request
@@ -379,7 +372,11 @@ fn check_content_type(request: &Request) -> Result<(), ApiError> {
     }
 }
 
-fn read_request(request: &mut Request) -> Result<ApiRequest, ApiError> {
+fn read_request(
+    request: &mut Request,
+    path: String,
+    query: String,
+) -> Result<ApiRequest, ApiError> {
     if request.body_length().is_some_and(|n| n > MAX_BODY_BYTES) {
         return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
     }
@@ -395,11 +392,10 @@ fn read_request(request: &mut Request) -> Result<ApiRequest, ApiError> {
     if !body.is_empty() {
         check_content_type(request)?;
     }
-    let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
     Ok(ApiRequest {
         method: request.method().clone(),
-        path: path.to_string(),
-        query: query.to_string(),
+        path,
+        query,
         body,
     })
 }
@@ -418,6 +414,15 @@ fn respond(status: u16, body: Body) -> Response<std::io::Cursor<Vec<u8>>> {
         response.add_header(header("Content-Type", content_type));
     }
     response
+}
+
+/// The first value of a request header.
+fn header_value(request: &Request, name: &'static str) -> Option<String> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str().to_string())
 }
 
 fn header(name: &str, value: &str) -> Header {

@@ -18,7 +18,8 @@ const DEFAULT_LIMIT: usize = 10;
 const MAX_LIMIT: usize = 100;
 
 /// The resources, recognised by path alone, so a known path with a wrong method is a 405.
-enum Route {
+/// Who may call each is decided in `auth::scope`.
+pub enum Route {
     Health,
     Ready,
     Metrics,
@@ -34,7 +35,7 @@ enum Route {
 }
 
 impl Route {
-    fn parse(path: &str) -> Option<Route> {
+    pub fn parse(path: &str) -> Option<Route> {
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let route = match segments.as_slice() {
             ["healthz"] => Route::Health,
@@ -55,7 +56,7 @@ impl Route {
     }
 
     /// The route's template, the `route` label of the HTTP metrics.
-    fn template(&self) -> &'static str {
+    pub fn template(&self) -> &'static str {
         match self {
             Route::Health => "/healthz",
             Route::Ready => "/readyz",
@@ -94,9 +95,13 @@ pub fn label(path: &str) -> &'static str {
     Route::parse(path).map_or("other", |r| r.template())
 }
 
-pub fn route(service: &Service, req: ApiRequest) -> Result<ApiResponse, ApiError> {
-    let route = Route::parse(&req.path)
-        .ok_or_else(|| ApiError::NotFound(format!("no such path: {}", req.path)))?;
+/// Answers a request for `route` (as `Route::parse` read its path).
+pub fn route(
+    service: &Service,
+    route: Option<Route>,
+    req: ApiRequest,
+) -> Result<ApiResponse, ApiError> {
+    let route = route.ok_or_else(|| ApiError::NotFound(format!("no such path: {}", req.path)))?;
     let not_allowed = || ApiError::MethodNotAllowed(route.allowed());
     match (&req.method, &route) {
         (Method::Get, Route::Health) => ok(200, json!({ "status": "ok" })),
@@ -369,7 +374,7 @@ fn parse_how_many(body: &[u8]) -> Result<Option<u64>, ApiError> {
 }
 
 /// The first value of a query parameter, decoded (`+` as space, `%XX` escapes).
-fn query_param(query: &str, name: &str) -> Option<String> {
+pub fn query_param(query: &str, name: &str) -> Option<String> {
     url::form_urlencoded::parse(query.as_bytes())
         .find(|(key, _)| key == name)
         .map(|(_, value)| value.into_owned())

@@ -1,5 +1,7 @@
 //! The integration tests: one binary, the real tenantd against the real PostgreSQL and RabbitMQ.
 
+mod auth;
+mod auth_setup;
 mod cli;
 mod cluster;
 mod contract;

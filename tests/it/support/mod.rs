@@ -6,6 +6,7 @@ pub mod child;
 pub mod http;
 pub mod logs;
 pub mod proxy;
+pub mod tokens;
 pub mod vhost;
 
 use std::time::{Duration, Instant};

@@ -99,6 +99,41 @@ impl Vhost {
         }
     }
 
+    /// A broker user with these permissions (regular expressions) in this vhost only, as an
+    /// operator gives one to a tenant's publishers; deleted when dropped.
+    pub fn add_user(&self, user: &str, password: &str, perms: [&str; 3]) -> BrokerUser {
+        let [configure, write, read] = perms;
+        match api() {
+            Some(api) => {
+                let body = format!(r#"{{"password":"{password}","tags":""}}"#);
+                management(&api, "PUT", &format!("/api/users/{user}"), &body);
+                let perms =
+                    serde_json::json!({ "configure": configure, "write": write, "read": read });
+                let path = format!("/api/permissions/{}/{user}", self.name);
+                management(&api, "PUT", &path, &perms.to_string());
+            }
+            None => {
+                rabbitmqctl(&["add_user", user, password]);
+                rabbitmqctl(&[
+                    "set_permissions",
+                    "-p",
+                    &self.name,
+                    user,
+                    configure,
+                    write,
+                    read,
+                ]);
+            }
+        }
+        let base = self.url();
+        let (scheme, rest) = base.split_once("://").unwrap();
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        BrokerUser {
+            name: user.to_string(),
+            url: format!("{scheme}://{user}:{password}@{host}"),
+        }
+    }
+
     pub fn clear_limits(&self) {
         match api() {
             Some(api) => management(
@@ -120,6 +155,24 @@ impl Drop for Vhost {
             Some(api) => management(&api, "DELETE", &format!("/api/vhosts/{}", self.name), ""),
             None => {
                 rabbitmqctl(&["delete_vhost", &self.name]);
+            }
+        }
+    }
+}
+
+/// A broker user of a test's own.
+pub struct BrokerUser {
+    pub name: String,
+    /// The broker URL (with this vhost) that logs in as this user.
+    pub url: String,
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        match api() {
+            Some(api) => management(&api, "DELETE", &format!("/api/users/{}", self.name), ""),
+            None => {
+                rabbitmqctl(&["delete_user", &self.name]);
             }
         }
     }
