@@ -431,11 +431,10 @@ fn a_silent_partition_stops_the_old_owner_before_another_takes_over_or_a_pause_a
     let (paused, watched) = (on_a[0].clone(), on_a[1].clone());
     // a's path to PostgreSQL goes silent at t0; the server drops a's session at t0 + 6 s (as
     // its keepalives would); a's own client gives up at t0 + 10 s (as tcp_user_timeout would).
+    // The pause is asked at once, while a still consumes: it must wait until a has stopped.
+    let mut amqp = Amqp::connect();
     let t0 = Instant::now();
     proxy.freeze();
-    std::thread::sleep(Duration::from_secs(6)); // the silence before the server notices
-                                                // a's first session, and any it opened since (held by the silence too).
-    assert!(end_sessions(&replicas.db, &["a"]) >= 1);
     let base = replicas.get("b").base.clone();
     let path = format!("/api/tenants/{paused}");
     let pause = std::thread::spawn(move || {
@@ -443,9 +442,13 @@ fn a_silent_partition_stops_the_old_owner_before_another_takes_over_or_a_pause_a
             crate::support::http::request(&base, "PATCH", &path, Some(br#"{"status":"inactive"}"#));
         (reply.status, Instant::now())
     });
-    let mut amqp = Amqp::connect();
-    let (mut doubled_at, mut left_at, mut cut) = (None, None, false);
+    let (mut doubled_at, mut left_at, mut ended, mut cut) = (None, None, false, false);
     while t0.elapsed() < Duration::from_secs(14) {
+        if !ended && t0.elapsed() >= Duration::from_secs(6) {
+            // a's first session, and any it opened since (held by the silence too).
+            assert!(end_sessions(&replicas.db, &["a"]) >= 1);
+            ended = true;
+        }
         if !cut && t0.elapsed() >= Duration::from_secs(10) {
             proxy.cut();
             cut = true;
