@@ -1,0 +1,136 @@
+//! The fence against the coordinator's own timing: a consumer this replica starts must be
+//! covered by the fence exactly like one it already ran, and a hand-over must keep heartbeating
+//! so the fence never cuts its drains short.
+
+use std::time::Duration;
+
+use postgres::Client;
+
+use crate::support::{
+    lock_partition, queue_name, tenant_thread, threads_named, wait_until, Amqp, TestApp,
+};
+
+/// Another replica on `app`'s database, with its own id.
+fn second_replica(app: &TestApp, name: &str, adjust: impl FnOnce(&mut tenantd::Config)) -> tenantd::App {
+    let mut config = app.config.clone();
+    config.replica_id = format!("{}-{name}", app.config.replica_id);
+    config.http_addr = "127.0.0.1:0".into();
+    adjust(&mut config);
+    tenantd::start(config).expect("the second replica starts")
+}
+
+/// Whether the replica's coordinator session waits on a lock in a statement containing `what`.
+fn coordinator_waits_in(pg: &mut Client, replica: &str, what: &str) -> bool {
+    let name = format!("tenantd replica {replica}");
+    let pattern = format!("%{what}%");
+    pg.query_one(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE $2",
+        &[&name, &pattern],
+    )
+    .unwrap()
+    .get::<_, i64>(0)
+        == 1
+}
+
+fn is_live(pg: &mut Client, replica: &str) -> bool {
+    pg.query_one(
+        "SELECT count(*) FROM live_replicas WHERE id = $1",
+        &[&replica],
+    )
+    .unwrap()
+    .get::<_, i64>(0)
+        == 1
+}
+
+fn claim_of(pg: &mut Client, tenant: &str) -> (Option<String>, String) {
+    let row = pg
+        .query_one(
+            "SELECT replica_id, state FROM consumers WHERE tenant_id = $1::text::uuid",
+            &[&tenant],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// The coordinator claims a tenant in a reconcile that started (and heartbeated) before the
+/// fence fired, and starts its consumer after the fence: that consumer must not outlive the
+/// replica's silence. Here the claim waits on a row lock past F/2 (the fence stops the other
+/// consumer), then the replica's heartbeats block and its session ends: another replica takes
+/// the tenant at once (the last heartbeat is old), and the first must not still consume it.
+#[test]
+fn a_consumer_started_after_the_fence_fired_is_fenced_too() {
+    let app = TestApp::spawn_with(|c| {
+        c.failover_timeout = Duration::from_secs(2);
+        c.shutdown_timeout = Duration::from_secs(3);
+    });
+    let replica = app.config.replica_id.clone();
+    let fenced = app.create_tenant("fenced");
+    let late = app.create_tenant("claimed-late");
+    let paused = app.request(
+        "PATCH",
+        &format!("/api/tenants/{late}"),
+        Some(r#"{"status":"inactive"}"#),
+    );
+    assert_eq!(paused.status, 200, "{}", paused.text());
+    let mut pg = app.pg();
+    let mut amqp = Amqp::connect();
+
+    // The claim of `late` will wait on its row of `consumers`.
+    let mut claim_blocker = app.pg();
+    let mut claim_lock = claim_blocker.transaction().unwrap();
+    claim_lock
+        .execute(
+            "SELECT 1 FROM consumers WHERE tenant_id = $1::text::uuid FOR UPDATE",
+            &[&late],
+        )
+        .unwrap();
+    // Resumed behind the API's back (the API would wait for the claim).
+    pg.batch_execute(&format!(
+        "UPDATE tenants SET status = 'active', version = version + 1 WHERE id = '{late}';
+         SELECT pg_notify('tenantd', '{late}')"
+    ))
+    .unwrap();
+    wait_until(Duration::from_secs(5), "the claim to wait", || {
+        coordinator_waits_in(&mut pg, &replica, "INSERT INTO consumers")
+    });
+    wait_until(
+        Duration::from_secs(5),
+        "the fence to stop the running consumer",
+        || threads_named(&tenant_thread(&fenced)) == 0,
+    );
+
+    // From here the replica's heartbeats (and its rejoining) wait on its row of `replicas`.
+    let mut heartbeat_blocker = app.pg();
+    let mut heartbeat_lock = heartbeat_blocker.transaction().unwrap();
+    heartbeat_lock
+        .execute("SELECT 1 FROM replicas WHERE id = $1 FOR UPDATE", &[&replica])
+        .unwrap();
+    claim_lock.commit().unwrap();
+    wait_until(Duration::from_secs(5), "the next heartbeat to wait", || {
+        coordinator_waits_in(&mut pg, &replica, "UPDATE replicas SET seen_at")
+    });
+    let name = format!("tenantd replica {replica}");
+    pg.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        &[&name],
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(5), "the replica to look dead", || {
+        !is_live(&mut pg, &replica)
+    });
+
+    // With a longer failover timeout: its own fence must not fire between two heartbeats.
+    let other = second_replica(&app, "b", |c| c.failover_timeout = Duration::from_secs(4));
+    let other_id = other.replica_id().to_string();
+    wait_until(Duration::from_secs(10), "the other replica to run it", || {
+        claim_of(&mut pg, &late) == (Some(other_id.clone()), "running".into())
+    });
+    wait_until(
+        Duration::from_secs(3),
+        "one consumer on the queue: the silent replica must not still consume it",
+        || amqp.consumers(&queue_name(&late)) == 1,
+    );
+    drop(heartbeat_lock);
+    other.shutdown().expect("the second replica stops cleanly");
+}
