@@ -134,3 +134,95 @@ fn a_consumer_started_after_the_fence_fired_is_fenced_too() {
     drop(heartbeat_lock);
     other.shutdown().expect("the second replica stops cleanly");
 }
+
+fn running_on(pg: &mut Client, replica: &str) -> Vec<String> {
+    pg.query(
+        "SELECT tenant_id::text FROM consumers WHERE replica_id = $1 AND state = 'running'
+         ORDER BY tenant_id",
+        &[&replica],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// A SIGTERM hands the tenants over in waves, each waiting (up to 2 s) until another replica
+/// runs it: the coordinator must heartbeat meanwhile, or its fence fires half the failover
+/// timeout into the hand-over and stops the later waves' consumers with no time to drain —
+/// a batch in flight is then both committed and back in the queue (stored twice without a
+/// message id). Here the taker is slow (its broker is cut), so one wave takes the whole 2 s.
+#[test]
+fn a_hand_over_that_takes_longer_than_half_the_failover_timeout_still_drains_every_wave() {
+    use crate::support::proxy::Proxy;
+    use crate::support::{amqp_host_port, amqp_url_via};
+    let mut app = TestApp::spawn_with(|c| {
+        c.failover_timeout = Duration::from_secs(3);
+        c.shutdown_timeout = Duration::from_secs(15);
+    });
+    let me = app.config.replica_id.clone();
+    // 101 tenants: after the other replica joins, this one keeps 51, two waves (50 + 1).
+    let base = app.base();
+    std::thread::scope(|s| {
+        for part in 0..4 {
+            let base = &base;
+            s.spawn(move || {
+                for i in (part..101).step_by(4) {
+                    let body = format!(r#"{{"name":"wave-{i}"}}"#);
+                    let reply = crate::support::http::request(
+                        base,
+                        "POST",
+                        "/api/tenants",
+                        Some(body.as_bytes()),
+                    );
+                    assert_eq!(reply.status, 201, "{}", reply.text());
+                }
+            });
+        }
+    });
+    let broker = Proxy::start(&amqp_host_port());
+    let other = second_replica(&app, "b", |c| {
+        c.rabbitmq_url = amqp_url_via(broker.port());
+        c.failover_timeout = Duration::from_secs(4);
+    });
+    let other_id = other.replica_id().to_string();
+    let mut pg = app.pg();
+    wait_until(Duration::from_secs(30), "51 tenants here, 50 there", || {
+        running_on(&mut pg, &me).len() == 51 && running_on(&mut pg, &other_id).len() == 50
+    });
+    // The taker cannot run what it takes: every wave waits its whole 2 s.
+    broker.cut();
+    let last_wave = running_on(&mut pg, &me).pop().unwrap();
+
+    // A batch of the last wave's tenant, published without an id, waits on its partition.
+    let mut amqp = Amqp::connect();
+    let mut locker = app.pg();
+    let lock = lock_partition(&mut locker, &last_wave);
+    amqp.publish(&queue_name(&last_wave), br#"{"late":1}"#, None);
+    amqp.wait_confirms();
+    wait_until(Duration::from_secs(5), "the message taken", || {
+        amqp.queue_stats(&queue_name(&last_wave)) == Some((0, 1))
+    });
+
+    let leaving = app.app.take().unwrap();
+    let shutdown = std::thread::spawn(move || leaving.shutdown());
+    wait_until(
+        Duration::from_secs(10),
+        "the last wave's consumer to be cancelled",
+        || amqp.consumers(&queue_name(&last_wave)) == 0,
+    );
+    drop(lock); // the batch commits now
+    let stopped = shutdown.join().unwrap();
+    let (ready, _) = amqp.queue_stats(&queue_name(&last_wave)).unwrap();
+    let rows = app.partition_rows(&last_wave);
+    let cut_short = crate::support::logs::lines_with(&[&last_wave, "stop deadline passed"]);
+    broker.restore();
+    other.shutdown().expect("the other replica stops cleanly");
+    stopped.expect("a clean shutdown");
+    assert_eq!(
+        (rows, ready),
+        (1, 0),
+        "the message is stored once and acked, not also back in the queue; drains cut short: \
+         {cut_short:?}"
+    );
+}
