@@ -314,20 +314,23 @@ impl Loop {
     /// none of `tenants` runs here any more, or `until`.
     fn await_ended(&mut self, tenants: &[TenantId], until: Instant, events: &Receiver<Event>) {
         while tenants.iter().any(|t| self.manager.status(*t).is_some()) && Instant::now() < until {
-            match events.recv_deadline(until.min(Instant::now() + TICK)) {
-                Ok(event) => {
+            // A stream of events must not hold the heartbeat back either.
+            self.keep_alive_if_connected();
+            if let Ok(event) = events.recv_deadline(until.min(Instant::now() + TICK)) {
+                self.on_event(event);
+                while let Ok(event) = events.try_recv() {
                     self.on_event(event);
-                    while let Ok(event) = events.try_recv() {
-                        self.on_event(event);
-                    }
-                    self.flush_releases();
                 }
-                Err(_) if self.session.is_some() => {
-                    if let Err(e) = self.keep_alive() {
-                        self.lost(&e);
-                    }
-                }
-                Err(_) => {}
+                self.flush_releases();
+            }
+        }
+    }
+
+    /// Heartbeats when the last one is a tick old and the session is up.
+    fn keep_alive_if_connected(&mut self) {
+        if self.session.is_some() {
+            if let Err(e) = self.keep_alive() {
+                self.lost(&e);
             }
         }
     }
@@ -336,6 +339,8 @@ impl Loop {
     fn await_taken(&mut self, tenants: &[TenantId], until: Instant) {
         let me = self.settings.replica_id.clone();
         while Instant::now() < until {
+            // Waves may wait longer than the fence allows between heartbeats.
+            self.keep_alive_if_connected();
             let Some(session) = self.session.as_mut() else {
                 return;
             };
