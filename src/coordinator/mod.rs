@@ -45,9 +45,11 @@ pub fn grace(failover_timeout: Duration) -> Duration {
     failover_timeout / 2 + TICK
 }
 
-/// How often a replica heartbeats with this failover timeout.
-pub fn heartbeat_every(_failover_timeout: Duration) -> Duration {
-    TICK
+/// How often a replica heartbeats (and looks at who is live): every tick, or a quarter of the
+/// failover timeout when that is shorter, so that the fence (F/2) is two missed heartbeats away
+/// — never one a few milliseconds late.
+pub fn heartbeat_every(failover_timeout: Duration) -> Duration {
+    TICK.min(failover_timeout / 4)
 }
 
 #[derive(Clone, Debug)]
