@@ -226,3 +226,84 @@ fn a_hand_over_that_takes_longer_than_half_the_failover_timeout_still_drains_eve
          {cut_short:?}"
     );
 }
+
+/// Whether the replica's coordinator has been waiting on a lock in a statement containing
+/// `what` for longer than `at_least`.
+fn coordinator_waited_in(pg: &mut Client, replica: &str, what: &str, at_least: Duration) -> bool {
+    let name = format!("tenantd replica {replica}");
+    let pattern = format!("%{what}%");
+    pg.query_one(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE $2
+           AND now() - query_start > make_interval(secs => $3)",
+        &[&name, &pattern, &at_least.as_secs_f64()],
+    )
+    .unwrap()
+    .get::<_, i64>(0)
+        == 1
+}
+
+/// A resize drains the consumer's channel (up to `SHUTDOWN_TIMEOUT` for a batch stuck in the
+/// database) before it opens a new one. A stop that arrives meanwhile — here the fence's, the
+/// replica's heartbeats being stuck too — must end the thread then, not after the resize's
+/// drain, and above all must not let it open a new consumer on the queue first.
+#[test]
+fn a_stop_during_a_resize_drain_ends_the_consumer_without_consuming_again() {
+    let app = TestApp::spawn_with(|c| {
+        c.failover_timeout = Duration::from_secs(2);
+        c.shutdown_timeout = Duration::from_secs(6);
+    });
+    let replica = app.config.replica_id.clone();
+    let tenant = app.create_tenant("resized-then-fenced");
+    let mut pg = app.pg();
+    let mut amqp = Amqp::connect();
+    let mut locker = app.pg();
+    let lock = lock_partition(&mut locker, &tenant);
+    amqp.publish(&queue_name(&tenant), br#"{"stuck":1}"#, None);
+    amqp.wait_confirms();
+    wait_until(Duration::from_secs(5), "the message taken", || {
+        amqp.queue_stats(&queue_name(&tenant)) == Some((0, 1))
+    });
+
+    let base = app.base();
+    let path = format!("/api/tenants/{tenant}/config/concurrency");
+    let resize = std::thread::spawn(move || {
+        crate::support::http::request(&base, "PUT", &path, Some(br#"{"workers":2}"#)).status
+    });
+    wait_until(Duration::from_secs(5), "the resize's drain to begin", || {
+        amqp.consumers(&queue_name(&tenant)) == 0
+    });
+    // The replica's heartbeats now wait: its fence tells every consumer to stop, at once.
+    let mut heartbeat_blocker = app.pg();
+    let mut heartbeat_lock = heartbeat_blocker.transaction().unwrap();
+    heartbeat_lock
+        .execute("SELECT 1 FROM replicas WHERE id = $1 FOR UPDATE", &[&replica])
+        .unwrap();
+    wait_until(Duration::from_secs(5), "the fence to have fired", || {
+        coordinator_waited_in(
+            &mut pg,
+            &replica,
+            "UPDATE replicas SET seen_at",
+            Duration::from_millis(1500),
+        )
+    });
+    let fenced_at = std::time::Instant::now();
+    let started = || crate::support::logs::lines_with(&[&tenant, "consumer started"]).len();
+    let mut ended_within = None;
+    wait_until(Duration::from_secs(10), "the consumer thread to end", || {
+        assert_eq!(started(), 1, "the fenced consumer started again");
+        let ended = threads_named(&tenant_thread(&tenant)) == 0;
+        if ended {
+            ended_within = Some(fenced_at.elapsed());
+        }
+        ended
+    });
+    heartbeat_lock.rollback().unwrap();
+    drop(lock);
+    let _ = resize.join();
+    let ended_within = ended_within.unwrap();
+    assert!(
+        ended_within < Duration::from_secs(2),
+        "the stop waited for the resize's drain: {ended_within:?}"
+    );
+}
