@@ -297,14 +297,15 @@ fn consume(
         replies: &reply_rx,
         control,
     };
-    let leave = event_loop(ctx, &session, &mut flight, &mut relay)?;
-    let deadline = match leave {
+    let mut leave = event_loop(ctx, &session, &mut flight, &mut relay)?;
+    let mut deadline = match leave {
         Leave::Stop(deadline) => deadline,
         Leave::Resize(_) => Instant::now() + ctx.drain_timeout,
     };
     // What is committed is acked before the channel closes; what is not goes back to the
     // queue and comes again. The relay's copy, if it holds one, goes back to the retry queue.
-    let drained = drain(&channel, &consumer, &reply_rx, &mut flight, deadline);
+    // A stop that comes meanwhile (also while a resize drains) ends the drain by its deadline.
+    let drained = drain(&session, &mut flight, &mut leave, &mut deadline);
     relay.stop(deadline);
     let _ = relay_channel.close();
     drop(consumer);
@@ -433,31 +434,71 @@ fn delivery_of(message: Result<ConsumerMessage, crossbeam_channel::RecvError>) -
 /// for the broker to confirm the cancel (the consumer must outlive that confirmation, or amiquip
 /// fails the whole connection). What is unacked after that is requeued when the channel closes.
 ///
+/// It keeps listening to its control channel: a stop turns a resize's drain into a stop's, and
+/// brings the deadline forward when its own is sooner (the fence's is now); a resize while
+/// a resize drains changes the concurrency the next channel opens with.
+///
 /// Once the consumer's channel has disconnected it is always ready in `select!`: it is then
-/// dropped from the select, so waiting for a slow batch costs no CPU.
+/// dropped from the select, so waiting for a slow batch costs no CPU (as is the control
+/// channel once disconnected).
 fn drain(
-    channel: &Channel,
-    consumer: &Consumer,
-    replies: &Receiver<BatchDone>,
+    session: &Session,
     flight: &mut InFlight,
-    deadline: Instant,
+    leave: &mut Leave,
+    deadline: &mut Instant,
 ) -> Result<()> {
+    enum Woke {
+        Done(Result<BatchDone, crossbeam_channel::RecvError>),
+        Delivery(Result<ConsumerMessage, crossbeam_channel::RecvError>),
+        Control(Result<Control, crossbeam_channel::RecvError>),
+        Deadline,
+    }
+    let Session {
+        channel,
+        consumer,
+        replies,
+        control,
+    } = *session;
     consumer.cancel()?;
+    let mut control = control.clone();
     let mut cancelled = false;
-    let timeout = after(deadline.saturating_duration_since(Instant::now()));
+    let mut timeout = after(deadline.saturating_duration_since(Instant::now()));
     while flight.in_pool() > 0 || !cancelled {
         let deliveries = match cancelled {
             true => never(),
             false => consumer.receiver().clone(),
         };
-        select! {
-            recv(replies) -> done => flight.complete(channel, done.context("worker replies closed")?)?,
-            recv(deliveries) -> message => match message {
-                // Deliveries that raced the cancel stay unacked and go back to the queue.
-                Ok(ConsumerMessage::Delivery(_)) => {}
-                _ => cancelled = true,
-            },
-            recv(timeout) -> _ => {
+        let woke = select! {
+            recv(replies) -> done => Woke::Done(done),
+            recv(deliveries) -> message => Woke::Delivery(message),
+            recv(control) -> command => Woke::Control(command),
+            recv(timeout) -> _ => Woke::Deadline,
+        };
+        match woke {
+            Woke::Done(done) => flight.complete(channel, done.context("worker replies closed")?)?,
+            // Deliveries that raced the cancel stay unacked and go back to the queue.
+            Woke::Delivery(Ok(ConsumerMessage::Delivery(_))) => {}
+            Woke::Delivery(_) => cancelled = true,
+            Woke::Control(Ok(Control::Resize(n))) => {
+                if let Leave::Resize(_) = leave {
+                    *leave = Leave::Resize(n);
+                }
+            }
+            Woke::Control(command) => {
+                let stop_by = match command {
+                    Ok(Control::Stop { deadline }) => deadline,
+                    _ => {
+                        control = never();
+                        Instant::now()
+                    }
+                };
+                *leave = Leave::Stop(stop_by);
+                if stop_by < *deadline {
+                    *deadline = stop_by;
+                    timeout = after(stop_by.saturating_duration_since(Instant::now()));
+                }
+            }
+            Woke::Deadline => {
                 warn!(
                     tenant_id:% = flight.tenant();
                     "stop deadline passed with {} batches in flight; they will be redelivered",

@@ -192,8 +192,12 @@ impl TenantManager {
             .map(|l| l.state == State::Stopping)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.consumers.lock().is_empty()
+    /// Whether a thread here has not been told to stop.
+    pub fn any_running(&self) -> bool {
+        self.consumers
+            .lock()
+            .values()
+            .any(|l| l.state != State::Stopping)
     }
 
     /// Tenants that should run here but cannot connect, with the last reason.

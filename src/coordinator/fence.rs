@@ -52,23 +52,18 @@ impl Drop for Fence {
 }
 
 fn watch(health: &Health, manager: &TenantManager, after: Duration, stop: &Receiver<()>) {
-    let mut fenced_at: Option<Instant> = None;
     loop {
         match stop.recv_timeout(EVERY) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,
         }
-        let heartbeat = *health.heartbeat.lock();
-        let silent = heartbeat.elapsed();
-        if silent < after {
-            fenced_at = None;
-            continue;
-        }
-        if manager.is_empty() || fenced_at.is_some_and(|at| at >= heartbeat) {
+        let silent = health.heartbeat.lock().elapsed();
+        // Every consumer not yet told to stop, also one started after an earlier look here (by
+        // a coordinator call that began before the silence): none may run through it.
+        if silent < after || !manager.any_running() {
             continue;
         }
         warn!("no heartbeat for {silent:?}: stopping every consumer of this replica (others may take its tenants)");
         manager.stop_all(Instant::now());
-        fenced_at = Some(Instant::now());
     }
 }

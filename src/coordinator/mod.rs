@@ -45,6 +45,13 @@ pub fn grace(failover_timeout: Duration) -> Duration {
     failover_timeout / 2 + TICK
 }
 
+/// How often a replica heartbeats (and looks at who is live): every tick, or a quarter of the
+/// failover timeout when that is shorter, so that the fence (F/2) is two missed heartbeats away
+/// — never one a few milliseconds late.
+pub fn heartbeat_every(failover_timeout: Duration) -> Duration {
+    TICK.min(failover_timeout / 4)
+}
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub replica_id: String,
@@ -163,4 +170,25 @@ fn open_session(settings: &Settings) -> Result<Client> {
     replicas::join(&mut client, &settings.replica_id, &settings.http_addr)?;
     replicas::forget_dead(&mut client)?;
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fence stops everything F/2 after the last heartbeat: a healthy replica must have
+    /// heartbeated at least twice by then, whatever failover timeout is allowed (two seconds at
+    /// least), or a heartbeat a few milliseconds late fences it.
+    #[test]
+    fn a_healthy_replica_heartbeats_twice_before_its_fence_could_fire() {
+        for secs in 2..=120 {
+            let f = Duration::from_secs(secs);
+            assert!(
+                heartbeat_every(f) * 2 <= f / 2,
+                "FAILOVER_TIMEOUT={secs}: a heartbeat every {:?}, the fence after {:?}",
+                heartbeat_every(f),
+                f / 2
+            );
+        }
+    }
 }

@@ -116,6 +116,12 @@ impl Loop {
         let ids: Vec<TenantId> = due.iter().map(|s| s.id).collect();
         let session = self.session.as_mut().expect("connected");
         let claimed = replicas::claim(session, &ids, &me, grace(self.settings.failover_timeout))?;
+        // The claim may have waited (on a row lock, a slow server) past the fence: a consumer
+        // started now must stand behind a heartbeat newer than any fence, or the fence, having
+        // fired already since the last one, would let it run through the replica's silence
+        // while another replica takes the tenant. Without a heartbeat nothing starts; the
+        // claims stay this replica's and the next reconcile starts (or releases) them.
+        self.keep_alive()?;
         // Owned elsewhere and not (yet) released: look again next tick.
         self.dirty |= claimed.len() < due.len();
         let mut started = 0;

@@ -12,7 +12,7 @@ use log::{error, info, warn};
 use postgres::Client;
 
 use super::listener::Note;
-use super::{open_session, Health, Settings, TICK};
+use super::{heartbeat_every, open_session, Health, Settings};
 use crate::backoff::Backoff;
 use crate::consumer::Event;
 use crate::ids::TenantId;
@@ -54,6 +54,7 @@ impl Loop {
         manager: Arc<TenantManager>,
         session: Client,
     ) -> Loop {
+        let tick = heartbeat_every(settings.failover_timeout);
         Loop {
             settings,
             health,
@@ -63,7 +64,7 @@ impl Loop {
             released: Vec::new(),
             reconnect: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             next_connect: Instant::now(),
-            next_tick: Instant::now() + TICK,
+            next_tick: Instant::now() + tick,
             last_full: Instant::now(),
             members: Vec::new(),
             dirty: true,
@@ -106,11 +107,16 @@ impl Loop {
                     self.flush_releases();
                 }
                 recv(tick) -> _ => {
-                    self.next_tick = Instant::now() + TICK;
+                    self.next_tick = Instant::now() + self.tick();
                     self.on_tick();
                 }
             }
         }
+    }
+
+    /// How often this replica heartbeats.
+    fn tick(&self) -> Duration {
+        heartbeat_every(self.settings.failover_timeout)
     }
 
     /// Reconnects when needed, and plans again when something changed.
@@ -164,7 +170,7 @@ impl Loop {
     /// Heartbeats again when the last one is a tick old: long work (claiming thousands of
     /// tenants) must not look like silence to the fence.
     pub(super) fn keep_alive(&mut self) -> Result<()> {
-        if self.health.heartbeat.lock().elapsed() >= TICK {
+        if self.health.heartbeat.lock().elapsed() >= self.tick() {
             self.heartbeat()?;
         }
         Ok(())
@@ -314,20 +320,23 @@ impl Loop {
     /// none of `tenants` runs here any more, or `until`.
     fn await_ended(&mut self, tenants: &[TenantId], until: Instant, events: &Receiver<Event>) {
         while tenants.iter().any(|t| self.manager.status(*t).is_some()) && Instant::now() < until {
-            match events.recv_deadline(until.min(Instant::now() + TICK)) {
-                Ok(event) => {
+            // A stream of events must not hold the heartbeat back either.
+            self.keep_alive_if_connected();
+            if let Ok(event) = events.recv_deadline(until.min(Instant::now() + self.tick())) {
+                self.on_event(event);
+                while let Ok(event) = events.try_recv() {
                     self.on_event(event);
-                    while let Ok(event) = events.try_recv() {
-                        self.on_event(event);
-                    }
-                    self.flush_releases();
                 }
-                Err(_) if self.session.is_some() => {
-                    if let Err(e) = self.keep_alive() {
-                        self.lost(&e);
-                    }
-                }
-                Err(_) => {}
+                self.flush_releases();
+            }
+        }
+    }
+
+    /// Heartbeats when the last one is a tick old and the session is up.
+    fn keep_alive_if_connected(&mut self) {
+        if self.session.is_some() {
+            if let Err(e) = self.keep_alive() {
+                self.lost(&e);
             }
         }
     }
@@ -336,6 +345,8 @@ impl Loop {
     fn await_taken(&mut self, tenants: &[TenantId], until: Instant) {
         let me = self.settings.replica_id.clone();
         while Instant::now() < until {
+            // Waves may wait longer than the fence allows between heartbeats.
+            self.keep_alive_if_connected();
             let Some(session) = self.session.as_mut() else {
                 return;
             };
