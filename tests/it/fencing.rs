@@ -11,7 +11,11 @@ use crate::support::{
 };
 
 /// Another replica on `app`'s database, with its own id.
-fn second_replica(app: &TestApp, name: &str, adjust: impl FnOnce(&mut tenantd::Config)) -> tenantd::App {
+fn second_replica(
+    app: &TestApp,
+    name: &str,
+    adjust: impl FnOnce(&mut tenantd::Config),
+) -> tenantd::App {
     let mut config = app.config.clone();
     config.replica_id = format!("{}-{name}", app.config.replica_id);
     config.http_addr = "127.0.0.1:0".into();
@@ -104,7 +108,10 @@ fn a_consumer_started_after_the_fence_fired_is_fenced_too() {
     let mut heartbeat_blocker = app.pg();
     let mut heartbeat_lock = heartbeat_blocker.transaction().unwrap();
     heartbeat_lock
-        .execute("SELECT 1 FROM replicas WHERE id = $1 FOR UPDATE", &[&replica])
+        .execute(
+            "SELECT 1 FROM replicas WHERE id = $1 FOR UPDATE",
+            &[&replica],
+        )
         .unwrap();
     claim_lock.commit().unwrap();
     wait_until(Duration::from_secs(5), "the next heartbeat to wait", || {
@@ -123,9 +130,11 @@ fn a_consumer_started_after_the_fence_fired_is_fenced_too() {
     // With a longer failover timeout: its own fence must not fire between two heartbeats.
     let other = second_replica(&app, "b", |c| c.failover_timeout = Duration::from_secs(4));
     let other_id = other.replica_id().to_string();
-    wait_until(Duration::from_secs(10), "the other replica to run it", || {
-        claim_of(&mut pg, &late) == (Some(other_id.clone()), "running".into())
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the other replica to run it",
+        || claim_of(&mut pg, &late) == (Some(other_id.clone()), "running".into()),
+    );
     wait_until(
         Duration::from_secs(3),
         "one consumer on the queue: the silent replica must not still consume it",
@@ -270,14 +279,19 @@ fn a_stop_during_a_resize_drain_ends_the_consumer_without_consuming_again() {
     let resize = std::thread::spawn(move || {
         crate::support::http::request(&base, "PUT", &path, Some(br#"{"workers":2}"#)).status
     });
-    wait_until(Duration::from_secs(5), "the resize's drain to begin", || {
-        amqp.consumers(&queue_name(&tenant)) == 0
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "the resize's drain to begin",
+        || amqp.consumers(&queue_name(&tenant)) == 0,
+    );
     // The replica's heartbeats now wait: its fence tells every consumer to stop, at once.
     let mut heartbeat_blocker = app.pg();
     let mut heartbeat_lock = heartbeat_blocker.transaction().unwrap();
     heartbeat_lock
-        .execute("SELECT 1 FROM replicas WHERE id = $1 FOR UPDATE", &[&replica])
+        .execute(
+            "SELECT 1 FROM replicas WHERE id = $1 FOR UPDATE",
+            &[&replica],
+        )
         .unwrap();
     wait_until(Duration::from_secs(5), "the fence to have fired", || {
         coordinator_waited_in(
@@ -290,14 +304,18 @@ fn a_stop_during_a_resize_drain_ends_the_consumer_without_consuming_again() {
     let fenced_at = std::time::Instant::now();
     let started = || crate::support::logs::lines_with(&[&tenant, "consumer started"]).len();
     let mut ended_within = None;
-    wait_until(Duration::from_secs(10), "the consumer thread to end", || {
-        assert_eq!(started(), 1, "the fenced consumer started again");
-        let ended = threads_named(&tenant_thread(&tenant)) == 0;
-        if ended {
-            ended_within = Some(fenced_at.elapsed());
-        }
-        ended
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the consumer thread to end",
+        || {
+            assert_eq!(started(), 1, "the fenced consumer started again");
+            let ended = threads_named(&tenant_thread(&tenant)) == 0;
+            if ended {
+                ended_within = Some(fenced_at.elapsed());
+            }
+            ended
+        },
+    );
     heartbeat_lock.rollback().unwrap();
     drop(lock);
     let _ = resize.join();
