@@ -449,7 +449,10 @@ fn drain(
 ) -> Result<()> {
     enum Woke {
         Done(Result<BatchDone, crossbeam_channel::RecvError>),
-        Delivery(Result<ConsumerMessage, crossbeam_channel::RecvError>),
+        /// Whether it was a delivery (one that raced the cancel) or the consumer's end.
+        Delivery {
+            raced_the_cancel: bool,
+        },
         Control(Result<Control, crossbeam_channel::RecvError>),
         Deadline,
     }
@@ -470,15 +473,16 @@ fn drain(
         };
         let woke = select! {
             recv(replies) -> done => Woke::Done(done),
-            recv(deliveries) -> message => Woke::Delivery(message),
+            recv(deliveries) -> message => Woke::Delivery {
+                raced_the_cancel: matches!(message, Ok(ConsumerMessage::Delivery(_))),
+            },
             recv(control) -> command => Woke::Control(command),
             recv(timeout) -> _ => Woke::Deadline,
         };
         match woke {
             Woke::Done(done) => flight.complete(channel, done.context("worker replies closed")?)?,
             // Deliveries that raced the cancel stay unacked and go back to the queue.
-            Woke::Delivery(Ok(ConsumerMessage::Delivery(_))) => {}
-            Woke::Delivery(_) => cancelled = true,
+            Woke::Delivery { raced_the_cancel } => cancelled |= !raced_the_cancel,
             Woke::Control(Ok(Control::Resize(n))) => {
                 if let Leave::Resize(_) = leave {
                     *leave = Leave::Resize(n);
