@@ -83,40 +83,82 @@ pub fn preload(url: &str, queues: &[String], per_queue: u64) {
     });
 }
 
+/// How a plain consumer acks what it drains.
+#[derive(Clone, Copy)]
+pub enum Acks {
+    /// One multiple-ack whenever nothing more is waiting.
+    PerBurst,
+    /// One multiple-ack per this many messages, as tenantd acks a full batch.
+    Every(u64),
+}
+
+/// What a plain drain measured: its rate, and the CPU of its consumers (this process, in the
+/// split's `tenantd` place), of RabbitMQ and of PostgreSQL over its wall time.
+pub struct BrokerDrain {
+    pub msgs_per_s: f64,
+    pub cpu: crate::procstat::CpuSplit,
+    pub wall: std::time::Duration,
+}
+
 /// Drains the queues with consume + ack and no work, at tenantd's prefetch (per consumer, as
-/// tenantd sets it), acking like tenantd does (one multiple-ack when nothing more is waiting).
-/// Returns the messages per second.
-pub fn drain_rate(url: &str, queues: &[String], per_queue: u64, prefetch: u16) -> f64 {
+/// tenantd sets it).
+pub fn drain_rate(
+    url: &str,
+    queues: &[String],
+    per_queue: u64,
+    prefetch: u16,
+    acks: Acks,
+) -> BrokerDrain {
     let started = Instant::now();
+    let me = [std::process::id()];
+    let cpu_before = crate::procstat::CpuSplit::now(&me);
     std::thread::scope(|s| {
         for queue in queues {
-            s.spawn(move || {
-                let mut connection = connect(url);
-                let channel = connection.open_channel(None).unwrap();
-                channel.qos(0, prefetch, false).unwrap();
-                let consumer = channel
-                    .basic_consume(queue.as_str(), ConsumerOptions::default())
-                    .unwrap();
-                let mut taken = 0;
-                while taken < per_queue {
-                    let mut last = match consumer.receiver().recv().unwrap() {
-                        ConsumerMessage::Delivery(d) => d,
-                        other => panic!("consumer ended: {other:?}"),
-                    };
-                    taken += 1;
-                    while let Ok(ConsumerMessage::Delivery(d)) = consumer.receiver().try_recv() {
-                        last = d;
-                        taken += 1;
-                    }
-                    consumer.ack_multiple(last).unwrap();
-                }
-                drop(consumer);
-                let _ = channel.close();
-                let _ = connection.close();
-            });
+            s.spawn(move || drain_one(url, queue, per_queue, prefetch, acks));
         }
     });
-    (per_queue * queues.len() as u64) as f64 / started.elapsed().as_secs_f64()
+    let wall = started.elapsed();
+    BrokerDrain {
+        msgs_per_s: (per_queue * queues.len() as u64) as f64 / wall.as_secs_f64(),
+        cpu: crate::procstat::CpuSplit::now(&me).since(cpu_before),
+        wall,
+    }
+}
+
+fn drain_one(url: &str, queue: &str, count: u64, prefetch: u16, acks: Acks) {
+    let mut connection = connect(url);
+    let channel = connection.open_channel(None).unwrap();
+    channel.qos(0, prefetch, false).unwrap();
+    let consumer = channel
+        .basic_consume(queue, ConsumerOptions::default())
+        .unwrap();
+    let next = || match consumer.receiver().recv().unwrap() {
+        ConsumerMessage::Delivery(d) => d,
+        other => panic!("consumer ended: {other:?}"),
+    };
+    let mut taken = 0;
+    while taken < count {
+        let mut last = next();
+        taken += 1;
+        match acks {
+            Acks::PerBurst => {
+                while let Ok(ConsumerMessage::Delivery(d)) = consumer.receiver().try_recv() {
+                    last = d;
+                    taken += 1;
+                }
+            }
+            Acks::Every(n) => {
+                while taken % n != 0 && taken < count {
+                    last = next();
+                    taken += 1;
+                }
+            }
+        }
+        consumer.ack_multiple(last).unwrap();
+    }
+    drop(consumer);
+    let _ = channel.close();
+    let _ = connection.close();
 }
 
 /// Publishes `{"seq": n, "sent_us": …, ...}` to `queue` at `rate` per second for `seconds`;

@@ -1,0 +1,98 @@
+//! How a consumer leaves: it cancels, lets the pool finish what it holds, and acks what was
+//! committed, by a deadline — while still hearing a stop or a resize.
+
+use std::time::Instant;
+
+use amiquip::ConsumerMessage;
+use anyhow::{Context, Result};
+use crossbeam_channel::{after, never, select};
+use log::warn;
+
+use super::{Control, Leave, Session};
+use crate::inflight::InFlight;
+use crate::pool::BatchDone;
+
+/// Stops taking deliveries and waits (until `deadline`) for the pool to finish what it holds and
+/// for the broker to confirm the cancel (the consumer must outlive that confirmation, or amiquip
+/// fails the whole connection). What is unacked after that is requeued when the channel closes.
+///
+/// It keeps listening to its control channel: a stop turns a resize's drain into a stop's, and
+/// brings the deadline forward when its own is sooner (the fence's is now); a resize while
+/// a resize drains changes the concurrency the next channel opens with.
+///
+/// Once the consumer's channel has disconnected it is always ready in `select!`: it is then
+/// dropped from the select, so waiting for a slow batch costs no CPU (as is the control
+/// channel once disconnected).
+pub(super) fn drain(
+    session: &Session,
+    flight: &mut InFlight,
+    leave: &mut Leave,
+    deadline: &mut Instant,
+) -> Result<()> {
+    enum Woke {
+        Done(Result<BatchDone, crossbeam_channel::RecvError>),
+        /// Whether it was a delivery (one that raced the cancel) or the consumer's end.
+        Delivery {
+            raced_the_cancel: bool,
+        },
+        Control(Result<Control, crossbeam_channel::RecvError>),
+        Deadline,
+    }
+    let Session {
+        channel,
+        consumer,
+        replies,
+        control,
+    } = *session;
+    consumer.cancel()?;
+    let mut control = control.clone();
+    let mut cancelled = false;
+    let mut timeout = after(deadline.saturating_duration_since(Instant::now()));
+    while flight.in_pool() > 0 || !cancelled {
+        let deliveries = match cancelled {
+            true => never(),
+            false => consumer.receiver().clone(),
+        };
+        let woke = select! {
+            recv(replies) -> done => Woke::Done(done),
+            recv(deliveries) -> message => Woke::Delivery {
+                raced_the_cancel: matches!(message, Ok(ConsumerMessage::Delivery(_))),
+            },
+            recv(control) -> command => Woke::Control(command),
+            recv(timeout) -> _ => Woke::Deadline,
+        };
+        match woke {
+            Woke::Done(done) => flight.complete(channel, done.context("worker replies closed")?)?,
+            // Deliveries that raced the cancel stay unacked and go back to the queue.
+            Woke::Delivery { raced_the_cancel } => cancelled |= !raced_the_cancel,
+            Woke::Control(Ok(Control::Resize(n))) => {
+                if let Leave::Resize(_) = leave {
+                    *leave = Leave::Resize(n);
+                }
+            }
+            Woke::Control(command) => {
+                let stop_by = match command {
+                    Ok(Control::Stop { deadline }) => deadline,
+                    _ => {
+                        control = never();
+                        Instant::now()
+                    }
+                };
+                *leave = Leave::Stop(stop_by);
+                if stop_by < *deadline {
+                    *deadline = stop_by;
+                    timeout = after(stop_by.saturating_duration_since(Instant::now()));
+                }
+            }
+            Woke::Deadline => {
+                warn!(
+                    tenant_id:% = flight.tenant();
+                    "stop deadline passed with {} batches in flight; they will be redelivered",
+                    flight.in_pool()
+                );
+                break;
+            }
+        }
+    }
+    Ok(())
+}
