@@ -27,7 +27,8 @@ fn consumers_refused_by_the_broker_retry_until_they_run_and_readiness_says_so() 
         .collect();
     app.stop();
     // Three connections fit: the admin session's and two consumers' (three consumers', when a
-    // consumer connects before the admin session does); the others are refused at start-up.
+    // consumer connects before the admin session does); the others are refused at start-up. On
+    // a loaded broker a connection that would fit may time out too: at least 3 of 6 fail.
     vhost.limit_connections(3);
     app.restart();
     let retrying = || -> Vec<serde_json::Value> {
@@ -39,12 +40,14 @@ fn consumers_refused_by_the_broker_retry_until_they_run_and_readiness_says_so() 
     };
     let mut failing = 0;
     wait_until(
-        Duration::from_secs(20),
-        "three or four consumers to fail",
+        Duration::from_secs(30),
+        "at least three consumers to fail, and GET to say so of as many",
         || {
             let gauge = gauge(&app.get("/metrics").text(), "tenantd_consumers_failing");
             failing = gauge.unwrap_or(0.0) as usize;
-            (3..=4).contains(&failing) && retrying().len() == failing
+            let states = retrying().len();
+            eprintln!("failing gauge {failing}, retrying in GET {states}");
+            (3..=6).contains(&failing) && states == failing
         },
     );
     app.get("/readyz").assert_error(
