@@ -106,13 +106,7 @@ fn a_consumer_started_after_the_fence_fired_is_fenced_too() {
 
     // From here the replica's heartbeats (and its rejoining) wait on its row of `replicas`.
     let mut heartbeat_blocker = app.pg();
-    let mut heartbeat_lock = heartbeat_blocker.transaction().unwrap();
-    heartbeat_lock
-        .execute(
-            "SELECT 1 FROM replicas WHERE id = $1 FOR UPDATE",
-            &[&replica],
-        )
-        .unwrap();
+    let heartbeat_lock = block_heartbeats(&mut heartbeat_blocker, &replica);
     claim_lock.commit().unwrap();
     wait_until(Duration::from_secs(5), "the next heartbeat to wait", || {
         coordinator_waits_in(&mut pg, &replica, "UPDATE replicas SET seen_at")
@@ -236,6 +230,18 @@ fn a_hand_over_that_takes_longer_than_half_the_failover_timeout_still_drains_eve
     );
 }
 
+/// Holds the replica's row of `replicas` locked until the transaction ends: its heartbeats (and
+/// its rejoining) wait, as they would with its database connection frozen.
+fn block_heartbeats<'a>(pg: &'a mut Client, replica: &str) -> postgres::Transaction<'a> {
+    let mut lock = pg.transaction().unwrap();
+    lock.execute(
+        "SELECT 1 FROM replicas WHERE id = $1 FOR UPDATE",
+        &[&replica],
+    )
+    .unwrap();
+    lock
+}
+
 /// Whether the replica's coordinator has been waiting on a lock in a statement containing
 /// `what` for longer than `at_least`.
 fn coordinator_waited_in(pg: &mut Client, replica: &str, what: &str, at_least: Duration) -> bool {
@@ -286,13 +292,7 @@ fn a_stop_during_a_resize_drain_ends_the_consumer_without_consuming_again() {
     );
     // The replica's heartbeats now wait: its fence tells every consumer to stop, at once.
     let mut heartbeat_blocker = app.pg();
-    let mut heartbeat_lock = heartbeat_blocker.transaction().unwrap();
-    heartbeat_lock
-        .execute(
-            "SELECT 1 FROM replicas WHERE id = $1 FOR UPDATE",
-            &[&replica],
-        )
-        .unwrap();
+    let heartbeat_lock = block_heartbeats(&mut heartbeat_blocker, &replica);
     wait_until(Duration::from_secs(5), "the fence to have fired", || {
         coordinator_waited_in(
             &mut pg,

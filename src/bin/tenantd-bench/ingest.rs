@@ -26,24 +26,23 @@ pub struct Drain {
 
 pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
     stack.start(&[]);
-    let tenants: Vec<String> = (0..args.tenants)
-        .map(|i| stack.create_tenant(&format!("bench-{i}"), "inactive"))
-        .collect();
-    let queues: Vec<String> = tenants
-        .iter()
-        .map(|t| format!("tenant_{t}_queue"))
-        .collect();
-    let per_queue = args.messages / args.tenants;
-    let total = per_queue * args.tenants;
+    let backlog = Backlog::in_paused_tenants(stack, args, "bench");
+    let Backlog {
+        tenants,
+        queues,
+        per_queue,
+        total,
+    } = &backlog;
+    let (per_queue, total) = (*per_queue, *total);
 
-    load::preload(&stack.amqp_url, &queues, per_queue);
-    let ingest = timed_drain(stack, &tenants, total);
+    backlog.preload(stack);
+    let ingest = timed_drain(stack, tenants, total);
     report.add("ingest_msgs_per_s", ingest.msgs_per_s.round(), "msg/s");
 
-    load::preload(&stack.amqp_url, &queues, per_queue);
+    backlog.preload(stack);
     let broker = load::drain_rate(
         &stack.amqp_url,
-        &queues,
+        queues,
         per_queue,
         prefetch(),
         Acks::PerBurst,
@@ -60,9 +59,9 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
     );
     // The same drain acking once per full batch, as tenantd acks at best: the broker's higher
     // ceiling, and the CPU a plain amiquip consumer spends per message (the floor).
-    load::preload(&stack.amqp_url, &queues, per_queue);
+    backlog.preload(stack);
     let every = Acks::Every(setting("BATCH_SIZE", 100).into());
-    let batched = load::drain_rate(&stack.amqp_url, &queues, per_queue, prefetch(), every);
+    let batched = load::drain_rate(&stack.amqp_url, queues, per_queue, prefetch(), every);
     report.add(
         "broker_batched_acks_msgs_per_s",
         batched.msgs_per_s.round(),
@@ -100,11 +99,11 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
         stack.stop();
         let workers = prefetch().to_string();
         stack.start(&[("BATCH_SIZE", "1"), ("MAX_WORKERS", &workers)]);
-        for t in &tenants {
+        for t in tenants {
             stack.set_workers(t, prefetch());
         }
-        load::preload(&stack.amqp_url, &queues, per_queue);
-        let single = timed_drain(stack, &tenants, total);
+        backlog.preload(stack);
+        let single = timed_drain(stack, tenants, total);
         report.add("one_per_tx_msgs_per_s", single.msgs_per_s.round(), "msg/s");
         report.add(
             "batching_speedup",
@@ -125,6 +124,38 @@ fn setting(name: &str, default: u16) -> u16 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Paused tenants sharing a backlog of messages, loaded into their queues before each timing.
+pub struct Backlog {
+    pub tenants: Vec<String>,
+    pub queues: Vec<String>,
+    pub per_queue: u64,
+    pub total: u64,
+}
+
+impl Backlog {
+    /// `args.tenants` paused tenants named `{prefix}-N`, sharing `args.messages`.
+    pub fn in_paused_tenants(stack: &mut Stack, args: &Args, prefix: &str) -> Backlog {
+        let tenants: Vec<String> = (0..args.tenants)
+            .map(|i| stack.create_tenant(&format!("{prefix}-{i}"), "inactive"))
+            .collect();
+        let queues = tenants
+            .iter()
+            .map(|t| format!("tenant_{t}_queue"))
+            .collect();
+        let per_queue = args.messages / args.tenants;
+        Backlog {
+            tenants,
+            queues,
+            per_queue,
+            total: per_queue * args.tenants,
+        }
+    }
+
+    pub fn preload(&self, stack: &Stack) {
+        load::preload(&stack.amqp_url, &self.queues, self.per_queue);
+    }
 }
 
 /// Resumes the tenants and waits for `more` new rows; the rate is the rows over the time from

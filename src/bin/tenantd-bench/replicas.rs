@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::ingest::timed_drain;
+use crate::ingest::{timed_drain, Backlog};
 use crate::stack::Stack;
 use crate::{load, percentile, procstat, Args, Report};
 
@@ -157,21 +157,13 @@ fn hand_over(stack: &mut Stack, report: &mut Report) {
 /// The same backlog stored by three replicas, then by one.
 fn throughput(stack: &mut Stack, args: &Args, report: &mut Report) {
     stack.start_replica("r2", &[]);
-    let tenants: Vec<String> = (0..args.tenants)
-        .map(|i| stack.create_tenant(&format!("flow-{i}"), "inactive"))
-        .collect();
-    let queues: Vec<String> = tenants
-        .iter()
-        .map(|t| format!("tenant_{t}_queue"))
-        .collect();
-    let per_queue = args.messages / args.tenants;
-    let total = per_queue * args.tenants;
-    load::preload(&stack.amqp_url, &queues, per_queue);
-    let three = timed_drain(stack, &tenants, total).msgs_per_s;
+    let backlog = Backlog::in_paused_tenants(stack, args, "flow");
+    backlog.preload(stack);
+    let three = timed_drain(stack, &backlog.tenants, backlog.total).msgs_per_s;
     stack.signal("r2", "-TERM");
     stack.signal("r3", "-TERM");
-    load::preload(&stack.amqp_url, &queues, per_queue);
-    let one = timed_drain(stack, &tenants, total).msgs_per_s;
+    backlog.preload(stack);
+    let one = timed_drain(stack, &backlog.tenants, backlog.total).msgs_per_s;
     report.add("three_replicas_msgs_per_s", three.round(), "msg/s");
     report.add("one_replica_msgs_per_s", one.round(), "msg/s");
     report.add("scale_out_ratio", three / one, "x");
