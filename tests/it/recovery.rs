@@ -105,10 +105,11 @@ fn a_pause_waiting_for_a_blocked_batch_costs_no_cpu() {
     let lock = lock_partition(&mut locker, &tenant);
     let mut amqp = Amqp::connect();
     amqp.publish_numbered(&queue_name(&tenant), 10);
+    // How the 10 deliveries group into batches depends on timing; at least one batch waits.
     wait_until(
         Duration::from_secs(10),
-        "the batch to reach the pool",
-        || app.get(&format!("/api/tenants/{tenant}")).json()["counts"]["consumed"] == 10,
+        "a batch to wait for the partition's lock",
+        || insert_waiting_for_a_lock(&mut app.pg()),
     );
     let view = app.get(&format!("/api/tenants/{tenant}")).json();
     assert!(
@@ -132,7 +133,25 @@ fn a_pause_waiting_for_a_blocked_batch_costs_no_cpu() {
     lock.commit().unwrap();
     let paused = pause.join().unwrap();
     assert_eq!(paused.status, 200, "{}", paused.text());
+    let stored = app.partition_rows(&tenant);
+    let (queued, _) = amqp.queue_stats(&queue_name(&tenant)).unwrap();
+    assert_eq!(
+        stored + i64::from(queued),
+        10,
+        "stored {stored}, queued {queued}"
+    );
+    let path = format!("/api/tenants/{tenant}");
+    let resumed = app.request("PATCH", &path, Some(r#"{"status":"active"}"#));
+    assert_eq!(resumed.status, 200, "{}", resumed.text());
     app.wait_rows(&tenant, 10);
+}
+
+/// Whether an INSERT of this database waits for a lock someone else holds.
+fn insert_waiting_for_a_lock(pg: &mut postgres::Client) -> bool {
+    let sql = "SELECT count(*) FROM pg_stat_activity
+               WHERE datname = current_database() AND wait_event_type = 'Lock'
+                 AND query ILIKE '%insert%'";
+    pg.query_one(sql, &[]).unwrap().get::<_, i64>(0) > 0
 }
 
 #[test]
