@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::support::{queue_name, wait_until, Amqp, TestApp};
+use crate::support::{partition_name, queue_name, wait_until, Amqp, TestApp};
 
 #[test]
 fn every_published_message_is_stored_once_in_its_own_partition() {
@@ -108,6 +108,51 @@ fn a_redelivered_message_id_is_stored_once_with_that_id() {
         .unwrap()
         .get(0);
     assert_eq!(stored, 1, "the row carries the publisher's message_id");
+    let counts = app.get(&format!("/api/tenants/{tenant}")).json()["counts"].clone();
+    assert_eq!(counts["stored"], 2, "{counts}");
+    assert_eq!(counts["duplicates"], 2, "{counts}");
+}
+
+#[test]
+fn a_batch_that_meets_a_stored_id_stores_its_new_messages_once() {
+    let app = TestApp::spawn();
+    let tenant = app.create_tenant("overlap");
+    let path = format!("/api/tenants/{tenant}");
+    let mut amqp = Amqp::connect();
+    let ids: Vec<String> = (0..50).map(|_| Uuid::new_v4().to_string()).collect();
+    for id in &ids[..10] {
+        amqp.publish(&queue_name(&tenant), br#"{"first": true}"#, Some(id));
+    }
+    amqp.wait_confirms();
+    app.wait_rows(&tenant, 10);
+    let paused = app.request("PATCH", &path, Some(r#"{"status":"inactive"}"#));
+    assert_eq!(paused.status, 200, "{}", paused.text());
+    // Redeliveries of the first 10 among 40 new ones, queued while paused: one burst.
+    for id in &ids {
+        amqp.publish(&queue_name(&tenant), br#"{"again": true}"#, Some(id));
+    }
+    amqp.wait_confirms();
+    let resumed = app.request("PATCH", &path, Some(r#"{"status":"active"}"#));
+    assert_eq!(resumed.status, 200, "{}", resumed.text());
+    app.wait_rows(&tenant, 50);
+    wait_until(Duration::from_secs(10), "all 60 acked", || {
+        amqp.queue_stats(&queue_name(&tenant)) == Some((0, 1))
+    });
+    let counts = app.get(&path).json()["counts"].clone();
+    assert_eq!(counts["stored"], 50, "{counts}");
+    assert_eq!(counts["duplicates"], 10, "{counts}");
+    let first: i64 = app
+        .pg()
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {} WHERE payload ? 'first'",
+                partition_name(&tenant)
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(first, 10, "a redelivery never overwrites what was stored");
 }
 
 #[test]

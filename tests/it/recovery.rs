@@ -109,7 +109,7 @@ fn a_pause_waiting_for_a_blocked_batch_costs_no_cpu() {
     wait_until(
         Duration::from_secs(10),
         "a batch to wait for the partition's lock",
-        || insert_waiting_for_a_lock(&mut app.pg()),
+        || worker_waiting_for_a_lock(&mut app.pg()),
     );
     let view = app.get(&format!("/api/tenants/{tenant}")).json();
     assert!(
@@ -146,11 +146,11 @@ fn a_pause_waiting_for_a_blocked_batch_costs_no_cpu() {
     app.wait_rows(&tenant, 10);
 }
 
-/// Whether an INSERT of this database waits for a lock someone else holds.
-fn insert_waiting_for_a_lock(pg: &mut postgres::Client) -> bool {
+/// Whether a tenantd worker of this database waits for a lock someone else holds.
+fn worker_waiting_for_a_lock(pg: &mut postgres::Client) -> bool {
     let sql = "SELECT count(*) FROM pg_stat_activity
                WHERE datname = current_database() AND wait_event_type = 'Lock'
-                 AND query ILIKE '%insert%'";
+                 AND application_name = 'tenantd worker'";
     pg.query_one(sql, &[]).unwrap().get::<_, i64>(0) > 0
 }
 
