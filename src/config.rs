@@ -78,7 +78,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "BATCH_SIZE",
         default: "100",
-        help: "most messages stored in one statement; prefetch = workers x BATCH_SIZE",
+        help: "most messages stored in one INSERT; prefetch = workers x BATCH_SIZE",
     },
     Setting {
         name: "MAX_MESSAGE_BYTES",

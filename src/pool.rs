@@ -249,7 +249,7 @@ fn judge(
             }
         }
     };
-    let stored = match store_batch(db, tenant, items, &good) {
+    let stored = match insert(db, tenant, items, &good) {
         Ok(inserted) => Ok(inserted),
         // One message PostgreSQL refuses must not hold back the others: store one by one.
         Err(e) if is_content_error(&e) => insert_one_by_one(db, tenant, items, &good, &mut poison),
@@ -312,32 +312,6 @@ fn check_payload(body: &[u8], max_bytes: usize) -> Result<(), String> {
         .map_err(|e| format!("message is not JSON: {e}"))
 }
 
-/// Stores the items at `which`: copied in, unless one is already stored (a redelivery) or
-/// PostgreSQL refuses one; then inserted, skipping duplicates. How many rows were new.
-fn store_batch(
-    db: &mut WorkerDb,
-    tenant: TenantId,
-    items: &[Item],
-    which: &[usize],
-) -> Result<u64, postgres::Error> {
-    let (ids, payloads) = columns(items, which);
-    match messages::copy_in(&mut db.client, tenant, &ids, &payloads) {
-        Err(e) if is_duplicate(&e) || is_content_error(&e) => insert(db, tenant, items, which),
-        copied => copied,
-    }
-}
-
-/// The ids and payloads of the items at `which`.
-fn columns<'a>(items: &'a [Item], which: &[usize]) -> (Vec<Uuid>, Vec<&'a str>) {
-    let ids = which.iter().map(|&i| items[i].id).collect();
-    // check_payload proved these are UTF-8 (serde_json only accepts UTF-8).
-    let payloads = which
-        .iter()
-        .map(|&i| std::str::from_utf8(&items[i].body).unwrap_or_default())
-        .collect();
-    (ids, payloads)
-}
-
 /// Inserts the items at `which` in one statement; how many rows were new.
 fn insert(
     db: &mut WorkerDb,
@@ -345,7 +319,12 @@ fn insert(
     items: &[Item],
     which: &[usize],
 ) -> Result<u64, postgres::Error> {
-    let (ids, payloads) = columns(items, which);
+    let ids: Vec<Uuid> = which.iter().map(|&i| items[i].id).collect();
+    // check_payload proved these are UTF-8 (serde_json only accepts UTF-8).
+    let payloads: Vec<&str> = which
+        .iter()
+        .map(|&i| std::str::from_utf8(&items[i].body).unwrap_or_default())
+        .collect();
     messages::insert(&mut db.client, &db.insert, tenant, &ids, &payloads)
 }
 
@@ -368,11 +347,6 @@ fn insert_one_by_one(
         }
     }
     Ok(inserted)
-}
-
-/// A message id already stored.
-fn is_duplicate(e: &postgres::Error) -> bool {
-    e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION)
 }
 
 /// Class 22 (data exception): PostgreSQL refuses this content, e.g. `\u0000` in jsonb.

@@ -1,12 +1,7 @@
 //! Messages: the workers' batch insert and the keyset pages the API reads.
 
-use std::error::Error;
-
 use anyhow::{Context, Result};
-use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
-use postgres::binary_copy::BinaryCopyInWriter;
-use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use postgres::{Client, Statement};
 use uuid::Uuid;
 
@@ -27,44 +22,6 @@ pub fn insert(
     payloads: &[&str],
 ) -> Result<u64, postgres::Error> {
     client.execute(insert, &[&tenant.uuid(), &ids, &payloads])
-}
-
-/// Binary COPY of one tenant's messages: PostgreSQL's cheapest way in. It stores all or none:
-/// a message id already stored fails it with `unique_violation`.
-const COPY: &str = "COPY messages (id, tenant_id, payload) FROM STDIN (FORMAT binary)";
-
-/// Copies the messages in; returns how many rows were stored (all of them).
-pub fn copy_in(
-    client: &mut Client,
-    tenant: TenantId,
-    ids: &[Uuid],
-    payloads: &[&str],
-) -> Result<u64, postgres::Error> {
-    let sink = client.copy_in(COPY)?;
-    let mut writer = BinaryCopyInWriter::new(sink, &[Type::UUID, Type::UUID, Type::JSONB]);
-    let tenant = tenant.uuid();
-    for (id, payload) in ids.iter().zip(payloads) {
-        writer.write(&[id, &tenant, &JsonbText(payload)])?;
-    }
-    writer.finish()
-}
-
-/// JSON text sent as `jsonb` without parsing it here (the server parses it once).
-#[derive(Debug)]
-struct JsonbText<'a>(&'a str);
-
-impl ToSql for JsonbText<'_> {
-    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
-        out.put_u8(1); // jsonb's binary format: a version byte, then the text
-        out.put_slice(self.0.as_bytes());
-        Ok(IsNull::No)
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        *ty == Type::JSONB
-    }
-
-    to_sql_checked!();
 }
 
 /// A page of a tenant's messages after a `(created_at, id)` position: a keyset read of the
