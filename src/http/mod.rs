@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod error;
 mod guard;
+mod private_socket;
 mod routes;
 
 use std::io::Read;
@@ -98,8 +99,8 @@ impl HttpServer {
         let public = listen(&settings.addr)?;
         let local = public.local_addr()?;
         auth.log_start(local);
-        let socket_dir = private_dir()?;
-        let socket = socket_dir.join("http.sock");
+        let socket_dir = private_socket::create()?;
+        let socket = socket_dir.join(private_socket::SOCKET);
         let listener = UnixListener::bind(&socket).context("binding the private HTTP socket")?;
         let server = Server::from_listener(listener.try_clone()?, None)
             .map_err(|e| anyhow!("cannot serve HTTP: {e}"))?;
@@ -168,23 +169,6 @@ fn listen(addr: &str) -> Result<TcpListener> {
         .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
     socket.listen(1024)?;
     Ok(socket.into())
-}
-
-/// A directory only this user can enter, for the socket between the guard and tiny_http: no
-/// other local user can reach tiny_http around the guard.
-fn private_dir() -> Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let name = format!(
-        "tenantd-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    );
-    let dir = std::env::temp_dir().join(name);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
 }
 
 fn spawn_request_thread(

@@ -499,3 +499,38 @@ fn a_shutdown_ends_though_a_kept_alive_client_sends_a_request_while_http_stops()
     });
     stopping.join().unwrap().expect("a clean shutdown");
 }
+
+#[test]
+fn a_start_removes_the_socket_directories_of_killed_tenantds_and_only_those() {
+    use std::os::unix::net::UnixListener;
+    let tmp = std::env::temp_dir();
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let dir = |what: &str| {
+        let dir = tmp.join(format!("tenantd-1-{what}{unique}"));
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    };
+    let killed = dir("killed");
+    drop(UnixListener::bind(killed.join("http.sock")).unwrap()); // its socket file stays
+    let live = dir("live");
+    let _listening = UnixListener::bind(live.join("http.sock")).unwrap();
+    let starting = dir("starting"); // created, its socket not bound yet
+    let _app = TestApp::spawn();
+    assert!(
+        !killed.exists(),
+        "a directory whose socket refuses is removed"
+    );
+    assert!(live.exists(), "a directory whose socket listens stays");
+    assert!(starting.exists(), "a directory without a socket stays");
+    let _ = std::fs::remove_dir_all(&live);
+    let _ = std::fs::remove_dir_all(&starting);
+    assert!(
+        !lines_with(&[
+            "removed",
+            &format!("killed{unique}"),
+            "left by a tenantd that is gone"
+        ])
+        .is_empty(),
+        "the removal is logged"
+    );
+}
