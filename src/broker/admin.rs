@@ -2,11 +2,17 @@
 //! tenants' dead letters (`dead_letters`) — kept
 //! in a small pool, so requests do not queue behind one another's round trips (a publish waits
 //! for its confirm). A connection that failed is closed; the next call opens another.
+//!
+//! amiquip's calls have no timeout, and closing a channel or a connection waits for the broker's
+//! answer: on a broker that hangs with its sockets open, a request would wait until heartbeats
+//! declare the connection dead. So these sessions ask for short heartbeats, and a failed session
+//! is closed on a thread of its own while the request answers.
 
 use std::time::Duration;
 
 use amiquip::{AmqpProperties, Channel, Connection, QueueDeleteOptions};
 use anyhow::{Context, Result};
+use log::warn;
 use parking_lot::Mutex;
 
 use super::dead_letters::{self, Peeked, Progress};
@@ -34,6 +40,11 @@ impl std::error::Error for Unroutable {}
 
 /// Sessions kept open beyond this many are closed when returned.
 const MAX_IDLE: usize = 8;
+
+/// Heartbeats asked for on the API's sessions, at most (`BROKER_HEARTBEAT_SECS` if shorter, none
+/// if it is 0): a hung broker fails a call waiting for its answer within 2 to 4 intervals. The
+/// API holds a few connections, so short intervals cost nothing that matters.
+pub const API_HEARTBEAT_SECS: u16 = 5;
 
 pub struct BrokerAdmin {
     brokers: Brokers,
@@ -65,11 +76,24 @@ impl AdminSession {
         let _ = self.channel.close();
         let _ = self.connection.close();
     }
+
+    /// Closes a session that failed without holding up the caller: its broker may not answer
+    /// the close until the heartbeats give up on it.
+    fn close_aside(self) {
+        let spawned = std::thread::Builder::new()
+            .name("admin-close".into())
+            .spawn(move || self.close());
+        if let Err(e) = spawned {
+            // The session went with the closure: dropping it closed it here.
+            warn!("closed a failed broker session on the request's thread: {e}");
+        }
+    }
 }
 
 impl BrokerAdmin {
     /// Connects now, so a wrong `RABBITMQ_URL` fails at start rather than at the first request.
     pub fn connect(brokers: Brokers, queue_type: QueueType, timeout: Duration) -> Result<Self> {
+        let brokers = brokers.with_heartbeat_at_most(API_HEARTBEAT_SECS);
         let session = AdminSession::open(&brokers, timeout)?;
         Ok(BrokerAdmin {
             brokers,
@@ -110,9 +134,12 @@ impl BrokerAdmin {
         let mut idle = self.idle.lock();
         if healthy && idle.len() < MAX_IDLE {
             idle.push(session);
-        } else {
+        } else if healthy {
             drop(idle);
             session.close();
+        } else {
+            drop(idle);
+            session.close_aside();
         }
         result
     }

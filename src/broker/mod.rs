@@ -107,6 +107,15 @@ impl Brokers {
         self
     }
 
+    /// Asks for heartbeats at least every `secs`: shortens the interval, never turns them on.
+    pub fn with_heartbeat_at_most(self, secs: u16) -> Brokers {
+        let current = self.heartbeat_secs;
+        match current {
+            0 => self,
+            _ => self.with_heartbeat(current.min(secs)),
+        }
+    }
+
     /// Opens a connection to the first broker that answers, starting with the next in turn.
     pub fn connect(&self, timeout: Duration, label: &str) -> Result<Connection> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);

@@ -359,3 +359,66 @@ fn readiness_names_every_dependency_that_is_down_as_the_consumers_see_it() {
         app.get("/readyz").status == 200
     });
 }
+
+/// A broker that stops answering but keeps its sockets open (a hung node, a frozen VM): the API
+/// answers 503 within seconds rather than when the heartbeats of a 30 s interval give up
+/// (60–120 s), and works again once the broker does.
+#[test]
+fn api_calls_meeting_a_hung_broker_answer_503_within_seconds() {
+    use std::time::Instant;
+    let proxy = crate::support::proxy::Proxy::start(&crate::support::amqp_host_port());
+    let url = crate::support::amqp_url_via(proxy.port());
+    let app = TestApp::spawn_with(|c| c.rabbitmq_url = url);
+    let tenant = app.create_tenant("hung");
+    let path = format!("/api/tenants/{tenant}/messages");
+    // Concurrent publishes leave several sessions in the API's pool: each call below then
+    // starts on a kept session, whose broker stops answering mid-call.
+    let publishers: Vec<_> = (0..4)
+        .map(|_| {
+            let (base, path) = (app.base(), path.clone());
+            std::thread::spawn(move || {
+                for _ in 0..5 {
+                    let reply = crate::support::http::request(&base, "POST", &path, Some(b"{}"));
+                    assert_eq!(reply.status, 202, "{}", reply.text());
+                }
+            })
+        })
+        .collect();
+    publishers.into_iter().for_each(|p| p.join().unwrap());
+    proxy.freeze(); // every byte held from here on, the sockets kept open
+    let base = app.base();
+    let create = std::thread::spawn(move || {
+        let started = Instant::now();
+        let reply = crate::support::http::request(
+            &base,
+            "POST",
+            "/api/tenants",
+            Some(br#"{"name":"late"}"#),
+        );
+        (reply, started.elapsed())
+    });
+    let started = Instant::now();
+    let publish = app.request("POST", &path, Some(r#"{"a":2}"#));
+    let publish_took = started.elapsed();
+    let (created, create_took) = create.join().unwrap();
+    eprintln!(
+        "publish {} after {publish_took:?}, create {} after {create_took:?}",
+        publish.status, created.status
+    );
+    publish.assert_error(503, "broker");
+    created.assert_error(503, "broker");
+    // A confirm waited for CONNECT_TIMEOUT_MS (3 s here), then a fresh connection as long.
+    assert!(
+        publish_took < Duration::from_secs(12),
+        "publish answered after {publish_took:?}"
+    );
+    // A declare waits until 2–4 missed heartbeats of 5 s, then a fresh connection 3 s.
+    assert!(
+        create_took < Duration::from_secs(30),
+        "create answered after {create_took:?}"
+    );
+    proxy.cut();
+    proxy.restore();
+    assert_eq!(app.request("POST", &path, Some(r#"{"a":3}"#)).status, 202);
+    app.wait_rows(&tenant, 21);
+}
