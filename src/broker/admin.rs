@@ -4,15 +4,16 @@
 //! for its confirm). A connection that failed is closed; the next call opens another.
 //!
 //! amiquip's calls have no timeout, and closing a channel or a connection waits for the broker's
-//! answer: on a broker that hangs with its sockets open, a request would wait until heartbeats
-//! declare the connection dead. So these sessions ask for short heartbeats, and a failed session
-//! is closed on a thread of its own while the request answers.
+//! answer: on a broker that hangs with its sockets open, or one that stops reading a publishing
+//! connection (a memory or disk alarm) while it keeps heartbeating, a request would wait with
+//! it. So these sessions ask for short heartbeats, and a failed session is aborted — its socket
+//! shut down, which ends amiquip's I/O loop at once — rather than closed.
 
+use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
 use amiquip::{AmqpProperties, Channel, Connection, QueueDeleteOptions};
 use anyhow::{Context, Result};
-use log::warn;
 use parking_lot::Mutex;
 
 use super::dead_letters::{self, Peeked, Progress};
@@ -58,17 +59,20 @@ struct AdminSession {
     channel: Channel,
     publisher: Publisher,
     connection: Connection,
+    /// The connection's socket, to abort it.
+    socket: TcpStream,
 }
 
 impl AdminSession {
     fn open(brokers: &Brokers, timeout: Duration) -> Result<AdminSession> {
-        let mut connection = brokers.connect(timeout, "tenantd admin")?;
+        let (mut connection, socket) = brokers.connect_abortable(timeout, "tenantd admin")?;
         let channel = connection.open_channel(None)?;
         let publisher = Publisher::enable(&channel, timeout)?;
         Ok(AdminSession {
             channel,
             publisher,
             connection,
+            socket,
         })
     }
 
@@ -77,16 +81,11 @@ impl AdminSession {
         let _ = self.connection.close();
     }
 
-    /// Closes a session that failed without holding up the caller: its broker may not answer
-    /// the close until the heartbeats give up on it.
-    fn close_aside(self) {
-        let spawned = std::thread::Builder::new()
-            .name("admin-close".into())
-            .spawn(move || self.close());
-        if let Err(e) = spawned {
-            // The session went with the closure: dropping it closed it here.
-            warn!("closed a failed broker session on the request's thread: {e}");
-        }
+    /// Ends a session that failed without waiting for its broker, which may not answer a close
+    /// (hung, or blocked by an alarm) for as long as it lasts.
+    fn abort(self) {
+        let _ = self.socket.shutdown(Shutdown::Both);
+        self.close();
     }
 }
 
@@ -113,8 +112,10 @@ impl BrokerAdmin {
             None => AdminSession::open(&self.brokers, self.timeout)?,
         };
         match self.attempt(session, &op) {
-            Err(e) if was_kept && !is_answer(&e) => {
-                self.attempt(AdminSession::open(&self.brokers, self.timeout)?, &op)
+            Err(first) if was_kept && !is_answer(&first) => {
+                let retried = AdminSession::open(&self.brokers, self.timeout)
+                    .and_then(|session| self.attempt(session, &op));
+                retried.map_err(|e| e.context(format!("{first:#}; then on a fresh connection")))
             }
             result => result,
         }
@@ -139,7 +140,7 @@ impl BrokerAdmin {
             session.close();
         } else {
             drop(idle);
-            session.close_aside();
+            session.abort();
         }
         result
     }

@@ -118,6 +118,17 @@ impl Brokers {
 
     /// Opens a connection to the first broker that answers, starting with the next in turn.
     pub fn connect(&self, timeout: Duration, label: &str) -> Result<Connection> {
+        self.connect_abortable(timeout, label)
+            .map(|(connection, _)| connection)
+    }
+
+    /// Like `connect`, with a handle on the connection's socket: shutting it down ends the
+    /// connection at once, where amiquip's close waits for a broker that may not answer.
+    pub fn connect_abortable(
+        &self,
+        timeout: Duration,
+        label: &str,
+    ) -> Result<(Connection, TcpStream)> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut errors = Vec::new();
         for i in 0..self.addrs.len() {
@@ -147,7 +158,7 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Opens a connection within `timeout` (TCP connect and AMQP handshake both), with TCP_NODELAY
 /// and keepalives, asking for the default heartbeats.
 pub fn connect(addr: &BrokerAddr, timeout: Duration, label: &str) -> Result<Connection> {
-    connect_with(addr, timeout, DEFAULT_HEARTBEAT_SECS, label)
+    connect_with(addr, timeout, DEFAULT_HEARTBEAT_SECS, label).map(|(connection, _)| connection)
 }
 
 /// A broker out of file descriptors accepts TCP and never answers the handshake: the timeout
@@ -157,8 +168,9 @@ fn connect_with(
     timeout: Duration,
     heartbeat_secs: u16,
     label: &str,
-) -> Result<Connection> {
+) -> Result<(Connection, TcpStream)> {
     let stream = tcp_connect(addr, timeout)?;
+    let socket = stream.try_clone()?;
     stream.set_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
@@ -176,6 +188,7 @@ fn connect_with(
         .heartbeat(heartbeat_secs)
         .information(Some(label.to_string()));
     Connection::insecure_open_stream(stream, options, ConnectionTuning::default())
+        .map(|connection| (connection, socket))
         .with_context(|| format!("cannot open an AMQP connection to {}", addr.describe()))
 }
 

@@ -428,7 +428,10 @@ impl Service {
             .publish(id, body, &message_id.to_string())
             .map_err(|e| match e.downcast_ref::<Unroutable>() {
                 Some(u) => ServiceError::Unavailable(format!("{u}; nothing was published")),
-                None => ServiceError::broker(e),
+                // A publish whose confirm did not come may still have reached the queue.
+                None => ServiceError::broker(e.context(format!(
+                    "message {message_id} may have reached the queue all the same (stored once at most under that id)"
+                ))),
             })?;
         Ok(message_id)
     }

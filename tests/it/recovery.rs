@@ -406,6 +406,8 @@ fn api_calls_meeting_a_hung_broker_answer_503_within_seconds() {
         publish.status, created.status
     );
     publish.assert_error(503, "broker");
+    publish.assert_error(503, "may have reached the queue"); // its confirm never came
+    publish.assert_error(503, "did not confirm"); // the first attempt's error is kept
     created.assert_error(503, "broker");
     // A confirm waited for CONNECT_TIMEOUT_MS (3 s here), then a fresh connection as long.
     assert!(
