@@ -4,11 +4,11 @@
 
 use std::io::ErrorKind;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use log::info;
+use socket2::{Domain, SockAddr, Socket, Type};
 
 const PREFIX: &str = "tenantd-";
 
@@ -55,7 +55,14 @@ fn remove_stale(ours: &Path) {
     }
 }
 
-/// The socket file exists and refuses connections: its listener is gone.
+/// The socket file exists and refuses connections: its listener is gone. The connect does not
+/// block: a live tenantd whose backlog is full (it answers `EAGAIN`) must not hold up this start.
 fn nobody_listens(socket: &Path) -> bool {
-    matches!(UnixStream::connect(socket), Err(e) if e.kind() == ErrorKind::ConnectionRefused)
+    let refused = || -> std::io::Result<bool> {
+        let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        probe.set_nonblocking(true)?;
+        Ok(matches!(probe.connect(&SockAddr::unix(socket)?),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused))
+    };
+    refused().unwrap_or(false)
 }

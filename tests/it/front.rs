@@ -514,16 +514,28 @@ fn a_start_removes_the_socket_directories_of_killed_tenantds_and_only_those() {
     drop(UnixListener::bind(killed.join("http.sock")).unwrap()); // its socket file stays
     let live = dir("live");
     let _listening = UnixListener::bind(live.join("http.sock")).unwrap();
+    // A live tenantd too busy to accept: its backlog full, a blocking connect would wait.
+    let busy = dir("busy");
+    let _backlog = full_backlog(&busy.join("http.sock"));
     let starting = dir("starting"); // created, its socket not bound yet
-    let _app = TestApp::spawn();
+    let (started, start) = std::sync::mpsc::channel();
+    std::thread::spawn(move || started.send(Box::new(TestApp::spawn())).is_ok());
+    let _app = start
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("a start is not held up by a busy tenantd's socket");
     assert!(
         !killed.exists(),
         "a directory whose socket refuses is removed"
     );
     assert!(live.exists(), "a directory whose socket listens stays");
+    assert!(
+        busy.exists(),
+        "a directory whose socket listens, if slowly, stays"
+    );
     assert!(starting.exists(), "a directory without a socket stays");
-    let _ = std::fs::remove_dir_all(&live);
-    let _ = std::fs::remove_dir_all(&starting);
+    for dir in [&live, &busy, &starting] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     assert!(
         !lines_with(&[
             "removed",
@@ -533,4 +545,23 @@ fn a_start_removes_the_socket_directories_of_killed_tenantds_and_only_those() {
         .is_empty(),
         "the removal is logged"
     );
+}
+
+/// A listener on `path` whose backlog is full, with the connections that fill it.
+fn full_backlog(path: &std::path::Path) -> Vec<socket2::Socket> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let address = SockAddr::unix(path).unwrap();
+    let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+    listener.bind(&address).unwrap();
+    listener.listen(1).unwrap();
+    let mut held = vec![listener];
+    loop {
+        let client = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        client.set_nonblocking(true).unwrap();
+        match client.connect(&address) {
+            Ok(()) => held.push(client),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return held,
+            Err(e) => panic!("filling the backlog: {e}"),
+        }
+    }
 }
