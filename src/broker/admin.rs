@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use parking_lot::Mutex;
 
 use super::dead_letters::{self, Peeked, Progress};
-use super::{declare_tenant_queues, is_not_found, Brokers, Publisher, QueueType};
+use super::{declare_tenant_queues, is_not_found, is_unconfirmed, Brokers, Publisher, QueueType};
 use crate::ids::TenantId;
 
 /// A queue's depth and consumer count, as the broker reports them.
@@ -38,6 +38,15 @@ impl std::fmt::Display for Unroutable {
 }
 
 impl std::error::Error for Unroutable {}
+
+/// The error of a call tried on a kept session, then on a fresh one: both told, the one saying
+/// a publish may have reached its queue kept as the cause (callers look for it).
+fn tried_twice(first: anyhow::Error, second: anyhow::Error) -> anyhow::Error {
+    match is_unconfirmed(&first) && !is_unconfirmed(&second) {
+        true => first.context(format!("then on a fresh connection: {second:#}")),
+        false => second.context(format!("{first:#}; then on a fresh connection")),
+    }
+}
 
 /// Sessions kept open beyond this many are closed when returned.
 const MAX_IDLE: usize = 8;
@@ -115,7 +124,7 @@ impl BrokerAdmin {
             Err(first) if was_kept && !is_answer(&first) => {
                 let retried = AdminSession::open(&self.brokers, self.timeout)
                     .and_then(|session| self.attempt(session, &op));
-                retried.map_err(|e| e.context(format!("{first:#}; then on a fresh connection")))
+                retried.map_err(|second| tried_twice(first, second))
             }
             result => result,
         }

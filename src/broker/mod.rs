@@ -301,12 +301,28 @@ fn dead_letter_to(queue: String) -> FieldTable {
 }
 
 /// Waits for the broker to confirm publish number `tag` of the channel.
+/// The broker did not confirm a publish in time (or its connection died first): it may hold the
+/// message all the same.
+#[derive(Debug)]
+pub struct Unconfirmed;
+
+impl std::fmt::Display for Unconfirmed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the broker did not confirm the publish in time")
+    }
+}
+
+impl std::error::Error for Unconfirmed {}
+
+/// Whether `e` says a publish may have reached its queue without a confirm.
+pub fn is_unconfirmed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Unconfirmed>())
+}
+
 fn wait_for_confirm(confirms: &Receiver<Confirm>, tag: u64, timeout: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let confirm = confirms
-            .recv_deadline(deadline)
-            .map_err(|_| anyhow!("the broker did not confirm the publish in time"))?;
+        let confirm = confirms.recv_deadline(deadline).map_err(|_| Unconfirmed)?;
         let (payload, acked) = match confirm {
             Confirm::Ack(p) => (p, true),
             Confirm::Nack(p) => (p, false),

@@ -9,7 +9,7 @@ use amiquip::{AmqpProperties, Channel, Confirm, Publish, Return};
 use anyhow::{bail, Result};
 use crossbeam_channel::Receiver;
 
-use super::{wait_for_confirm, Unroutable};
+use super::{wait_for_confirm, Unconfirmed, Unroutable};
 
 pub struct Publisher {
     confirms: Receiver<Confirm>,
@@ -75,7 +75,7 @@ impl Publisher {
             let confirm = self
                 .confirms
                 .recv_deadline(deadline)
-                .map_err(|_| anyhow::anyhow!("the broker did not confirm the publish in time"))?;
+                .map_err(|_| Unconfirmed)?;
             let payload = match confirm {
                 Confirm::Ack(p) => p,
                 Confirm::Nack(_) => bail!("the broker refused a message"),

@@ -19,7 +19,7 @@ use postgres::Client;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::broker::{BrokerAdmin, QueueStats, Unroutable};
+use crate::broker::{is_unconfirmed, BrokerAdmin, QueueStats, Unroutable};
 use crate::coordinator::Health;
 use crate::ids::TenantId;
 use crate::manager::TenantManager;
@@ -429,9 +429,10 @@ impl Service {
             .map_err(|e| match e.downcast_ref::<Unroutable>() {
                 Some(u) => ServiceError::Unavailable(format!("{u}; nothing was published")),
                 // A publish whose confirm did not come may still have reached the queue.
-                None => ServiceError::broker(e.context(format!(
+                None if is_unconfirmed(&e) => ServiceError::broker(e.context(format!(
                     "message {message_id} may have reached the queue all the same (stored once at most under that id)"
                 ))),
+                None => ServiceError::broker(e),
             })?;
         Ok(message_id)
     }

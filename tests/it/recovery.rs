@@ -420,6 +420,11 @@ fn api_calls_meeting_a_hung_broker_answer_503_within_seconds() {
         "create answered after {create_took:?}"
     );
     proxy.cut();
+    // Refused outright, nothing was sent: the answer does not say it may have been published.
+    wait_until(Duration::from_secs(10), "the cut broker refused", || {
+        let refused = app.request("POST", &path, Some(r#"{"a":"refused"}"#));
+        refused.status == 503 && !refused.text().contains("may have reached")
+    });
     proxy.restore();
     assert_eq!(app.request("POST", &path, Some(r#"{"a":3}"#)).status, 202);
     app.wait_rows(&tenant, 21);
