@@ -437,8 +437,8 @@ fn api_calls_meeting_a_hung_broker_answer_503_within_seconds() {
     };
     wait_until(
         Duration::from_secs(15),
-        "the publish after the outage stored",
-        || rows_with(r#"{"a":3}"#).len() == 1,
+        "the publishes before and after the outage stored",
+        || rows_with(r#"{"a":3}"#).len() == 1 && rows_with("{}").len() == 20,
     );
     // The unconfirmed publish may have been stored, once at most and under the id it was told.
     let error = publish.json()["error"].as_str().unwrap().to_string();
