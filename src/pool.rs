@@ -8,13 +8,14 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 use log::{debug, error};
 use parking_lot::{Condvar, Mutex};
-use postgres::{Client, Statement};
+use postgres::Client;
 use threadpool::ThreadPool;
 use uuid::Uuid;
 
 use crate::ids::TenantId;
 use crate::metrics::Metrics;
-use crate::store::{self, messages, DbSettings};
+use crate::store::messages::{self, Inserts};
+use crate::store::{self, DbSettings};
 
 /// One delivery, as a worker sees it: its tag (for the reply), its id and its body.
 pub struct Item {
@@ -151,7 +152,7 @@ impl WorkerPool {
 /// A worker's connection and prepared insert, opened on first use and after a failure.
 struct WorkerDb {
     client: Client,
-    insert: Statement,
+    inserts: Inserts,
 }
 
 /// Stores the batch through `judge`; a panic while doing so gives the whole batch back to be
@@ -293,9 +294,9 @@ fn open_db<'a>(
     if slot.is_none() {
         let mut client =
             store::connect(settings, "tenantd worker").map_err(|e| format!("{e:#}"))?;
-        let insert = client.prepare(messages::INSERT).map_err(|e| describe(&e))?;
+        let inserts = messages::prepare_inserts(&mut client).map_err(|e| describe(&e))?;
         debug!("worker connected to PostgreSQL");
-        *slot = Some(WorkerDb { client, insert });
+        *slot = Some(WorkerDb { client, inserts });
     }
     Ok(slot.as_mut().expect("connection was just opened"))
 }
@@ -325,7 +326,7 @@ fn insert(
         .iter()
         .map(|&i| std::str::from_utf8(&items[i].body).unwrap_or_default())
         .collect();
-    messages::insert(&mut db.client, &db.insert, tenant, &ids, &payloads)
+    messages::insert(&mut db.client, &db.inserts, tenant, &ids, &payloads)
 }
 
 /// Stores each item in its own statement; those PostgreSQL refuses become poison. On a

@@ -7,7 +7,7 @@ use amiquip::{AmqpProperties, ConfirmSmoother, ConsumerMessage, ConsumerOptions,
 use tenantd::{connect_broker, BrokerAddr};
 use uuid::Uuid;
 
-fn connect(url: &str) -> amiquip::Connection {
+pub fn connect(url: &str) -> amiquip::Connection {
     let addr = BrokerAddr::parse(url).expect("RABBITMQ_URL");
     connect_broker(&addr, Duration::from_secs(10), "tenantd-bench").expect("connecting to RabbitMQ")
 }

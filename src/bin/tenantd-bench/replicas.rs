@@ -159,11 +159,11 @@ fn throughput(stack: &mut Stack, args: &Args, report: &mut Report) {
     stack.start_replica("r2", &[]);
     let backlog = Backlog::in_paused_tenants(stack, args, "flow");
     backlog.preload(stack);
-    let three = timed_drain(stack, &backlog.tenants, backlog.total).msgs_per_s;
+    let three = timed_drain(stack, &backlog).msgs_per_s;
     stack.signal("r2", "-TERM");
     stack.signal("r3", "-TERM");
     backlog.preload(stack);
-    let one = timed_drain(stack, &backlog.tenants, backlog.total).msgs_per_s;
+    let one = timed_drain(stack, &backlog).msgs_per_s;
     report.add("three_replicas_msgs_per_s", three.round(), "msg/s");
     report.add("one_replica_msgs_per_s", one.round(), "msg/s");
     report.add("scale_out_ratio", three / one, "x");
