@@ -51,6 +51,12 @@ pub use broker::{connect as connect_broker, BrokerAddr, QueueType};
 #[doc(hidden)]
 pub use store::messages::PAGE_AFTER as PAGE_AFTER_SQL;
 
+/// The workers' inserts, for the benchmark that reads what each costs PostgreSQL per row.
+#[doc(hidden)]
+pub use store::messages::{
+    INSERT as INSERT_SQL, INSERT_SKIPPING_STORED as INSERT_SKIPPING_STORED_SQL,
+};
+
 /// Threads answering HTTP requests. Most requests take milliseconds; a pause or a DELETE waits
 /// for the tenant's in-flight messages, so there are enough threads for several of those.
 const HTTP_THREADS: usize = 16;

@@ -14,11 +14,11 @@ use crate::model::StoredMessage;
 /// of the ids is stored already; the batch is then inserted with `INSERT_SKIPPING_STORED`.
 /// Leaving `ON CONFLICT` out of the common batch spares PostgreSQL a lookup of every id before
 /// its insert: the unique index checks the id anyway while inserting it.
-const INSERT: &str = "INSERT INTO messages (id, tenant_id, payload)
+pub const INSERT: &str = "INSERT INTO messages (id, tenant_id, payload)
      SELECT m.id, $1, m.payload::jsonb FROM unnest($2::uuid[], $3::text[]) AS m(id, payload)";
 
 /// The same insert, skipping the ids already stored: for a batch holding a redelivery.
-const INSERT_SKIPPING_STORED: &str = "INSERT INTO messages (id, tenant_id, payload)
+pub const INSERT_SKIPPING_STORED: &str = "INSERT INTO messages (id, tenant_id, payload)
      SELECT m.id, $1, m.payload::jsonb FROM unnest($2::uuid[], $3::text[]) AS m(id, payload)
      ON CONFLICT DO NOTHING";
 

@@ -10,6 +10,7 @@ mod load;
 mod procstat;
 mod replicas;
 mod stack;
+mod store;
 mod tenants;
 
 use stack::Stack;
@@ -27,12 +28,14 @@ pub struct Args {
     one_per_tx: bool,
 }
 
-const PHASES: [&str; 5] = ["ingest", "latency", "tenants", "replicas", "edge"];
+const PHASES: [&str; 6] = ["ingest", "store", "latency", "tenants", "replicas", "edge"];
 
 impl Args {
     fn parse() -> Args {
         let mut args = Args {
-            phases: ["ingest", "latency", "tenants"].map(String::from).to_vec(),
+            phases: ["ingest", "store", "latency", "tenants"]
+                .map(String::from)
+                .to_vec(),
             messages: 100_000,
             tenants: 10,
             rate: 1000,
@@ -77,7 +80,7 @@ impl Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tenantd-bench [--phases ingest,latency,tenants,replicas,edge] \
+        "usage: tenantd-bench [--phases ingest,store,latency,tenants,replicas,edge] \
          [--messages 100000] [--tenants 10] [--no-one-per-tx] [--rate 1000] [--seconds 10] \
          [--create 1000] [--idle-seconds 30] [--payload-bytes 240] [--replica-tenants 1000]\n\
          env: BENCH_PG (default postgres://postgres:postgres@127.0.0.1:5432), RABBITMQ_URL;\n\
@@ -124,6 +127,7 @@ fn main() {
         eprintln!("{phase}:");
         match phase.as_str() {
             "ingest" => ingest::run(&mut stack, &args, &mut report),
+            "store" => store::run(&mut stack, &args, &mut report),
             "latency" => latency::run(&mut stack, &args, &mut report),
             "tenants" => tenants::run(&mut stack, &args, &mut report),
             "replicas" => replicas::run(&mut stack, &args, &mut report),
