@@ -1,6 +1,7 @@
 //! Which client connections are open, which of them are idle (between requests), and room for
 //! one more: below `HTTP_MAX_CONNECTIONS`, or by closing an idle one.
 
+use std::mem::MaybeUninit;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::thread::JoinHandle;
 
 use log::debug;
 use parking_lot::Mutex;
+use socket2::SockRef;
 
 /// One open client connection, as the guard tracks it.
 pub struct Conn {
@@ -19,6 +21,23 @@ pub struct Conn {
     /// Closed to make room; its thread is ending.
     pub closing: AtomicBool,
     pub thread: JoinHandle<()>,
+}
+
+impl Conn {
+    /// Between requests, not closing already, and nothing arrived that its thread has not read
+    /// yet: a request that reached the socket is never cut, even before its thread has run.
+    fn may_be_closed(&self) -> bool {
+        self.idle.load(Ordering::SeqCst)
+            && !self.closing.load(Ordering::SeqCst)
+            && !has_unread_bytes(&self.stream)
+    }
+}
+
+/// A look at the socket that neither waits nor takes anything (an error counts as none).
+fn has_unread_bytes(stream: &TcpStream) -> bool {
+    let mut byte = [MaybeUninit::uninit(); 1];
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    matches!(SockRef::from(stream).recv_with_flags(&mut byte, flags), Ok(n) if n > 0)
 }
 
 #[derive(Default)]
@@ -39,9 +58,7 @@ impl Conns {
         if open < max {
             return true;
         }
-        let idle = conns
-            .iter()
-            .find(|c| c.idle.load(Ordering::SeqCst) && !c.closing.load(Ordering::SeqCst));
+        let idle = conns.iter().find(|c| c.may_be_closed());
         match idle {
             Some(conn) => {
                 debug!("closing idle HTTP connection {} to make room", conn.id);

@@ -83,7 +83,9 @@ pub fn read_request(
 ) -> Outcome {
     if buf.is_empty() {
         idle.store(true, Ordering::SeqCst);
-        match read_more(client, buf, limits.timeout) {
+        // The next request's first bytes are waited for, not taken: the connection stops being
+        // idle while they are still in the socket, where `make_room` sees them too.
+        match wait_for_bytes(client, limits.timeout) {
             Ok(0) | Err(_) => return Outcome::Closed,
             Ok(_) => {}
         }
@@ -259,14 +261,24 @@ fn read_body(
 }
 
 fn read_more(client: &mut TcpStream, buf: &mut Vec<u8>, wait: Duration) -> io::Result<usize> {
-    if wait.is_zero() {
-        return Err(io::ErrorKind::TimedOut.into());
-    }
-    client.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+    set_wait(client, wait)?;
     let mut chunk = [0u8; 16 * 1024];
     let n = client.read(&mut chunk)?;
     buf.extend_from_slice(&chunk[..n]);
     Ok(n)
+}
+
+/// Waits up to `wait` for bytes from the client and leaves them unread (0: it closed).
+fn wait_for_bytes(client: &TcpStream, wait: Duration) -> io::Result<usize> {
+    set_wait(client, wait)?;
+    client.peek(&mut [0u8; 1])
+}
+
+fn set_wait(client: &TcpStream, wait: Duration) -> io::Result<()> {
+    if wait.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    client.set_read_timeout(Some(wait.max(Duration::from_millis(1))))
 }
 
 fn is_timeout(e: &io::Error) -> bool {
