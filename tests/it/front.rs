@@ -257,6 +257,98 @@ fn a_request_that_has_arrived_is_answered_not_closed_to_make_room() {
     assert!(first_answered > 0, "the first request was never served");
 }
 
+#[test]
+fn a_kept_alive_request_is_answered_or_never_started_when_room_is_made() {
+    use std::io::Write;
+    use std::sync::{Arc, Barrier};
+    let mut app = TestApp::spawn_with(|c| c.http_max_connections = 1);
+    let addr = app.base().trim_start_matches("http://").to_string();
+    let open = |addr: &str| {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    };
+    let get = |id: &str, close: &str| {
+        format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: {id}\r\n{close}\r\n")
+    };
+    let (mut kept, mut unanswered, mut others_served) = (open(&addr), Vec::new(), 0);
+    for round in 0..1000 {
+        // One request first, so the kept connection's thread waits between requests.
+        let warm = get(&format!("warm-{round}"), "");
+        if kept.write_all(warm.as_bytes()).is_err() || try_read_status(&mut kept).is_none() {
+            kept = open(&addr);
+            continue;
+        }
+        // Another client arrives as its next request does, a little later round by round.
+        let start = Arc::new(Barrier::new(2));
+        let (go, other_addr) = (start.clone(), addr.clone());
+        let other = std::thread::spawn(move || {
+            go.wait();
+            let t = std::time::Instant::now();
+            while t.elapsed() < std::time::Duration::from_micros(round % 50 * 2) {}
+            let mut s = open(&other_addr);
+            s.write_all(get("other", "Connection: close\r\n").as_bytes())
+                .unwrap();
+            try_read_status(&mut s)
+        });
+        let id = format!("room-kept-{round}");
+        start.wait();
+        let sent = kept.write_all(get(&id, "").as_bytes()).is_ok();
+        let answer = if sent {
+            try_read_status(&mut kept)
+        } else {
+            None
+        };
+        let other = other.join().unwrap();
+        assert!(matches!(other, Some(200 | 503)), "round {round}: {other:?}");
+        others_served += usize::from(other == Some(200));
+        if answer.is_none() {
+            unanswered.push(id);
+            kept = open(&addr);
+        }
+    }
+    assert!(
+        others_served > 0,
+        "no kept connection was ever closed for room"
+    );
+    // Stopping joins every connection thread: a request that was started is logged by now.
+    app.stop();
+    let started_then_cut: Vec<_> = unanswered
+        .iter()
+        .filter(|id| !lines_with(&[&format!("request_id={id} "), "-> 200"]).is_empty())
+        .collect();
+    assert!(
+        started_then_cut.is_empty(),
+        "served, but their connection was closed for room: {started_then_cut:?}"
+    );
+}
+
+/// The status of the next response on `stream` (None: the connection ended first).
+fn try_read_status(stream: &mut std::net::TcpStream) -> Option<u16> {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => raw.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&raw);
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    stream.read_exact(&mut vec![0u8; length]).ok()?;
+    head.get(9..12)?.parse().ok()
+}
+
 /// Reads one response (head and Content-Length body) from a kept-alive connection.
 fn read_response(stream: &mut std::net::TcpStream) -> (u16, String, String) {
     use std::io::Read;

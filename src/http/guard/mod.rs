@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use log::{debug, warn};
 
 use crate::metrics::Metrics;
-use admission::{Conn, Conns};
+use admission::{Activity, Conn, Conns};
 use reading::{Outcome, Refusal};
 
 /// The most request bodies all connections may hold at once, so slow uploads cannot exhaust
@@ -155,9 +155,9 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, stopping: &AtomicBo
 fn admit(id: u64, client: TcpStream, shared: &Arc<Shared>, conns: &Conns) -> Result<()> {
     client.set_nodelay(true)?;
     client.set_write_timeout(Some(shared.limits.timeout))?;
-    let idle = Arc::new(AtomicBool::new(true));
+    let activity = Activity::new();
     let stream = client.try_clone()?;
-    let (flag, shared) = (idle.clone(), shared.clone());
+    let (flag, shared) = (activity.clone(), shared.clone());
     let thread = std::thread::Builder::new()
         .name("http-conn".into())
         .spawn(move || serve(client, &shared, &flag))?;
@@ -165,15 +165,14 @@ fn admit(id: u64, client: TcpStream, shared: &Arc<Shared>, conns: &Conns) -> Res
     conns.add(Conn {
         id,
         stream,
-        idle,
-        closing: AtomicBool::new(false),
+        activity,
         thread,
     });
     Ok(())
 }
 
 /// Serves one client connection, request after request, each read whole and then passed on.
-fn serve(client: TcpStream, shared: &Shared, idle: &AtomicBool) {
+fn serve(client: TcpStream, shared: &Shared, activity: &Activity) {
     let (Ok(mut reader), Ok(mut writer)) = (client.try_clone(), client.try_clone()) else {
         return;
     };
@@ -182,7 +181,7 @@ fn serve(client: TcpStream, shared: &Shared, idle: &AtomicBool) {
         let started = Instant::now();
         let mut reserved = 0;
         let outcome =
-            reading::read_request(&mut reader, &mut buf, &shared.limits, idle, &mut |n| {
+            reading::read_request(&mut reader, &mut buf, &shared.limits, activity, &mut |n| {
                 let ok = shared.reserve(n);
                 reserved = if ok { n } else { 0 };
                 ok

@@ -5,9 +5,9 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::admission::Activity;
 use super::Limits;
 
 /// The most a request line plus headers may take.
@@ -72,25 +72,30 @@ struct Head {
 }
 
 /// Reads the next request from `client`; `buf` keeps what arrived beyond it (a pipelined
-/// request). `idle` is true while no request is under way. `reserve` is asked for room for a
-/// body before it is read (false: the guard holds too many bodies at once).
+/// request). `activity` says when a request starts: none starts on a connection claimed to
+/// make room. `reserve` is asked for room for a body before it is read (false: the guard holds
+/// too many bodies at once).
 pub fn read_request(
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
     limits: &Limits,
-    idle: &AtomicBool,
+    activity: &Activity,
     reserve: &mut dyn FnMut(usize) -> bool,
 ) -> Outcome {
     if buf.is_empty() {
-        idle.store(true, Ordering::SeqCst);
-        // The next request's first bytes are waited for, not taken: the connection stops being
-        // idle while they are still in the socket, where `make_room` sees them too.
+        if !activity.wait_between_requests() {
+            return Outcome::Closed;
+        }
+        // The next request's first bytes are waited for, not taken: until it starts they are
+        // in the socket, where `make_room` sees them.
         match wait_for_bytes(client, limits.timeout) {
             Ok(0) | Err(_) => return Outcome::Closed,
             Ok(_) => {}
         }
     }
-    idle.store(false, Ordering::SeqCst);
+    if !activity.start_request() {
+        return Outcome::Closed;
+    }
     let deadline = Instant::now() + limits.timeout;
     let head = match read_head(client, buf, deadline, limits.max_body_bytes) {
         Ok(head) => head,
