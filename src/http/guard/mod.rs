@@ -157,10 +157,10 @@ fn admit(id: u64, client: TcpStream, shared: &Arc<Shared>, conns: &Conns) -> Res
     client.set_write_timeout(Some(shared.limits.timeout))?;
     let activity = Activity::new();
     let stream = client.try_clone()?;
-    let (flag, shared) = (activity.clone(), shared.clone());
+    let (thread_activity, shared) = (activity.clone(), shared.clone());
     let thread = std::thread::Builder::new()
         .name("http-conn".into())
-        .spawn(move || serve(client, &shared, &flag))?;
+        .spawn(move || serve(client, &shared, &thread_activity))?;
     debug!("HTTP connection {id} admitted");
     conns.add(Conn {
         id,
