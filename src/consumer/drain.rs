@@ -62,7 +62,10 @@ pub(super) fn drain(
             recv(timeout) -> _ => Woke::Deadline,
         };
         match woke {
-            Woke::Done(done) => flight.complete(channel, done.context("worker replies closed")?)?,
+            Woke::Done(done) => {
+                let done = done.context("worker replies closed")?;
+                flight.complete(channel, done, replies.try_iter())?;
+            }
             // Deliveries that raced the cancel stay unacked and go back to the queue.
             Woke::Delivery { raced_the_cancel } => cancelled |= !raced_the_cancel,
             Woke::Control(Ok(Control::Resize(n))) => {

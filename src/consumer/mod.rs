@@ -386,10 +386,8 @@ fn event_loop(
         select! {
             recv(deliveries) -> message => flight.accept([delivery_of(message)?]),
             recv(replies) -> done => {
-                flight.complete(channel, done.context("worker replies closed")?)?;
-                while let Ok(done) = replies.try_recv() {
-                    flight.complete(channel, done)?;
-                }
+                let done = done.context("worker replies closed")?;
+                flight.complete(channel, done, replies.try_iter())?;
             }
             recv(control) -> command => match command {
                 Ok(Control::Resize(n)) if usize::from(n) != flight.workers() => {

@@ -27,90 +27,173 @@ pub struct Drain {
 pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
     stack.start(&[]);
     let backlog = Backlog::in_paused_tenants(stack, args, "bench");
-    let Backlog {
-        tenants,
-        queues,
-        per_queue,
-        total,
-    } = &backlog;
-    let (per_queue, total) = (*per_queue, *total);
-
-    backlog.preload(stack);
-    let ingest = timed_drain(stack, &backlog);
-    report.add("ingest_msgs_per_s", ingest.msgs_per_s.round(), "msg/s");
-
-    backlog.preload(stack);
-    let broker = load::drain_rate(
-        &stack.amqp_url,
-        queues,
-        per_queue,
-        prefetch(),
-        Acks::PerBurst,
-    );
-    report.add("broker_msgs_per_s", broker.msgs_per_s.round(), "msg/s");
-    report.add("ingest_ratio", ingest.msgs_per_s / broker.msgs_per_s, "");
-    // What the broker alone spends at its ceiling: on a small machine, what is left of it for
-    // PostgreSQL and tenantd bounds the ratio.
-    let broker_share = 100.0 * broker.cpu.rabbitmq.as_secs_f64() / broker.wall.as_secs_f64();
-    report.add(
-        "broker_drain_cpu_rabbitmq_pct",
-        broker_share.round(),
-        "% of a core",
-    );
-    // The same drain acking once per full batch, as tenantd acks at best: the broker's higher
-    // ceiling, and the CPU a plain amiquip consumer spends per message (the floor).
-    backlog.preload(stack);
-    let every = Acks::Every(setting("BATCH_SIZE", 100).into());
-    let batched = load::drain_rate(&stack.amqp_url, queues, per_queue, prefetch(), every);
-    report.add(
-        "broker_batched_acks_msgs_per_s",
-        batched.msgs_per_s.round(),
-        "msg/s",
-    );
-    let per_msg = |d: Duration| d.as_secs_f64() * 1e6 / total as f64;
-    report.add("tenantd_cpu_us_per_msg", per_msg(ingest.cpu.tenantd), "µs");
-    report.add(
-        "amiquip_floor_us_per_msg",
-        per_msg(batched.cpu.tenantd),
-        "µs",
-    );
-    let share = |d: Duration| 100.0 * d.as_secs_f64() / ingest.wall.as_secs_f64();
-    report.add(
-        "ingest_cpu_tenantd_pct",
-        share(ingest.cpu.tenantd).round(),
-        "% of a core",
-    );
-    report.add(
-        "ingest_cpu_rabbitmq_pct",
-        share(ingest.cpu.rabbitmq).round(),
-        "% of a core",
-    );
-    report.add(
-        "ingest_cpu_postgres_pct",
-        share(ingest.cpu.postgres).round(),
-        "% of a core",
-    );
-    report.add("drain_peak_rss_mb", ingest.peak_rss_mb.round(), "MB");
-    report.add("ingest_avg_batch", ingest.avg_batch.round(), "messages");
+    // Rounds alternate tenantd and the plain consumers on the same backlog, so a slower minute
+    // of the host falls on both sides of the ratio; the figures are the rounds' medians.
+    let rounds: Vec<Vec<Figure>> = (1..=args.rounds)
+        .map(|round| {
+            let figures = measure_round(stack, &backlog);
+            let line: Vec<String> = figures
+                .iter()
+                .map(|f| format!("{}={:.2}", f.key, f.value))
+                .collect();
+            eprintln!("  round {round}: {}", line.join(" "));
+            figures
+        })
+        .collect();
+    for figure in summarize(&rounds) {
+        report.add(figure.key, figure.value, figure.unit);
+    }
 
     if args.one_per_tx {
         // The same pipeline storing one message per transaction, at the same prefetch (as many
         // one-message batches in flight as messages before) and the same count.
+        let batched = median_of(&rounds, "ingest_msgs_per_s");
         stack.stop();
         let workers = prefetch().to_string();
         stack.start(&[("BATCH_SIZE", "1"), ("MAX_WORKERS", &workers)]);
-        for t in tenants {
+        for t in &backlog.tenants {
             stack.set_workers(t, prefetch());
         }
         backlog.preload(stack);
         let single = timed_drain(stack, &backlog);
         report.add("one_per_tx_msgs_per_s", single.msgs_per_s.round(), "msg/s");
-        report.add(
-            "batching_speedup",
-            ingest.msgs_per_s / single.msgs_per_s,
-            "x",
-        );
+        report.add("batching_speedup", batched / single.msgs_per_s, "x");
     }
+}
+
+/// One figure of one round.
+struct Figure {
+    key: &'static str,
+    value: f64,
+    unit: &'static str,
+}
+
+fn figure(key: &'static str, value: f64, unit: &'static str) -> Figure {
+    Figure { key, value, unit }
+}
+
+/// tenantd's ingest, the broker's ceiling (plain consumers acking per burst) and the floor
+/// (plain consumers acking per full batch), each on the same freshly preloaded backlog.
+fn measure_round(stack: &Stack, backlog: &Backlog) -> Vec<Figure> {
+    let Backlog {
+        queues,
+        per_queue,
+        total,
+        ..
+    } = backlog;
+    backlog.preload(stack);
+    let ingest = timed_drain(stack, backlog);
+    backlog.preload(stack);
+    let broker = load::drain_rate(
+        &stack.amqp_url,
+        queues,
+        *per_queue,
+        prefetch(),
+        Acks::PerBurst,
+    );
+    backlog.preload(stack);
+    let every = Acks::Every(setting("BATCH_SIZE", 100).into());
+    let batched = load::drain_rate(&stack.amqp_url, queues, *per_queue, prefetch(), every);
+
+    let us_per_msg = |d: Duration| d.as_secs_f64() * 1e6 / *total as f64;
+    let share = |d: Duration, wall: Duration| 100.0 * d.as_secs_f64() / wall.as_secs_f64();
+    let (tenantd, floor) = (
+        us_per_msg(ingest.cpu.tenantd),
+        us_per_msg(batched.cpu.tenantd),
+    );
+    let (rabbitmq, postgres) = (
+        us_per_msg(ingest.cpu.rabbitmq),
+        us_per_msg(ingest.cpu.postgres),
+    );
+    // The same CPU the ingest used, spent with tenantd costing only the amiquip floor: the
+    // best ratio the machine allows this design, given what the broker and PostgreSQL spend.
+    let at_floor =
+        ingest.msgs_per_s * (rabbitmq + postgres + tenantd) / (rabbitmq + postgres + floor);
+    vec![
+        figure("ingest_msgs_per_s", ingest.msgs_per_s.round(), "msg/s"),
+        figure("broker_msgs_per_s", broker.msgs_per_s.round(), "msg/s"),
+        figure("ingest_ratio", ingest.msgs_per_s / broker.msgs_per_s, ""),
+        figure("ingest_ratio_at_floor", at_floor / broker.msgs_per_s, ""),
+        // What the broker alone spends at its ceiling: on a small machine, what is left of it
+        // for PostgreSQL and tenantd bounds the ratio.
+        figure(
+            "broker_drain_cpu_rabbitmq_pct",
+            share(broker.cpu.rabbitmq, broker.wall).round(),
+            "% of a core",
+        ),
+        figure(
+            "broker_batched_acks_msgs_per_s",
+            batched.msgs_per_s.round(),
+            "msg/s",
+        ),
+        figure("tenantd_cpu_us_per_msg", tenantd, "µs"),
+        figure("amiquip_floor_us_per_msg", floor, "µs"),
+        figure("ingest_rabbitmq_us_per_msg", rabbitmq, "µs"),
+        figure("ingest_postgres_us_per_msg", postgres, "µs"),
+        figure(
+            "ingest_cpu_tenantd_pct",
+            share(ingest.cpu.tenantd, ingest.wall).round(),
+            "% of a core",
+        ),
+        figure(
+            "ingest_cpu_rabbitmq_pct",
+            share(ingest.cpu.rabbitmq, ingest.wall).round(),
+            "% of a core",
+        ),
+        figure(
+            "ingest_cpu_postgres_pct",
+            share(ingest.cpu.postgres, ingest.wall).round(),
+            "% of a core",
+        ),
+        figure("drain_peak_rss_mb", ingest.peak_rss_mb.round(), "MB"),
+        figure("ingest_avg_batch", ingest.avg_batch.round(), "messages"),
+    ]
+}
+
+/// Each figure's median over the rounds (the peak RSS: its largest), and the range of the two
+/// goals.
+fn summarize(rounds: &[Vec<Figure>]) -> Vec<Figure> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    let mut summary = Vec::new();
+    for f in first {
+        let values: Vec<f64> = rounds.iter().map(|r| value_of(r, f.key)).collect();
+        let value = match f.key {
+            "drain_peak_rss_mb" => values.iter().copied().fold(f64::MIN, f64::max),
+            _ => median(&values),
+        };
+        summary.push(figure(f.key, value, f.unit));
+        let range = |key: (&'static str, &'static str)| {
+            let low = values.iter().copied().fold(f64::MAX, f64::min);
+            let high = values.iter().copied().fold(f64::MIN, f64::max);
+            [figure(key.0, low, f.unit), figure(key.1, high, f.unit)]
+        };
+        match f.key {
+            "ingest_ratio" => summary.extend(range(("ingest_ratio_min", "ingest_ratio_max"))),
+            "tenantd_cpu_us_per_msg" => summary.extend(range((
+                "tenantd_cpu_us_per_msg_min",
+                "tenantd_cpu_us_per_msg_max",
+            ))),
+            _ => {}
+        }
+    }
+    summary
+}
+
+fn value_of(round: &[Figure], key: &str) -> f64 {
+    round
+        .iter()
+        .find(|f| f.key == key)
+        .map_or(f64::NAN, |f| f.value)
+}
+
+fn median_of(rounds: &[Vec<Figure>], key: &str) -> f64 {
+    median(&rounds.iter().map(|r| value_of(r, key)).collect::<Vec<_>>())
+}
+
+fn median(values: &[f64]) -> f64 {
+    crate::percentile(values, 0.5)
 }
 
 /// tenantd's prefetch per tenant with the settings it inherits: DEFAULT_WORKERS × BATCH_SIZE.

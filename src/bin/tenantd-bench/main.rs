@@ -26,6 +26,7 @@ pub struct Args {
     payload_bytes: u64,
     replica_tenants: u64,
     one_per_tx: bool,
+    rounds: u64,
 }
 
 const PHASES: [&str; 6] = ["ingest", "store", "latency", "tenants", "replicas", "edge"];
@@ -45,6 +46,7 @@ impl Args {
             payload_bytes: 240,
             replica_tenants: 1000,
             one_per_tx: true,
+            rounds: 3,
         };
         let raw: Vec<String> = std::env::args().skip(1).collect();
         let mut raw = raw.iter();
@@ -71,6 +73,7 @@ impl Args {
                 "--idle-seconds" => args.idle_seconds = n,
                 "--payload-bytes" => args.payload_bytes = n,
                 "--replica-tenants" => args.replica_tenants = n,
+                "--rounds" => args.rounds = n.max(1),
                 _ => usage(),
             }
         }
@@ -82,7 +85,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: tenantd-bench [--phases ingest,store,latency,tenants,replicas,edge] \
          [--messages 100000] [--tenants 10] [--no-one-per-tx] [--rate 1000] [--seconds 10] \
-         [--create 1000] [--idle-seconds 30] [--payload-bytes 240] [--replica-tenants 1000]\n\
+         [--create 1000] [--idle-seconds 30] [--payload-bytes 240] [--replica-tenants 1000] \
+         [--rounds 3]\n\
          env: BENCH_PG (default postgres://postgres:postgres@127.0.0.1:5432), RABBITMQ_URL;\n\
          tenantd's own settings (BATCH_SIZE, WORKER_POOL_SIZE, …) pass through to it"
     );

@@ -2,7 +2,7 @@
 //! wait, which are in the pool, which are committed and may be acked, and what becomes of a
 //! message that failed (retry queue or DLQ, acked only once the broker holds the copy).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,9 @@ use crate::broker::Publisher;
 use crate::ids::TenantId;
 use crate::pool::{Batch, BatchDone, Item, Outcome, Poison, WorkerPool};
 use crate::stats::TenantStats;
+use unacked::Unacked;
+
+mod unacked;
 
 /// Header counting a message's failed attempts; it travels with the message, so the count
 /// survives restarts.
@@ -50,10 +53,9 @@ pub struct InFlight {
     publisher: Publisher,
     /// Accepted, not yet handed to the pool.
     waiting: VecDeque<Item>,
-    /// Every delivery neither acked nor rejected, by tag (bodies moved into `Item`s).
-    unacked: BTreeMap<u64, Delivery>,
-    /// Committed, waiting for every lower tag so one `ack_multiple` settles them all.
-    committed: BTreeSet<u64>,
+    /// Every delivery neither acked nor rejected (bodies moved into `Item`s); the committed
+    /// ones wait for every lower tag so one `ack_multiple` settles them all.
+    unacked: Unacked<Delivery>,
     /// Batches in the pool.
     busy: usize,
     /// While set (the database failed), nothing goes to the pool before it.
@@ -72,8 +74,7 @@ impl InFlight {
             reply,
             publisher,
             waiting: VecDeque::new(),
-            unacked: BTreeMap::new(),
-            committed: BTreeSet::new(),
+            unacked: Unacked::default(),
             busy: 0,
             retry_at: None,
             retry_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
@@ -102,8 +103,8 @@ impl InFlight {
 
     /// Takes deliveries (counting them once for the burst).
     pub fn accept(&mut self, deliveries: impl IntoIterator<Item = Delivery>) {
-        let before = self.unacked.len();
         let now = Instant::now();
+        let mut taken = 0;
         for mut delivery in deliveries {
             let tag = delivery.delivery_tag();
             let item = Item {
@@ -113,9 +114,10 @@ impl InFlight {
                 accepted: now,
             };
             self.waiting.push_back(item);
-            self.unacked.insert(tag, delivery);
+            self.unacked.push(tag, delivery);
+            taken += 1;
         }
-        self.stats.consumed((self.unacked.len() - before) as u64);
+        self.stats.consumed(taken);
     }
 
     /// Fires when the database is to be tried again after a failure.
@@ -146,7 +148,21 @@ impl InFlight {
         }
     }
 
-    pub fn complete(&mut self, channel: &Channel, done: BatchDone) -> Result<()> {
+    /// Takes what the workers replied (every reply already waiting, with `done` first) and acks
+    /// what is committed with one `ack_multiple`: one wake of amiquip's I/O thread per burst.
+    pub fn complete(
+        &mut self,
+        channel: &Channel,
+        done: BatchDone,
+        also: impl IntoIterator<Item = BatchDone>,
+    ) -> Result<()> {
+        for done in std::iter::once(done).chain(also) {
+            self.settle(channel, done)?;
+        }
+        self.ack_committed(channel)
+    }
+
+    fn settle(&mut self, channel: &Channel, done: BatchDone) -> Result<()> {
         self.busy -= 1;
         for poison in done.poison {
             self.retry_or_dead_letter(channel, poison)?;
@@ -155,7 +171,7 @@ impl InFlight {
             Outcome::Stored { settled, inserted } => {
                 self.retry_backoff.reset();
                 self.stats.stored(settled.len() as u64, inserted);
-                self.committed.extend(settled);
+                self.unacked.commit(settled);
             }
             Outcome::Transient { items, error } => {
                 let delay = self.retry_backoff.next();
@@ -170,13 +186,13 @@ impl InFlight {
                 self.retry_at = Some(Instant::now() + delay);
             }
         }
-        self.ack_committed(channel)
+        Ok(())
     }
 
     /// Sends a message that failed to the retry queue (it comes back after the delay for its
     /// attempt) or, after the last attempt, to the DLQ; acks it once the broker has the copy.
     fn retry_or_dead_letter(&mut self, channel: &Channel, poison: Poison) -> Result<()> {
-        let Some(delivery) = self.unacked.remove(&poison.tag) else {
+        let Some(delivery) = self.unacked.remove(poison.tag) else {
             return Ok(());
         };
         let attempt = attempts(&delivery.properties) + 1;
@@ -199,7 +215,7 @@ impl InFlight {
         if let Err(e) = published {
             // The original stays unacked: the session ends, the queues are declared again on
             // the next one, and the message comes back.
-            self.unacked.insert(poison.tag, delivery);
+            self.unacked.push(poison.tag, delivery);
             return Err(e);
         }
         delivery.ack(channel)?;
@@ -226,14 +242,7 @@ impl InFlight {
 
     /// Acks, with one `ack_multiple`, the longest run of committed deliveries at the low end.
     fn ack_committed(&mut self, channel: &Channel) -> Result<()> {
-        let mut last = None;
-        while let Some(entry) = self.unacked.first_entry() {
-            if !self.committed.remove(entry.key()) {
-                break;
-            }
-            last = Some(entry.remove());
-        }
-        match last {
+        match self.unacked.take_committed_run() {
             Some(delivery) => Ok(delivery.ack_multiple(channel)?),
             None => Ok(()),
         }
