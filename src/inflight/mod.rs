@@ -21,6 +21,9 @@ use unacked::Unacked;
 
 mod unacked;
 
+#[cfg(test)]
+mod tests;
+
 /// Header counting a message's failed attempts; it travels with the message, so the count
 /// survives restarts.
 pub const ATTEMPTS_HEADER: &str = "x-tenantd-attempts";
@@ -156,10 +159,13 @@ impl InFlight {
         done: BatchDone,
         also: impl IntoIterator<Item = BatchDone>,
     ) -> Result<()> {
-        for done in std::iter::once(done).chain(also) {
-            self.settle(channel, done)?;
-        }
-        self.ack_committed(channel)
+        let settled = std::iter::once(done)
+            .chain(also)
+            .try_for_each(|done| self.settle(channel, done));
+        // What committed before a reply failed (a copy the broker refused) is acked all the
+        // same: the session ends on the error, and only what is unacked comes again.
+        let acked = self.ack_committed(channel);
+        settled.and(acked)
     }
 
     fn settle(&mut self, channel: &Channel, done: BatchDone) -> Result<()> {

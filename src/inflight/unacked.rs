@@ -121,4 +121,70 @@ mod tests {
         assert_eq!(book.take_committed_run(), Some(5));
         assert_eq!(book.take_committed_run(), None);
     }
+
+    #[test]
+    fn a_delivery_put_back_at_the_low_end_holds_the_run_until_committed() {
+        let mut book = holding(&[1, 2, 3]);
+        let one = book.remove(1).unwrap();
+        book.commit([2, 3]);
+        book.push(1, one);
+        assert_eq!(book.take_committed_run(), None);
+        book.commit([1]);
+        assert_eq!(book.take_committed_run(), Some(3));
+        assert_eq!(book.take_committed_run(), None);
+    }
+
+    /// Random pushes, commits, removals, put-backs and runs against the ordered map and set
+    /// the book replaced: the same runs, the same deliveries.
+    #[test]
+    fn it_settles_as_an_ordered_map_and_set_would() {
+        use std::collections::{BTreeMap, BTreeSet};
+        let mut seed = 0x1234_5678_u64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut book = Unacked::default();
+        let mut map: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut committed: BTreeSet<u64> = BTreeSet::new();
+        let mut next = 1_u64;
+        for _ in 0..200_000 {
+            let tag = random() % next + 1;
+            match random() % 5 {
+                0 | 1 => {
+                    book.push(next, next);
+                    map.insert(next, next);
+                    next += 1;
+                }
+                2 => {
+                    book.commit([tag]);
+                    if map.contains_key(&tag) {
+                        committed.insert(tag);
+                    }
+                }
+                3 => {
+                    let removed = book.remove(tag);
+                    assert_eq!(removed, map.remove(&tag));
+                    committed.remove(&tag);
+                    if let Some(value) = removed.filter(|_| random() % 2 == 0) {
+                        book.push(tag, value);
+                        map.insert(tag, value);
+                    }
+                }
+                _ => {
+                    let mut last = None;
+                    while let Some(entry) = map.first_entry() {
+                        if !committed.remove(entry.key()) {
+                            break;
+                        }
+                        last = Some(entry.remove());
+                    }
+                    assert_eq!(book.take_committed_run(), last);
+                }
+            }
+            assert_eq!(book.entries.len(), map.len());
+        }
+    }
 }

@@ -1,0 +1,125 @@
+//! The book against the real broker: what it acks when a burst of replies goes wrong midway.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    AmqpProperties, Channel, ConsumerMessage, ConsumerOptions, Publish, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use uuid::Uuid;
+
+use super::{Book, InFlight};
+use crate::broker::{self, BrokerAddr, Publisher};
+use crate::ids::TenantId;
+use crate::metrics::Metrics;
+use crate::pool::{BatchDone, Outcome, Poison};
+use crate::stats::TenantStats;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn broker_addr() -> BrokerAddr {
+    let url = std::env::var("TENANTD_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    BrokerAddr::parse(&url).unwrap()
+}
+
+/// Two replies wait when the tenant thread wakes: the first committed a message, the second
+/// holds a poison message whose copy the broker refuses (no retry queue to route it to). The
+/// session ends on that error; the committed message must have been acked, so only the poison
+/// message comes back.
+#[test]
+fn a_reply_that_fails_midway_through_a_burst_still_acks_what_committed_before_it() {
+    let addr = broker_addr();
+    let tenant = TenantId::from(Uuid::new_v4());
+    let queue = tenant.queue_name();
+    let mut admin = broker::connect(&addr, TIMEOUT, "tenantd test").unwrap();
+    let setup = admin.open_channel(None).unwrap();
+    setup
+        .queue_declare(queue.as_str(), QueueDeclareOptions::default())
+        .unwrap();
+    for body in [&b"{}"[..], b"not JSON"] {
+        let publish = Publish::with_properties(body, queue.as_str(), AmqpProperties::default());
+        setup.basic_publish("", publish).unwrap();
+    }
+
+    let mut session = broker::connect(&addr, TIMEOUT, "tenantd test").unwrap();
+    let channel = session.open_channel(None).unwrap();
+    channel.qos(0, 10, false).unwrap();
+    let publisher = Publisher::enable(&channel, TIMEOUT).unwrap();
+    let consumer = channel
+        .queue_declare_passive(queue.as_str())
+        .unwrap()
+        .consume(ConsumerOptions::default())
+        .unwrap();
+    let mut flight = book(tenant, publisher);
+    for _ in 0..2 {
+        match consumer.receiver().recv_timeout(TIMEOUT).unwrap() {
+            ConsumerMessage::Delivery(d) => flight.accept([d]),
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+    flight.busy = 2; // each message its own batch in the pool
+    let mut items = flight.waiting.drain(..);
+    let (good, bad) = (items.next().unwrap(), items.next().unwrap());
+    drop(items);
+    let committed = BatchDone {
+        poison: Vec::new(),
+        outcome: Outcome::Stored {
+            settled: vec![good.tag],
+            inserted: 1,
+        },
+    };
+    let refused = BatchDone {
+        poison: vec![Poison {
+            tag: bad.tag,
+            id: bad.id,
+            body: bad.body,
+            reason: "message is not JSON".into(),
+        }],
+        outcome: Outcome::Stored {
+            settled: Vec::new(),
+            inserted: 0,
+        },
+    };
+
+    let result = flight.complete(&channel, committed, [refused]);
+    assert!(result.is_err(), "the copy has no queue to go to");
+    // The session ends, as the event loop ends it on this error.
+    drop((consumer, flight));
+    session.close().unwrap();
+
+    let back = ready_once_unconsumed(&setup, &queue);
+    let _ = setup.queue_delete(queue.as_str(), QueueDeleteOptions::default());
+    let _ = admin.close();
+    assert_eq!(
+        back, 1,
+        "only the poison message comes back, not the committed one"
+    );
+}
+
+fn book(tenant: TenantId, publisher: Publisher) -> InFlight {
+    let metrics = Metrics::new();
+    let book = Book {
+        tenant,
+        workers: 2,
+        batch_size: 1,
+        retry_delays: vec![Duration::from_secs(60)],
+        stats: Arc::new(TenantStats::new(tenant, &metrics)),
+    };
+    InFlight::new(book, crossbeam_channel::unbounded().0, publisher)
+}
+
+/// The queue's ready messages once it has no consumer (what the closed session left unacked
+/// is back by then).
+fn ready_once_unconsumed(channel: &Channel, queue: &str) -> u32 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let q = channel.queue_declare_passive(queue).unwrap();
+        if q.declared_consumer_count() == Some(0) && q.declared_message_count() > Some(0) {
+            return q.declared_message_count().unwrap();
+        }
+        assert!(Instant::now() < deadline, "the queue still has a consumer");
+        std::thread::sleep(Duration::from_millis(20)); // polling, bounded by the deadline
+    }
+}
