@@ -3,6 +3,7 @@
 //! broker's ceiling, at tenantd's prefetch); where the machine's CPU went meanwhile; and the
 //! same pipeline storing one message per transaction, at the same prefetch and count.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +21,8 @@ pub struct Drain {
     /// Messages per INSERT, on average.
     pub avg_batch: f64,
     pub cpu: CpuSplit,
+    /// tenantd's CPU by thread kind (`amiquip`, `tenant`, `worker`, …).
+    pub threads: BTreeMap<String, Duration>,
     pub wall: Duration,
     pub peak_rss_mb: f64,
 }
@@ -101,6 +104,7 @@ fn measure_round(stack: &Stack, backlog: &Backlog) -> Vec<Figure> {
         us_per_msg(ingest.cpu.tenantd),
         us_per_msg(batched.cpu.tenantd),
     );
+    let threads = |kind: &str| us_per_msg(ingest.threads.get(kind).copied().unwrap_or_default());
     let (rabbitmq, postgres) = (
         us_per_msg(ingest.cpu.rabbitmq),
         us_per_msg(ingest.cpu.postgres),
@@ -128,6 +132,22 @@ fn measure_round(stack: &Stack, backlog: &Backlog) -> Vec<Figure> {
         ),
         figure("tenantd_cpu_us_per_msg", tenantd, "µs"),
         figure("amiquip_floor_us_per_msg", floor, "µs"),
+        // Where tenantd's own CPU went: amiquip's I/O threads (the floor's share), the tenant
+        // threads, the workers.
+        figure("tenantd_io_threads_us_per_msg", threads("amiquip"), "µs"),
+        figure("tenantd_tenant_threads_us_per_msg", threads("tenant"), "µs"),
+        figure("tenantd_workers_us_per_msg", threads("worker"), "µs"),
+        // The rest: threads that ended during the ingest (the requests that resumed the
+        // tenants) and the API's: what starting the consumers cost, spread over the backlog.
+        figure(
+            "tenantd_other_us_per_msg",
+            tenantd
+                - ["amiquip", "tenant", "worker"]
+                    .map(threads)
+                    .iter()
+                    .sum::<f64>(),
+            "µs",
+        ),
         figure("ingest_rabbitmq_us_per_msg", rabbitmq, "µs"),
         figure("ingest_postgres_us_per_msg", postgres, "µs"),
         figure(
@@ -252,6 +272,7 @@ pub fn timed_drain(stack: &Stack, backlog: &Backlog) -> Drain {
     let batches_before = batches(stack);
     let peak = PeakRss::watch(stack.pid());
     let cpu_before = CpuSplit::now(&pids);
+    let threads_before = procstat::cpu_by_thread_kind(stack.pid());
     let wall = Instant::now();
     let started: DateTime<Utc> = pg
         .query_one("SELECT clock_timestamp()", &[])
@@ -260,6 +281,9 @@ pub fn timed_drain(stack: &Stack, backlog: &Backlog) -> Drain {
     set_status_all(stack, &backlog.tenants, "active");
     wait_for_rows(stack, &mut pg, &backlog.queues, target);
     let cpu = CpuSplit::now(&pids).since(cpu_before);
+    // Read before the pause: a paused tenant's threads end, and their CPU time with them.
+    let threads =
+        procstat::thread_kinds_since(procstat::cpu_by_thread_kind(stack.pid()), &threads_before);
     let wall = wall.elapsed();
     let last: DateTime<Utc> = pg
         .query_one("SELECT max(created_at) FROM messages", &[])
@@ -272,6 +296,7 @@ pub fn timed_drain(stack: &Stack, backlog: &Backlog) -> Drain {
         msgs_per_s: backlog.total as f64 / seconds,
         avg_batch: (sum - batches_before.0) / (count - batches_before.1).max(1.0),
         cpu,
+        threads,
         wall,
         peak_rss_mb: peak.stop(),
     }

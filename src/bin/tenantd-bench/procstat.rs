@@ -1,6 +1,7 @@
 //! What the kernel says about processes: resident memory, threads, descriptors, CPU time — of
 //! a tenantd replica, or of every process of a server (RabbitMQ's `beam.smp`, `postgres`).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub struct Sample {
@@ -29,7 +30,12 @@ pub fn sample(pid: u32) -> Sample {
 
 /// User + system CPU time the process has used so far.
 pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    cpu_time_in(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time from a `stat` file of a process or of one of its threads.
+fn cpu_time_in(stat_path: &str) -> Duration {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may contain spaces.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -101,4 +107,40 @@ impl CpuSplit {
             postgres: self.postgres.saturating_sub(before.postgres),
         }
     }
+}
+
+/// CPU time of a process's threads by kind: a thread's name up to its first `-` (`tenant-3f9a1c2b`
+/// is `tenant`, `amiquip-io` is `amiquip`), summed over the threads alive now.
+pub fn cpu_by_thread_kind(pid: u32) -> BTreeMap<String, Duration> {
+    let mut kinds = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return kinds;
+    };
+    for task in tasks.filter_map(|t| t.ok()) {
+        let Ok(name) = std::fs::read_to_string(task.path().join("comm")) else {
+            continue;
+        };
+        let kind = name
+            .trim_end()
+            .split('-')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let stat = task.path().join("stat");
+        *kinds.entry(kind).or_default() += cpu_time_in(&stat.to_string_lossy());
+    }
+    kinds
+}
+
+/// CPU time per thread kind between two readings (threads started since count from zero).
+pub fn thread_kinds_since(
+    now: BTreeMap<String, Duration>,
+    before: &BTreeMap<String, Duration>,
+) -> BTreeMap<String, Duration> {
+    now.into_iter()
+        .map(|(kind, t)| {
+            let since = t.saturating_sub(before.get(&kind).copied().unwrap_or_default());
+            (kind, since)
+        })
+        .collect()
 }
