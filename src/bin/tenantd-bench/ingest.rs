@@ -113,11 +113,19 @@ fn measure_round(stack: &Stack, backlog: &Backlog) -> Vec<Figure> {
     // best ratio the machine allows this design, given what the broker and PostgreSQL spend.
     let at_floor =
         ingest.msgs_per_s * (rabbitmq + postgres + tenantd) / (rabbitmq + postgres + floor);
+    // And with tenantd costing nothing at all: what the broker and PostgreSQL alone leave of
+    // the machine, the most any consumer could store.
+    let tenantd_free = ingest.msgs_per_s * (rabbitmq + postgres + tenantd) / (rabbitmq + postgres);
     vec![
         figure("ingest_msgs_per_s", ingest.msgs_per_s.round(), "msg/s"),
         figure("broker_msgs_per_s", broker.msgs_per_s.round(), "msg/s"),
         figure("ingest_ratio", ingest.msgs_per_s / broker.msgs_per_s, ""),
         figure("ingest_ratio_at_floor", at_floor / broker.msgs_per_s, ""),
+        figure(
+            "ingest_ratio_tenantd_free",
+            tenantd_free / broker.msgs_per_s,
+            "",
+        ),
         // What the broker alone spends at its ceiling: on a small machine, what is left of it
         // for PostgreSQL and tenantd bounds the ratio.
         figure(
@@ -132,13 +140,17 @@ fn measure_round(stack: &Stack, backlog: &Backlog) -> Vec<Figure> {
         ),
         figure("tenantd_cpu_us_per_msg", tenantd, "µs"),
         figure("amiquip_floor_us_per_msg", floor, "µs"),
+        // tenantd against a bare amiquip consumer on the same backlog, the same minute: the
+        // host's speed, which moves both, drops out.
+        figure("tenantd_cpu_vs_floor", tenantd / floor, "x"),
         // Where tenantd's own CPU went: amiquip's I/O threads (the floor's share), the tenant
         // threads, the workers.
         figure("tenantd_io_threads_us_per_msg", threads("amiquip"), "µs"),
         figure("tenantd_tenant_threads_us_per_msg", threads("tenant"), "µs"),
         figure("tenantd_workers_us_per_msg", threads("worker"), "µs"),
-        // The rest: threads that ended during the ingest (the requests that resumed the
-        // tenants) and the API's: what starting the consumers cost, spread over the backlog.
+        // The rest: the API's and the coordinator's threads, and threads that ended during the
+        // ingest (the requests that resumed the tenants): starting the consumers, spread over
+        // the backlog.
         figure(
             "tenantd_other_us_per_msg",
             tenantd
