@@ -17,12 +17,14 @@ pub mod logging;
 mod manager;
 mod metrics;
 mod model;
+pub mod notify;
 mod pool;
 mod relay;
 mod service;
 mod stats;
 mod store;
 pub mod token;
+pub mod watchdog;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +45,7 @@ use metrics::Metrics;
 use pool::WorkerPool;
 use service::{Service, ServiceSettings};
 use store::DbSettings;
+use watchdog::Liveness;
 
 /// What a client of the broker needs (the tests and the benchmark connect as publishers do).
 pub use broker::{connect as connect_broker, BrokerAddr, QueueType};
@@ -66,8 +69,11 @@ pub struct App {
     http: Option<HttpServer>,
     service: Arc<Service>,
     coordinator: Option<Coordinator>,
+    health: Arc<Health>,
+    manager: Arc<TenantManager>,
     pool: Arc<WorkerPool>,
     replica_id: String,
+    failover_timeout: Duration,
     shutdown_timeout: Duration,
     stopped: bool,
 }
@@ -122,8 +128,11 @@ pub fn start(config: Config) -> Result<App> {
         http: None,
         service: service.clone(),
         coordinator: None,
+        health: health.clone(),
+        manager: manager.clone(),
         pool,
         replica_id: config.replica_id.clone(),
+        failover_timeout: config.failover_timeout,
         shutdown_timeout: config.shutdown_timeout,
         stopped: false,
     };
@@ -184,6 +193,17 @@ impl App {
 
     pub fn replica_id(&self) -> &str {
         &self.replica_id
+    }
+
+    /// What the service manager's watchdog checks: the coordinator heartbeats (within F/2, past
+    /// which the fence stops every consumer here) and the HTTP front answers.
+    pub fn liveness(&self) -> Liveness {
+        Liveness::new(
+            self.health.clone(),
+            self.manager.clone(),
+            self.http_addr(),
+            self.failover_timeout / 2,
+        )
     }
 
     /// Stops HTTP, then hands every tenant over (in-flight messages commit and are acked, each

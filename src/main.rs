@@ -1,5 +1,5 @@
-//! The `tenantd` binary: reads settings, starts, waits for SIGTERM or SIGINT, shuts down; or
-//! prints its help, or mints a token.
+//! The `tenantd` binary: reads settings, starts, tells the service manager (when there is one),
+//! waits for SIGTERM or SIGINT, shuts down; or prints its help, or mints a token.
 
 use std::process::ExitCode;
 
@@ -7,6 +7,8 @@ use anyhow::{bail, Result};
 use log::info;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use tenantd::notify::Notifier;
+use tenantd::watchdog::Watchdog;
 
 fn main() -> ExitCode {
     match run() {
@@ -38,7 +40,13 @@ fn serve() -> Result<()> {
     tenantd::logging::init(config.log_level, config.log_format);
     // Registered before starting, so a signal during start-up is not lost.
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
+    // Read first: a NOTIFY_SOCKET that cannot be used is refused before anything starts.
+    let notifier = Notifier::from_env()?;
     let app = tenantd::start(config)?;
+    let watchdog = match notifier {
+        Some(notifier) => Some(Watchdog::start(notifier, app.liveness())?),
+        None => None,
+    };
     let signal = signals.forever().next().unwrap_or(SIGTERM);
     let name = if signal == SIGINT {
         "SIGINT"
@@ -46,6 +54,9 @@ fn serve() -> Result<()> {
         "SIGTERM"
     };
     info!("received {name}, shutting down");
+    if let Some(watchdog) = watchdog {
+        watchdog.stopping();
+    }
     app.shutdown()?;
     info!("shutdown complete");
     Ok(())

@@ -210,6 +210,18 @@ impl TenantManager {
             .collect()
     }
 
+    /// How many tenants have a consumer here not told to stop, and how many of those cannot
+    /// connect to the broker.
+    pub fn running_and_failing(&self) -> (usize, usize) {
+        let consumers = self.consumers.lock();
+        let running = consumers.values().filter(|l| l.state != State::Stopping);
+        let failing = running
+            .clone()
+            .filter(|l| l.state == State::Retrying)
+            .count();
+        (running.count(), failing)
+    }
+
     /// The tenant's counters on this replica since it started.
     pub fn counts(&self, id: TenantId) -> Counts {
         self.stats

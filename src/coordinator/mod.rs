@@ -94,6 +94,11 @@ impl Health {
             false => Err("starting: this replica has not yet taken its tenants".into()),
         }
     }
+
+    /// How long ago the last heartbeat that succeeded was sent.
+    pub fn since_heartbeat(&self) -> Duration {
+        self.heartbeat.lock().elapsed()
+    }
 }
 
 pub struct Coordinator {

@@ -1,0 +1,265 @@
+//! What the service manager hears from a running tenantd: `READY=1` once it serves, a `STATUS=`
+//! line with the tenants it runs, `WATCHDOG=1` only while it is healthy — its coordinator has
+//! heartbeated lately and its HTTP front answers `/healthz` through the real listening socket —
+//! and `STOPPING=1` when it is told to stop. So systemd restarts a tenantd that hangs, whichever
+//! part of it hangs. One named thread, `watchdog`, joined on stop.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use log::{info, warn};
+
+use crate::coordinator::Health;
+use crate::manager::TenantManager;
+use crate::notify::Notifier;
+
+/// Without a watchdog, the status line is refreshed this often.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// The HTTP front must answer within this (or a quarter of the watchdog's timeout, if shorter).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether a running replica is healthy, as the watchdog judges it (`App::liveness`).
+pub struct Liveness {
+    coordinator: Arc<Health>,
+    manager: Arc<TenantManager>,
+    http_addr: SocketAddr,
+    /// A heartbeat older than this: the replica's fence has stopped its consumers.
+    heartbeat_within: Duration,
+}
+
+/// What a healthy replica runs.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Running {
+    pub tenants: usize,
+    /// Of those, how many cannot connect to the broker.
+    pub failing: usize,
+}
+
+impl std::fmt::Display for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} tenants running here", self.tenants)?;
+        match self.failing {
+            0 => Ok(()),
+            n => write!(f, " ({n} cannot connect to the broker)"),
+        }
+    }
+}
+
+impl Liveness {
+    pub(crate) fn new(
+        coordinator: Arc<Health>,
+        manager: Arc<TenantManager>,
+        http_addr: SocketAddr,
+        heartbeat_within: Duration,
+    ) -> Liveness {
+        Liveness {
+            coordinator,
+            manager,
+            http_addr,
+            heartbeat_within,
+        }
+    }
+
+    /// What runs here while the replica is healthy; `Err` says why it is not. Waits at most
+    /// `timeout` for the HTTP front.
+    pub fn check(&self, timeout: Duration) -> Result<Running, String> {
+        let silent = self.coordinator.since_heartbeat();
+        if silent > self.heartbeat_within {
+            let why = match self.coordinator.check() {
+                Err(e) => e,
+                Ok(()) => "the coordinator is stuck".into(),
+            };
+            return Err(format!(
+                "no heartbeat for {:.1} s: {why}",
+                silent.as_secs_f64()
+            ));
+        }
+        probe_http(self.http_addr, timeout)
+            .map_err(|e| format!("HTTP does not answer /healthz: {e:#}"))?;
+        let (tenants, failing) = self.manager.running_and_failing();
+        Ok(Running { tenants, failing })
+    }
+}
+
+/// `GET /healthz` through the listening socket, as a client would send it; 200 within
+/// `timeout` or an error. The guard, tiny_http and a request thread must all answer.
+pub fn probe_http(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .context("timed out")
+    };
+    let mut stream = TcpStream::connect_timeout(&reachable(addr), timeout)?;
+    stream.set_write_timeout(Some(left()?))?;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut head = Vec::new();
+    let mut buf = [0; 256];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        stream.set_read_timeout(Some(left()?))?;
+        match stream.read(&mut buf)? {
+            0 => bail!("connection closed without an answer"),
+            n => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let status = String::from_utf8_lossy(&head);
+    let status = status.lines().next().unwrap_or_default();
+    match status.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        _ => bail!("answered {status:?}"),
+    }
+}
+
+/// The listening address as a local client reaches it: `0.0.0.0` and `::` through loopback.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+/// The thread that keeps the service manager informed; dropped or `stopping`, it is joined.
+pub struct Watchdog {
+    notifier: Arc<Notifier>,
+    /// Dropped to stop the thread.
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watchdog {
+    /// Tells the service manager tenantd is ready, then reports every half of its watchdog
+    /// timeout (or every `STATUS_EVERY` without one), feeding the watchdog while `liveness` holds.
+    pub fn start(notifier: Notifier, liveness: Liveness) -> Result<Watchdog> {
+        let every = notifier.watchdog().map_or(STATUS_EVERY, |w| w / 2);
+        let timeout = PROBE_TIMEOUT.min(every / 2);
+        let notifier = Arc::new(notifier);
+        let (stop_tx, stop) = bounded(0);
+        let ready = "READY=1\nSTATUS=ready: taking this replica's share of the tenants";
+        send(&notifier, ready);
+        let thread_notifier = notifier.clone();
+        let thread = std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || report(&thread_notifier, &liveness, every, timeout, &stop))
+            .context("spawning the watchdog thread")?;
+        Ok(Watchdog {
+            notifier,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Tells the service manager tenantd is stopping, and joins the thread: from now on the
+    /// shutdown's own deadline (`SHUTDOWN_TIMEOUT`) bounds what follows.
+    pub fn stopping(mut self) {
+        send(
+            &self.notifier,
+            "STOPPING=1\nSTATUS=stopping: handing the tenants over",
+        );
+        self.join();
+    }
+
+    fn join(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+fn report(
+    notifier: &Notifier,
+    liveness: &Liveness,
+    every: Duration,
+    timeout: Duration,
+    stop: &Receiver<()>,
+) {
+    let feeds = notifier.watchdog().is_some();
+    let mut healthy = true;
+    let mut next = Instant::now() + every;
+    loop {
+        match stop.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        // On time, whatever the check took; after a long check, a whole interval from now.
+        next = (next + every).max(Instant::now() + every / 2);
+        let state = match liveness.check(timeout) {
+            Ok(running) => {
+                if !healthy {
+                    info!("healthy again: {running}");
+                }
+                healthy = true;
+                let feed = if feeds { "WATCHDOG=1\n" } else { "" };
+                format!("{feed}STATUS={running}")
+            }
+            Err(why) => {
+                if healthy {
+                    warn!("unhealthy, so the service manager's watchdog is not fed: {why}");
+                }
+                healthy = false;
+                format!("STATUS=unhealthy: {why}")
+            }
+        };
+        send(notifier, &state);
+    }
+}
+
+fn send(notifier: &Notifier, state: &str) {
+    if let Err(e) = notifier.send(state) {
+        warn!("{e:#}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn a_front_that_accepts_but_never_answers_fails_the_probe_within_its_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let started = Instant::now();
+        let err = probe_http(addr, Duration::from_millis(300)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(2), "{err:#}");
+        drop(listener);
+        let err = probe_http(addr, Duration::from_millis(300)).unwrap_err();
+        assert!(format!("{err:#}").contains("refused"), "{err:#}");
+    }
+
+    #[test]
+    fn only_a_200_passes_the_probe() {
+        let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = |status: &'static str| {
+            let listener = listener.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let (mut client, _) = listener.accept().unwrap();
+                let mut request = [0; 512];
+                let _ = client.read(&mut request).unwrap();
+                client.write_all(status.as_bytes()).unwrap();
+            })
+        };
+        let server = answer("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        probe_http(addr, Duration::from_secs(2)).expect("200 passes, through loopback");
+        server.join().unwrap();
+        let server = answer("HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        let err = probe_http(addr, Duration::from_secs(2)).unwrap_err();
+        assert!(format!("{err:#}").contains("503"), "{err:#}");
+        server.join().unwrap();
+    }
+}
