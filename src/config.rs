@@ -391,8 +391,10 @@ pub fn help_text() -> String {
     let mut text = format!(
         "tenantd: multi-tenant message ingestion from RabbitMQ into partitioned PostgreSQL\n\n\
          Usage: tenantd [--help]\n       {}\n         prints a JWT signed with JWT_HS256_SECRET \
-         (ttl default 1h)\n\nSettings (environment variables):\n",
-        crate::token::USAGE
+         (ttl default 1h)\n       {}\n         reaches PostgreSQL and RabbitMQ, prints what limits \
+         the tenants this host can run\n\nSettings (environment variables):\n",
+        crate::token::USAGE,
+        crate::check::USAGE
     );
     for s in SETTINGS {
         let default = if s.default.is_empty() {

@@ -6,6 +6,7 @@
 mod assign;
 mod backoff;
 mod broker;
+pub mod check;
 pub mod config;
 mod consumer;
 mod coordinator;
@@ -62,7 +63,7 @@ pub use store::messages::{
 
 /// Threads answering HTTP requests. Most requests take milliseconds; a pause or a DELETE waits
 /// for the tenant's in-flight messages, so there are enough threads for several of those.
-const HTTP_THREADS: usize = 16;
+pub(crate) const HTTP_THREADS: usize = 16;
 
 /// A running tenantd replica.
 pub struct App {

@@ -1,5 +1,6 @@
 //! The `tenantd` binary: reads settings, starts, tells the service manager (when there is one),
-//! waits for SIGTERM or SIGINT, shuts down; or prints its help, or mints a token.
+//! waits for SIGTERM or SIGINT, shuts down; or prints its help, mints a token, or checks the
+//! host before a start.
 
 use std::process::ExitCode;
 
@@ -29,6 +30,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Some("token") => tenantd::token::run(&args[1..]),
+        Some("check") => tenantd::check::run(&args[1..]),
         Some(arg) => {
             bail!("unknown argument {arg:?}; settings come from the environment, see --help")
         }

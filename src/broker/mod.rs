@@ -72,6 +72,19 @@ impl BrokerAddr {
     pub fn describe(&self) -> String {
         format!("{}:{} vhost {}", self.host, self.port, self.vhost)
     }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The user and password, for the broker's management API.
+    pub fn credentials(&self) -> (&str, &str) {
+        (&self.user, &self.password)
+    }
 }
 
 /// The brokers of `RABBITMQ_URL` (comma-separated, e.g. the nodes of a cluster). Each new
@@ -99,6 +112,10 @@ impl Brokers {
             next: Arc::new(AtomicUsize::new(0)),
             heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
         })
+    }
+
+    pub fn addrs(&self) -> &[BrokerAddr] {
+        &self.addrs
     }
 
     /// Asks the brokers for heartbeats every `secs` (0: none).
