@@ -7,10 +7,13 @@ COPY src ./src
 COPY tests ./tests
 RUN cargo build --release --locked
 
-# Test stage: the build plus promtool, for `docker compose run --rm tests`.
+# Test stage: the build plus promtool, dpkg-dev and systemd-analyze (the package's tests), for
+# `docker compose run --rm tests`.
 FROM builder AS tests
-RUN apt-get update && apt-get install -y --no-install-recommends prometheus \
+RUN apt-get update && apt-get install -y --no-install-recommends prometheus dpkg-dev systemd \
     && rm -rf /var/lib/apt/lists/*
+COPY README.md ./
+COPY scripts ./scripts
 
 # Runtime stage: the binary alone on a slim Debian.
 FROM debian:bookworm-slim

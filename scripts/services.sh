@@ -92,6 +92,12 @@ ensure_promtool() {
   command -v promtool >/dev/null 2>&1 || apt_install --no-install-recommends prometheus
 }
 
+ensure_packaging_tools() {
+  # The install tests build the Debian package (dpkg-dev) and verify its unit (systemd-analyze).
+  command -v dpkg-shlibdeps >/dev/null 2>&1 || apt_install --no-install-recommends dpkg-dev
+  command -v systemd-analyze >/dev/null 2>&1 || apt_install --no-install-recommends systemd
+}
+
 raise_limits() {
   # Each tenant holds one broker connection (~4 file descriptors in tenantd) and 3 threads.
   # 5,000 tenants need ~20,000 descriptors and ~15,000 threads: raise the file limit (the hard

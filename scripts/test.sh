@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 ensure_stack
 ensure_promtool
+ensure_packaging_tools
 
 cluster=
 if [ -z "${TENANTD_TEST_CLUSTER+set}" ]; then

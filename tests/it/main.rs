@@ -10,6 +10,7 @@ mod delivery;
 mod fencing;
 mod front;
 mod ingest;
+mod install;
 mod lifecycle;
 mod metrics;
 mod pagination;
