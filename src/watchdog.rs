@@ -18,8 +18,9 @@ use crate::coordinator::Health;
 use crate::manager::TenantManager;
 use crate::notify::Notifier;
 
-/// Without a watchdog, the status line is refreshed this often.
-const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// Without a watchdog, the status line is refreshed this often (as often as the unit's
+/// `WatchdogSec=30s` has it fed).
+const STATUS_EVERY: Duration = Duration::from_secs(15);
 
 /// The HTTP front must answer within this (or a quarter of the watchdog's timeout, if shorter).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -43,7 +44,12 @@ pub struct Running {
 
 impl std::fmt::Display for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} tenants running here", self.tenants)?;
+        let noun = if self.tenants == 1 {
+            "tenant"
+        } else {
+            "tenants"
+        };
+        write!(f, "{} {noun} running here", self.tenants)?;
         match self.failing {
             0 => Ok(()),
             n => write!(f, " ({n} cannot connect to the broker)"),
@@ -228,6 +234,16 @@ fn send(notifier: &Notifier, state: &str) {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    #[test]
+    fn the_status_says_what_runs_here() {
+        let running = |tenants, failing| Running { tenants, failing }.to_string();
+        assert_eq!(running(1, 0), "1 tenant running here");
+        assert_eq!(
+            running(3, 1),
+            "3 tenants running here (1 cannot connect to the broker)"
+        );
+    }
 
     #[test]
     fn a_front_that_accepts_but_never_answers_fails_the_probe_within_its_timeout() {
