@@ -2,6 +2,8 @@
 //! reads it, the service-manager notifications of the real binary (ready, watchdog fed only
 //! while healthy, stopping), and the `tenantd check` preflight against real and closed ports.
 
+use std::io::Write;
+use std::net::TcpStream;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};
@@ -325,6 +327,47 @@ fn the_watchdog_goes_unfed_while_the_database_is_cut_and_is_fed_again_after() {
 
     proxy.restore();
     manager.wait_for("WATCHDOG=1", Duration::from_secs(20));
+    child.stop_cleanly("-TERM");
+}
+
+#[test]
+fn the_watchdog_goes_unfed_while_the_http_front_cannot_answer() {
+    let db = TestDb::create();
+    let manager = ServiceManager::at_path();
+    let mut env = vec![
+        ("DATABASE_URL", db.url()),
+        ("RABBITMQ_URL", rabbitmq_url()),
+        ("HTTP_MAX_CONNECTIONS", "2".to_string()),
+    ];
+    env.extend(manager.env(Duration::from_millis(400)));
+    let mut child = Tenantd::start(&env);
+    manager.wait_for("WATCHDOG=1", Duration::from_secs(30));
+
+    // Two requests that never finish their head hold both connections: the front answers
+    // every other caller 503, as it would with tiny_http or the request threads wedged.
+    let addr = child.base.trim_start_matches("http://").to_string();
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&addr).unwrap();
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            stream
+        })
+        .collect();
+    let until_unhealthy = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = manager.next(until_unhealthy).expect("an unhealthy status");
+        if n.contains("STATUS=unhealthy: HTTP does not answer /healthz") {
+            assert!(n.contains("503") && !n.contains("WATCHDOG=1"), "{n}");
+            break;
+        }
+    }
+    let silent = manager.during(Duration::from_millis(1200));
+    assert_eq!(holds(&silent, "WATCHDOG=1"), 0, "{silent:?}");
+
+    drop(held);
+    manager.wait_for("WATCHDOG=1", Duration::from_secs(10));
     child.stop_cleanly("-TERM");
 }
 
