@@ -386,6 +386,9 @@ fn delays(raw: &str) -> Result<Vec<Duration>> {
         .collect()
 }
 
+/// How `tenantd check` is called.
+pub const CHECK_USAGE: &str = "tenantd check [--env-file <file>]";
+
 /// The text of `tenantd --help`.
 pub fn help_text() -> String {
     let mut text = format!(
@@ -394,7 +397,7 @@ pub fn help_text() -> String {
          (ttl default 1h)\n       {}\n         reaches PostgreSQL and RabbitMQ, prints what limits \
          the tenants this host can run\n\nSettings (environment variables):\n",
         crate::token::USAGE,
-        crate::check::USAGE
+        CHECK_USAGE
     );
     for s in SETTINGS {
         let default = if s.default.is_empty() {

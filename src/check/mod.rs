@@ -16,13 +16,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::broker::Brokers;
+use crate::config::CHECK_USAGE as USAGE;
 use crate::store::{self, limits::ServerLimits, DbSettings};
 use crate::Config;
-use rows::{Inputs, Limit};
-
-pub use rabbitmq::MANAGEMENT_PORT;
-
-pub const USAGE: &str = "tenantd check [--env-file <file>]";
+use rows::Inputs;
+use table::Limit;
 
 /// Runs the preflight; `Err` names every dependency that could not be reached.
 pub fn run(args: &[String]) -> Result<()> {

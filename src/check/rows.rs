@@ -4,7 +4,7 @@
 
 use super::host::{self, Bound};
 use super::rabbitmq::Connections;
-use super::table::count;
+use super::table::{count, Allows, Limit};
 use crate::store::limits::ServerLimits;
 use crate::Config;
 
@@ -19,24 +19,6 @@ pub const TENANTD_BYTES_PER_TENANT: u64 = 100_000;
 pub const BROKER_BYTES_PER_TENANT: u64 = 190_000;
 /// A statement on the whole `messages` table locks each partition and its two indexes.
 pub const LOCKS_PER_PARTITION: u64 = 3;
-
-/// How many tenants a limit allows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Allows {
-    Tenants(u64),
-    /// The limit does not grow with tenants, or there is none.
-    Any,
-    Unknown,
-}
-
-/// One row of the table.
-#[derive(Debug)]
-pub struct Limit {
-    pub what: String,
-    pub value: String,
-    pub allows: Allows,
-    pub how: String,
-}
 
 /// What the limits are computed from.
 pub struct Inputs<'a> {

@@ -1,7 +1,24 @@
 //! The limits as a table an operator reads in a terminal or a journal: markdown, padded into
-//! columns, the fewest tenants in bold (ANSI bold on a terminal, `**…**` elsewhere).
+//! columns, the fewest tenants in bold (ANSI bold on a terminal, `**…**` elsewhere). A row says
+//! what the limit is, its value, how many tenants it allows and how that was computed.
 
-use super::rows::{Allows, Limit};
+/// How many tenants a limit allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allows {
+    Tenants(u64),
+    /// The limit does not grow with tenants, or there is none.
+    Any,
+    Unknown,
+}
+
+/// One row of the table.
+#[derive(Debug)]
+pub struct Limit {
+    pub what: String,
+    pub value: String,
+    pub allows: Allows,
+    pub how: String,
+}
 
 /// `1234567` → `1,234,567`.
 pub fn count(n: u64) -> String {
