@@ -7,9 +7,11 @@ COPY src ./src
 COPY tests ./tests
 RUN cargo build --release --locked
 
-# Test stage: the build plus promtool, for `docker compose run --rm tests`.
+# Test stage: the build plus promtool, and the PostgreSQL and RabbitMQ programs the fault soak
+# runs private servers with, for `docker compose run --rm tests`.
 FROM builder AS tests
 RUN apt-get update && apt-get install -y --no-install-recommends prometheus \
+        postgresql rabbitmq-server \
     && rm -rf /var/lib/apt/lists/*
 
 # Runtime stage: the binary alone on a slim Debian.
