@@ -2,14 +2,15 @@
 //! of its own, so that one replica's path to one server can be cut alone; and the signals that
 //! kill, stop and continue them.
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::proxy::Proxy;
-use super::servers::{AMQP_PORT, PG_PORT};
+use super::servers::{Servers, AMQP_PORT, PG_PORT};
 use super::Settings;
 use crate::stack::Stack;
 
@@ -33,11 +34,14 @@ pub struct Fleet {
     paths: Vec<Paths>,
     env: Vec<(&'static str, String)>,
     states: Mutex<[State; 3]>,
+    /// Every replica process started is noted here (see `Servers::replica_pids`).
+    pids: PathBuf,
 }
 
 impl Fleet {
     /// A fresh database on the private server, and the three replicas running on it.
-    pub fn start(pg_server: &str, amqp_url: &str, settings: &Settings, logs: &Path) -> Fleet {
+    pub fn start(servers: &Servers, settings: &Settings, logs: &Path) -> Fleet {
+        let (pg_server, amqp_url) = (&servers.pg_server(), &servers.amqp_url());
         let mut stack = Stack::new(pg_server, amqp_url);
         stack.replica_logs = Some(logs.to_path_buf());
         let paths = NAMES
@@ -63,6 +67,7 @@ impl Fleet {
             paths,
             env,
             states: Mutex::new([State::Up; 3]),
+            pids: servers.replica_pids(),
         };
         for i in 0..NAMES.len() {
             fleet.launch(i);
@@ -87,6 +92,12 @@ impl Fleet {
             ("RABBITMQ_URL", broker.as_str()),
         ]);
         stack.start_replica(NAMES[i], &env);
+        let pid = stack.replica(NAMES[i]).pid();
+        let noted = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.pids);
+        let _ = noted.and_then(|mut f| writeln!(f, "{pid}"));
         self.states.lock()[i] = State::Up;
     }
 

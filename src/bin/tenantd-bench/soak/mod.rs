@@ -137,7 +137,7 @@ pub fn run(args: &Args, report: &mut Report) {
     // Declared first, dropped last: the replicas go before their servers.
     let mut servers = Servers::start();
     eprintln!("  servers up in {:.1} s", setup.elapsed().as_secs_f64());
-    let fleet = Fleet::start(&servers.pg_server(), &servers.amqp_url(), &settings, &logs);
+    let fleet = Fleet::start(&servers, &settings, &logs);
     let tenants = create_tenants(&fleet, settings.tenants);
     let took = setup.elapsed().as_secs_f64();
     eprintln!("  replicas and tenants up in {took:.1} s");

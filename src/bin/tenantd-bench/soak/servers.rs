@@ -61,6 +61,12 @@ impl Servers {
         servers
     }
 
+    /// Where the soak notes its replicas' process ids, so that replicas a killed run left
+    /// running are stopped by the next.
+    pub fn replica_pids(&self) -> PathBuf {
+        self.dir.join("replicas.pids")
+    }
+
     /// The PostgreSQL server, without a database name (trust authentication).
     pub fn pg_server(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{PG_PORT}")
@@ -278,7 +284,8 @@ impl Servers {
         cmd
     }
 
-    /// What a run that was killed left behind: its servers stopped, its directory removed.
+    /// What a run that was killed left behind: its replicas and servers stopped, its directory
+    /// removed.
     fn remove_leftovers(&mut self) {
         if !self.dir.exists() {
             return;
@@ -287,6 +294,14 @@ impl Servers {
             "  removing a previous soak's servers in {}",
             self.dir.display()
         );
+        let pids = fs::read_to_string(self.replica_pids()).unwrap_or_default();
+        for pid in pids.split_whitespace() {
+            // Only a tenantd: the id may have gone to another process since.
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim_end() == "tenantd" {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
         self.stop_pg_with("immediate");
         let pid_file = self.mq_dir().join("pid");
         if pid_file.exists() {
