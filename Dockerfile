@@ -7,10 +7,12 @@ COPY src ./src
 COPY tests ./tests
 RUN cargo build --release --locked
 
-# Test stage: the build plus promtool, dpkg-dev and systemd-analyze (the package's tests), for
+# Test stage: the build plus promtool, dpkg-dev and systemd-analyze (the package's tests), and
+# the PostgreSQL and RabbitMQ programs the fault soak runs private servers with, for
 # `docker compose run --rm tests`.
 FROM builder AS tests
 RUN apt-get update && apt-get install -y --no-install-recommends prometheus dpkg-dev systemd \
+        postgresql rabbitmq-server \
     && rm -rf /var/lib/apt/lists/*
 COPY README.md ./
 COPY scripts ./scripts

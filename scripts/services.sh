@@ -113,6 +113,16 @@ raise_limits() {
   fi
 }
 
+ensure_server_programs() {
+  # The fault soak (tests/it/soak.rs, tenantd-bench --phases soak) restarts PostgreSQL and
+  # RabbitMQ, so it runs private servers of its own: it needs their programs on this machine,
+  # even where the shared servers run elsewhere.
+  if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && ! command -v initdb >/dev/null 2>&1; then
+    apt_install postgresql
+  fi
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || apt_install rabbitmq-server
+}
+
 # Everything tenantd and its tests need on this machine.
 ensure_stack() {
   ensure_postgres

@@ -2,7 +2,8 @@
 # Runs every test against real PostgreSQL and RabbitMQ (started or installed as needed):
 # formatting, lints, the API contract (schemathesis), unit tests and the integration suite,
 # including the test that stops a node of a 3-node RabbitMQ cluster under load (the cluster is
-# started beside the broker for it and stopped at the end; TENANTD_TEST_CLUSTER= skips it).
+# started beside the broker for it and stopped at the end; TENANTD_TEST_CLUSTER= skips it) and
+# the fault soak (private PostgreSQL and RabbitMQ servers of its own, on ports 5491 and 5691).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/services.sh
@@ -10,6 +11,7 @@ cd "$(dirname "$0")/.."
 ensure_stack
 ensure_promtool
 ensure_packaging_tools
+ensure_server_programs
 
 cluster=
 if [ -z "${TENANTD_TEST_CLUSTER+set}" ]; then

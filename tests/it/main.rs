@@ -18,6 +18,7 @@ mod races;
 mod recovery;
 mod replay;
 mod replicas;
+mod soak;
 mod startup;
 mod support;
 mod tenants;

@@ -9,6 +9,7 @@ mod latency;
 mod load;
 mod procstat;
 mod replicas;
+mod soak;
 mod stack;
 mod store;
 mod tenants;
@@ -27,9 +28,14 @@ pub struct Args {
     replica_tenants: u64,
     one_per_tx: bool,
     rounds: u64,
+    soak_seconds: u64,
+    soak_rate: u64,
+    soak_seed: u64,
 }
 
-const PHASES: [&str; 6] = ["ingest", "store", "latency", "tenants", "replicas", "edge"];
+const PHASES: [&str; 7] = [
+    "ingest", "store", "latency", "tenants", "replicas", "edge", "soak",
+];
 
 impl Args {
     fn parse() -> Args {
@@ -47,6 +53,9 @@ impl Args {
             replica_tenants: 1000,
             one_per_tx: true,
             rounds: 3,
+            soak_seconds: 240,
+            soak_rate: 10,
+            soak_seed: 1,
         };
         let raw: Vec<String> = std::env::args().skip(1).collect();
         let mut raw = raw.iter();
@@ -74,6 +83,9 @@ impl Args {
                 "--payload-bytes" => args.payload_bytes = n,
                 "--replica-tenants" => args.replica_tenants = n,
                 "--rounds" => args.rounds = n.max(1),
+                "--soak-seconds" => args.soak_seconds = n,
+                "--soak-rate" => args.soak_rate = n.max(1),
+                "--soak-seed" => args.soak_seed = n,
                 _ => usage(),
             }
         }
@@ -83,10 +95,10 @@ impl Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tenantd-bench [--phases ingest,store,latency,tenants,replicas,edge] \
+        "usage: tenantd-bench [--phases ingest,store,latency,tenants,replicas,edge,soak] \
          [--messages 100000] [--tenants 10] [--no-one-per-tx] [--rate 1000] [--seconds 10] \
          [--create 1000] [--idle-seconds 30] [--payload-bytes 240] [--replica-tenants 1000] \
-         [--rounds 3]\n\
+         [--rounds 3] [--soak-seconds 240] [--soak-rate 10] [--soak-seed 1]\n\
          env: BENCH_PG (default postgres://postgres:postgres@127.0.0.1:5432), RABBITMQ_URL;\n\
          tenantd's own settings (BATCH_SIZE, WORKER_POOL_SIZE, …) pass through to it"
     );
@@ -126,6 +138,11 @@ fn main() {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let mut report = Report(Vec::new());
     for phase in &args.phases {
+        if phase == "soak" {
+            eprintln!("{phase}:");
+            soak::run(&args, &mut report); // on servers of its own, which it restarts
+            continue;
+        }
         // Each phase on a fresh database and fresh replicas; the stack cleans up when dropped.
         let mut stack = Stack::new(&pg, &amqp);
         eprintln!("{phase}:");

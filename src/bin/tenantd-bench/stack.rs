@@ -32,6 +32,8 @@ pub struct Stack {
     replicas: BTreeMap<String, Replica>,
     /// Tenants created by the run, whose queues go at the end.
     created: Vec<String>,
+    /// Where each replica's log goes (`<name>.log`, appended); the bench's stderr when unset.
+    pub replica_logs: Option<std::path::PathBuf>,
 }
 
 impl Stack {
@@ -53,6 +55,7 @@ impl Stack {
             amqp_url: amqp_url.into(),
             replicas: BTreeMap::new(),
             created: Vec::new(),
+            replica_logs: None,
         }
     }
 
@@ -92,6 +95,14 @@ impl Stack {
             .stdout(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some(dir) = &self.replica_logs {
+            let path = dir.join(format!("{name}.log"));
+            let log = std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(&path);
+            cmd.stderr(log.unwrap_or_else(|e| panic!("{}: {e}", path.display())));
         }
         let child = cmd
             .spawn()

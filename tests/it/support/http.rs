@@ -60,11 +60,36 @@ pub fn request_with(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Reply {
+    let timeout = Duration::from_secs(60);
+    try_request_with(base, method, path, headers, body, timeout)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// A JSON request that may go unanswered: an error when tenantd refuses the connection or has
+/// not answered within `timeout`.
+#[allow(dead_code)] // the bench's soak calls replicas that may be down
+pub fn try_request(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> std::io::Result<Reply> {
+    let headers = [("Content-Type", "application/json")];
+    try_request_with(base, method, path, &headers, body, timeout)
+}
+
+fn try_request_with(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> std::io::Result<Reply> {
     let addr = base.trim_start_matches("http://");
-    let mut stream = TcpStream::connect(addr).expect("connecting to tenantd");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(timeout))?;
     let body = body.unwrap_or_default();
     let extra: String = headers
         .iter()
@@ -75,12 +100,20 @@ pub fn request_with(
          Connection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(head.as_bytes())?;
     // A server may answer (413) before reading a large body; a failed write is then fine.
     let _ = stream.write_all(body);
     let mut raw = Vec::new();
     let _ = stream.read_to_end(&mut raw);
-    parse(&raw)
+    if !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let kind = std::io::ErrorKind::UnexpectedEof;
+        let text = String::from_utf8_lossy(&raw);
+        return Err(std::io::Error::new(
+            kind,
+            format!("no HTTP response: {text:?}"),
+        ));
+    }
+    Ok(parse(&raw))
 }
 
 fn parse(raw: &[u8]) -> Reply {
