@@ -76,7 +76,9 @@ pub struct App {
 /// taking this replica's share of the active tenants. Fails with the reason when a dependency
 /// is missing.
 pub fn start(config: Config) -> Result<App> {
-    // Before anything else: a key that cannot verify tokens must not cost a half start.
+    // Before anything else: a setting out of bounds or a key that cannot verify tokens must
+    // not cost a half start.
+    config.check()?;
     let auth = Auth::new(&auth_settings(&config))?;
     let db = DbSettings {
         url: config.database_url.as_str().into(),
@@ -162,6 +164,9 @@ fn http_settings(config: &Config) -> HttpSettings {
         threads: HTTP_THREADS,
         max_connections: config.http_max_connections,
         timeout: config.http_timeout,
+        allowed_origins: config.http_allowed_origins.clone(),
+        rate_per_sec: config.rate_limit_per_sec,
+        rate_burst: config.rate_limit_burst,
     }
 }
 
@@ -169,6 +174,7 @@ fn http_settings(config: &Config) -> HttpSettings {
 fn auth_settings(config: &Config) -> AuthSettings {
     AuthSettings {
         api_token: config.api_token.clone(),
+        metrics_token: config.metrics_token.clone(),
         hs256_secret: config.jwt_hs256_secret.clone(),
         public_key_file: config.jwt_public_key_file.clone(),
         issuer: config.jwt_issuer.clone(),
