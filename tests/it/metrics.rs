@@ -7,8 +7,19 @@ use crate::support::{queue_name, wait_until, Amqp, TestApp};
 use serde_json::json;
 use std::time::Duration;
 
+/// The admin token of the metrics tests.
+const TOKEN: &str = "metrics-tests-admin-token-0123456789abcdef";
+
+/// `/metrics` as an operator scrapes it: in full (an open API is everyone's).
 fn scrape(app: &TestApp) -> String {
-    let reply = app.get("/metrics");
+    scrape_as(app, Some(TOKEN))
+}
+
+/// `/metrics` with this admin token, or none.
+fn scrape_as(app: &TestApp, token: Option<&str>) -> String {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    let reply = crate::support::http::request_with(&app.base(), "GET", "/metrics", &headers, None);
     assert_eq!(reply.status, 200);
     assert_eq!(
         reply.header("content-type"),
@@ -27,10 +38,11 @@ fn value(text: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn metrics_count_each_tenants_messages_and_pass_promtool() {
-    let app = TestApp::spawn_with(|c| c.api_token = Some("t0ken".into()));
+    let app = TestApp::spawn_with(|c| c.api_token = Some(TOKEN.into()));
     let base = app.base();
+    let bearer = format!("Bearer {TOKEN}");
     let auth = [
-        ("Authorization", "Bearer t0ken"),
+        ("Authorization", bearer.as_str()),
         ("Content-Type", "application/json"),
     ];
     let create = |body: serde_json::Value| {
@@ -65,7 +77,7 @@ fn metrics_count_each_tenants_messages_and_pass_promtool() {
     amqp.wait_confirms();
     app.wait_rows(&active, 25);
 
-    let text = scrape(&app); // open without the token
+    let text = scrape(&app);
     let stored = format!("tenantd_messages_stored_total{{tenant_id=\"{active}\"}}");
     wait_until(Duration::from_secs(5), "stored count", || {
         value(&scrape(&app), &stored) == Some(25.0)
