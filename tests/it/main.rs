@@ -11,6 +11,7 @@ mod fencing;
 mod front;
 mod ingest;
 mod lifecycle;
+mod limits;
 mod metrics;
 mod pagination;
 mod races;
