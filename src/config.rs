@@ -309,7 +309,11 @@ impl Config {
                 .unwrap_or_else(default_replica_id),
             failover_timeout: Duration::from_secs(number(&get, "FAILOVER_TIMEOUT")?),
             http_addr: get("HTTP_ADDR"),
-            allow_insecure_open_api: flag(&get, "ALLOW_INSECURE_OPEN_API")?,
+            allow_insecure_open_api: match get("ALLOW_INSECURE_OPEN_API").trim() {
+                "0" => false,
+                "1" => true,
+                other => bail!("ALLOW_INSECURE_OPEN_API={other:?} is neither 0 nor 1"),
+            },
             http_allowed_origins: crate::http::access::parse_origins(&get("HTTP_ALLOWED_ORIGINS"))?,
             rate_limit_per_sec: number(&get, "RATE_LIMIT_PER_SEC")?,
             rate_limit_burst: number(&get, "RATE_LIMIT_BURST")?,
@@ -402,7 +406,7 @@ fn default_replica_id() -> String {
     format!("{host}-{}", &random[..6])
 }
 
-fn default_of(name: &str) -> &'static str {
+pub fn default_of(name: &str) -> &'static str {
     SETTINGS
         .iter()
         .find(|s| s.name == name)
@@ -412,15 +416,6 @@ fn default_of(name: &str) -> &'static str {
 
 /// RabbitMQ's largest `max_message_size` (512 MiB): no message can be larger.
 const MAX_BROKER_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
-
-/// `0` or `1`.
-fn flag(get: &impl Fn(&str) -> String, name: &str) -> Result<bool> {
-    match get(name).trim() {
-        "0" => Ok(false),
-        "1" => Ok(true),
-        other => bail!("{name}={other:?} is neither 0 nor 1"),
-    }
-}
 
 fn number<T: std::str::FromStr>(get: &impl Fn(&str) -> String, name: &str) -> Result<T> {
     let raw = get(name);
@@ -477,79 +472,9 @@ pub fn help_text() -> String {
             bounds(s.name)
         ));
     }
-    text.push_str(&memory_text());
+    text.push_str(&crate::memory::worst_case());
     text
 }
 
-/// What a replica may hold in memory at worst, in `--help` (and the README's Limits).
-fn memory_text() -> String {
-    const MIB: usize = 1024 * 1024;
-    let (workers, batch, bytes) = (3, 100, 1_048_576);
-    format!(
-        "\nMemory at worst, per replica:\n  \
-         consumers: for each tenant it runs, workers x BATCH_SIZE unacked messages of up to\n  \
-         MAX_MESSAGE_BYTES each, or of the broker's max_message_size when that is larger\n  \
-         (RabbitMQ 3.x: 128 MiB; set it to MAX_MESSAGE_BYTES); with the defaults\n  \
-         {workers} x {batch} x {} MiB = {} MiB a tenant, so 1,000 tenants may hold {} GiB\n  \
-         HTTP: {}\n",
-        bytes / MIB,
-        workers * batch * bytes / MIB,
-        workers * batch * bytes * 1000 / (1024 * MIB),
-        crate::http::memory_budget(usize::from(512u16)),
-    )
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_setting_says_what_it_accepts() {
-        for s in SETTINGS {
-            assert!(!bounds(s.name).is_empty(), "{} has no bounds", s.name);
-        }
-        assert_eq!(BOUNDS.len(), SETTINGS.len());
-    }
-
-    #[test]
-    fn a_prefetch_that_cannot_be_is_refused_naming_both_settings() {
-        let lookup = |n: &str| (n == "BATCH_SIZE").then(|| "1024".to_string());
-        let err = Config::from_lookup(lookup).unwrap_err().to_string();
-        assert!(err.contains("MAX_WORKERS x BATCH_SIZE"), "{err}");
-    }
-
-    #[test]
-    fn defaults_parse() {
-        let config = Config::from_lookup(|_| None).unwrap();
-        assert_eq!(config.default_workers, 3);
-        assert_eq!(config.batch_size, 100);
-        assert_ne!(
-            config.replica_id,
-            Config::from_lookup(|_| None).unwrap().replica_id,
-            "unique per process"
-        );
-        assert_eq!(config.http_addr, "127.0.0.1:8080");
-        assert_eq!(config.jwt_leeway, Duration::from_secs(30));
-    }
-
-    #[test]
-    fn retry_delays_parse() {
-        let config =
-            Config::from_lookup(|n| (n == "RETRY_DELAYS_MS").then(|| "5, 10".into())).unwrap();
-        assert_eq!(
-            config.retry_delays,
-            [Duration::from_millis(5), Duration::from_millis(10)]
-        );
-        let none =
-            Config::from_lookup(|n| (n == "RETRY_DELAYS_MS").then(|| "none".into())).unwrap();
-        assert!(none.retry_delays.is_empty());
-        assert!(Config::from_lookup(|n| (n == "RETRY_DELAYS_MS").then(|| "1,x".into())).is_err());
-    }
-
-    #[test]
-    fn bad_numbers_name_the_variable() {
-        let err =
-            Config::from_lookup(|n| (n == "DEFAULT_WORKERS").then(|| "x".into())).unwrap_err();
-        assert!(err.to_string().contains("DEFAULT_WORKERS"), "{err}");
-    }
-}
+mod tests;

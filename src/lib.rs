@@ -15,6 +15,7 @@ mod ids;
 mod inflight;
 pub mod logging;
 mod manager;
+mod memory;
 mod metrics;
 mod model;
 mod pool;
@@ -59,7 +60,7 @@ pub use store::messages::{
 
 /// Threads answering HTTP requests. Most requests take milliseconds; a pause or a DELETE waits
 /// for the tenant's in-flight messages, so there are enough threads for several of those.
-const HTTP_THREADS: usize = 16;
+pub(crate) const HTTP_THREADS: usize = 16;
 
 /// A running tenantd replica.
 pub struct App {

@@ -19,7 +19,8 @@ const PARTITIONS_PER_PAGE: usize = 50;
 /// The most payload bytes one page of messages holds (as PostgreSQL prints them); a page ends
 /// before the message that would pass it, and says where to go on. A message larger than this
 /// alone is shown on a page of its own without its payload, with its `payload_size`.
-pub const PAGE_PAYLOAD_BYTES: i64 = 4 * 1024 * 1024;
+pub const PAGE_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+const PAGE_BYTES: i64 = PAGE_PAYLOAD_BYTES as i64;
 
 #[derive(Serialize)]
 pub struct Page<T> {
@@ -49,7 +50,7 @@ impl Service {
         let after = decode_cursor(cursor, cursor::decode)?;
         self.with_db(|db| {
             self.tenant(db, id)?;
-            let rows = messages::page(db, id, after, limit as i64 + 1, PAGE_PAYLOAD_BYTES)
+            let rows = messages::page(db, id, after, limit as i64 + 1, PAGE_BYTES)
                 .map_err(ServiceError::database)?;
             let (mut rows, cut) = fit(rows, true);
             let next = match cut {
@@ -130,7 +131,7 @@ fn walk_all(
     walk: &Walk,
 ) -> ServiceResult<Page<StoredMessage>> {
     let mut data = Vec::with_capacity(limit);
-    let mut bytes = 0;
+    let mut bytes: i64 = 0;
     for _ in 0..PARTITIONS_PER_PAGE {
         let (tenant, after) = match position {
             Some(AllPosition::Within(t, p)) => (t, Some(p)),
@@ -149,7 +150,7 @@ fn walk_all(
             tenant.into(),
             after,
             want as i64 + 1,
-            PAGE_PAYLOAD_BYTES - bytes,
+            PAGE_BYTES - bytes,
         )
         .map_err(ServiceError::database)?;
         let fetched = rows.len();

@@ -678,3 +678,96 @@ fn full_backlog(path: &std::path::Path) -> Vec<socket2::Socket> {
         }
     }
 }
+
+/// Sends `head` (ending in a blank line, Host and all) and reads the whole response.
+fn raw(app: &TestApp, head: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = connect(app);
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    (text[9..12].parse().unwrap(), text)
+}
+
+#[test]
+fn a_web_page_can_neither_call_nor_rebind_an_open_api() {
+    let app = TestApp::spawn();
+    let base = app.base();
+    let json = ("Content-Type", "application/json");
+    // A page of another site, with fetch() or a form.
+    let evil = ("Origin", "https://evil.example");
+    let body = Some(&br#"{"name":"planted"}"#[..]);
+    request_with(&base, "POST", "/api/tenants", &[json, evil], body)
+        .assert_error(403, "https://evil.example");
+    request_with(&base, "GET", "/api/tenants", &[evil], None).assert_error(403, "not allowed");
+    request_with(
+        &base,
+        "POST",
+        "/api/tenants",
+        &[("Content-Type", "text/plain")],
+        body,
+    )
+    .assert_error(415, "application/json");
+    // A page that rebinds its own name to 127.0.0.1: same origin, its own Host.
+    let rebound =
+        "GET /api/tenants HTTP/1.1\r\nHost: evil.example:8080\r\nConnection: close\r\n\r\n";
+    let (status, text) = raw(&app, rebound);
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("evil.example"), "{text}");
+    assert!(app.tenant_ids().is_empty(), "nothing was created");
+    // Curl and scripts name the address or localhost.
+    for host in ["localhost:8080", "127.0.0.1", "[::1]:8080"] {
+        let head =
+            format!("GET /api/tenants HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        assert_eq!(raw(&app, &head).0, 200, "{host}");
+    }
+    assert_eq!(
+        lines_with(&["GET /api/tenants -> 403", "denied", "Host"]).len(),
+        1,
+        "the refusal is logged with its reason"
+    );
+}
+
+#[test]
+fn pages_of_an_allowed_origin_are_answered_with_cors_and_any_host_passes_a_credential() {
+    let app = TestApp::spawn_with(|c| {
+        c.api_token = Some(TOKEN.into());
+        c.http_allowed_origins = vec!["https://console.example".into()];
+    });
+    let bearer = format!("Bearer {TOKEN}");
+    let console = ("Origin", "https://console.example");
+    let auth = ("Authorization", bearer.as_str());
+    let reply = request_with(&app.base(), "GET", "/api/tenants", &[console, auth], None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        Some("https://console.example")
+    );
+    assert_eq!(reply.header("vary"), Some("Origin"));
+    let preflight = request_with(
+        &app.base(),
+        "OPTIONS",
+        "/api/tenants",
+        &[console, ("Access-Control-Request-Method", "POST")],
+        None,
+    );
+    assert_eq!(preflight.status, 204, "{}", preflight.text());
+    assert_eq!(
+        preflight.header("access-control-allow-methods"),
+        Some("GET, POST")
+    );
+    let allowed = preflight.header("access-control-allow-headers").unwrap();
+    assert!(allowed.contains("Authorization") && allowed.contains("Content-Type"));
+    let other = ("Origin", "https://console.example.evil");
+    request_with(&app.base(), "GET", "/api/tenants", &[other, auth], None)
+        .assert_error(403, "not allowed");
+    let unlisted = request_with(&app.base(), "OPTIONS", "/api/tenants", &[other], None);
+    assert_eq!(unlisted.status, 403);
+    assert!(unlisted.header("access-control-allow-origin").is_none());
+    // With a credential the API answers to any name the operator gives it.
+    let named = format!(
+        "GET /api/tenants HTTP/1.1\r\nHost: tenantd.internal:8080\r\n\
+         Authorization: {bearer}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw(&app, &named).0, 200);
+}

@@ -59,19 +59,16 @@ const SEND_BUFFER_BYTES: usize = 128 * 1024;
 /// The most the guard holds in memory with `connections` open: what `--help` and the README
 /// say.
 pub fn memory_budget(connections: usize) -> String {
-    let per_connection = PER_CONNECTION_BYTES / 1024;
+    let per_connection = PER_CONNECTION_BYTES + 2 * SEND_BUFFER_BYTES;
     format!(
-        "at most {} MiB of request bodies and {} MiB of responses held for slow readers (each \
-         address at most half of what others leave), plus {per_connection} KiB a connection \
-         and {} KiB of its socket's buffer ({connections}: {} MiB); {} MiB at most",
+        "{} MiB at most: request bodies {} MiB and responses held for slow readers {} MiB\n  \
+         (an address at most half of what the others leave of each), and {} KiB a connection\n  \
+         with its socket's send buffer ({connections} connections: {} MiB)",
+        (BODY_BUDGET + RESPONSE_BUDGET + connections * per_connection) / MIB,
         BODY_BUDGET / MIB,
         RESPONSE_BUDGET / MIB,
-        2 * SEND_BUFFER_BYTES / 1024,
-        connections * (PER_CONNECTION_BYTES + 2 * SEND_BUFFER_BYTES) / MIB,
-        (BODY_BUDGET
-            + RESPONSE_BUDGET
-            + connections * (PER_CONNECTION_BYTES + 2 * SEND_BUFFER_BYTES))
-            / MIB
+        per_connection / 1024,
+        connections * per_connection / MIB,
     )
 }
 
