@@ -7,6 +7,7 @@ mod cluster;
 mod contract;
 mod dead_letters;
 mod delivery;
+mod deploy;
 mod fencing;
 mod front;
 mod ingest;
