@@ -23,7 +23,7 @@ pub fn worst_case() -> String {
          twice (rows, then JSON)\n",
         bytes / MIB,
         per_tenant / MIB,
-        per_tenant * 1000 / (1024 * MIB),
+        (per_tenant * 1000 + 512 * MIB) / (1024 * MIB),
         crate::http::memory_budget(setting("HTTP_MAX_CONNECTIONS")),
         crate::HTTP_THREADS,
         crate::service::PAGE_PAYLOAD_BYTES / MIB,

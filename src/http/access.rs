@@ -150,7 +150,7 @@ impl Browsers {
     ) -> Result<Option<&'a str>, ApiError> {
         if self.open {
             if let Some(host) = host.filter(|h| !is_rebinding_proof(h)) {
-                return Err(ApiError::Forbidden(format!(
+                return Err(ApiError::ForeignCaller(format!(
                     "the API is open (no credential), so it answers only to an IP address or \
                      localhost, not to Host {host:?}; call it by address, or configure a \
                      credential"
@@ -163,7 +163,7 @@ impl Browsers {
         if self.origins.iter().any(|o| o.eq_ignore_ascii_case(origin)) {
             return Ok(Some(origin));
         }
-        Err(ApiError::Forbidden(format!(
+        Err(ApiError::ForeignCaller(format!(
             "requests from web pages of {origin:?} are not allowed (HTTP_ALLOWED_ORIGINS)"
         )))
     }

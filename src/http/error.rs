@@ -12,6 +12,9 @@ pub enum ApiError {
     Unauthorized(Option<&'static str>),
     /// A valid credential that does not reach this route.
     Forbidden(String),
+    /// A caller refused before any credential: a web page of an origin not allowed, or a
+    /// `Host` an open API does not answer to.
+    ForeignCaller(String),
     NotFound(String),
     MethodNotAllowed(&'static [&'static str]),
     Conflict(String),
@@ -43,7 +46,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => 400,
             ApiError::Unauthorized(_) => 401,
-            ApiError::Forbidden(_) => 403,
+            ApiError::Forbidden(_) | ApiError::ForeignCaller(_) => 403,
             ApiError::NotFound(_) => 404,
             ApiError::MethodNotAllowed(_) => 405,
             ApiError::Conflict(_) => 409,
@@ -61,6 +64,7 @@ impl ApiError {
             | ApiError::NotFound(m)
             | ApiError::Conflict(m)
             | ApiError::Forbidden(m)
+            | ApiError::ForeignCaller(m)
             | ApiError::Unavailable(m) => m.clone(),
             ApiError::Unauthorized(None) => {
                 "missing bearer token (Authorization: Bearer <token>)".into()

@@ -326,7 +326,9 @@ fn client_of(request: &Request) -> ClientKey {
 /// replica is not ready.
 fn note(result: &Result<ApiResponse, ApiError>, method: &Method, path: &str) -> Option<String> {
     match result {
-        Err(e @ (ApiError::Unauthorized(_) | ApiError::Forbidden(_))) => Some(format!(
+        Err(
+            e @ (ApiError::Unauthorized(_) | ApiError::Forbidden(_) | ApiError::ForeignCaller(_)),
+        ) => Some(format!(
             "denied on {method} {}: {}",
             routes::label(path),
             e.message()

@@ -256,3 +256,22 @@ fn the_readme_tells_every_setting_its_default_and_what_it_accepts() {
         );
     }
 }
+
+#[test]
+fn the_readmes_curl_examples_send_their_bodies_as_json() {
+    let readme = include_str!("../../README.md");
+    // Each command whole: its continuation lines joined.
+    let commands = readme.replace("\\\n", " ");
+    let with_bodies: Vec<&str> = commands
+        .lines()
+        .filter(|l| l.contains("curl ") && l.contains(" -d "))
+        .collect();
+    assert!(with_bodies.len() >= 10, "{with_bodies:?}");
+    for command in with_bodies {
+        assert!(
+            command.contains(r#"-H "$J""#) || command.contains("Content-Type: application/json"),
+            "a body without its JSON Content-Type (415): {command}"
+        );
+    }
+    assert!(readme.contains("J='Content-Type: application/json'"));
+}
