@@ -391,7 +391,19 @@ impl Config {
         if self.rate_limit_per_sec > 1_000_000 || self.rate_limit_burst == 0 {
             bail!("RATE_LIMIT_PER_SEC must be 0 to 1000000 and RATE_LIMIT_BURST at least 1");
         }
-        crate::http::access::check_settings(self)
+        crate::http::access::check_settings(&crate::http::access::Exposure {
+            http_addr: &self.http_addr,
+            credential: self.api_token.is_some()
+                || self.jwt_hs256_secret.is_some()
+                || self.jwt_public_key_file.is_some(),
+            allow_insecure_open_api: self.allow_insecure_open_api,
+            secrets: [
+                ("API_TOKEN", self.api_token.as_deref()),
+                ("METRICS_TOKEN", self.metrics_token.as_deref()),
+                ("JWT_HS256_SECRET", self.jwt_hs256_secret.as_deref()),
+            ],
+            jwt_leeway_secs: self.jwt_leeway.as_secs(),
+        })
     }
 }
 
@@ -406,7 +418,7 @@ fn default_replica_id() -> String {
     format!("{host}-{}", &random[..6])
 }
 
-pub fn default_of(name: &str) -> &'static str {
+fn default_of(name: &str) -> &'static str {
     SETTINGS
         .iter()
         .find(|s| s.name == name)
@@ -472,7 +484,13 @@ pub fn help_text() -> String {
             bounds(s.name)
         ));
     }
-    text.push_str(&crate::memory::worst_case());
+    let default = |name| default_of(name).parse().unwrap_or(0);
+    text.push_str(&crate::memory::worst_case(&crate::memory::Sizes {
+        workers: default("DEFAULT_WORKERS"),
+        batch: default("BATCH_SIZE"),
+        message_bytes: default("MAX_MESSAGE_BYTES"),
+        connections: default("HTTP_MAX_CONNECTIONS"),
+    }));
     text
 }
 

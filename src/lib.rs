@@ -58,10 +58,6 @@ pub use store::messages::{
     INSERT as INSERT_SQL, INSERT_SKIPPING_STORED as INSERT_SKIPPING_STORED_SQL,
 };
 
-/// Threads answering HTTP requests. Most requests take milliseconds; a pause or a DELETE waits
-/// for the tenant's in-flight messages, so there are enough threads for several of those.
-pub(crate) const HTTP_THREADS: usize = 16;
-
 /// A running tenantd replica.
 pub struct App {
     http: Option<HttpServer>,
@@ -162,7 +158,7 @@ fn service_settings(config: &Config) -> ServiceSettings {
 fn http_settings(config: &Config) -> HttpSettings {
     HttpSettings {
         addr: config.http_addr.clone(),
-        threads: HTTP_THREADS,
+        threads: http::REQUEST_THREADS,
         max_connections: config.http_max_connections,
         timeout: config.http_timeout,
         allowed_origins: config.http_allowed_origins.clone(),

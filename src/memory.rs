@@ -2,15 +2,24 @@
 //! consumers' unacked messages (a count of whole messages, so bytes only through the broker's
 //! `max_message_size`), the HTTP guard's budgets, and the pages the request threads build.
 
-use crate::config::default_of;
-
 const MIB: usize = 1024 * 1024;
 
-/// The worst case with the default settings, as `--help` ends.
-pub fn worst_case() -> String {
-    let setting = |name| default_of(name).parse::<usize>().unwrap_or(0);
-    let (workers, batch) = (setting("DEFAULT_WORKERS"), setting("BATCH_SIZE"));
-    let bytes = setting("MAX_MESSAGE_BYTES");
+/// The settings the worst case follows.
+pub struct Sizes {
+    pub workers: usize,
+    pub batch: usize,
+    pub message_bytes: usize,
+    pub connections: usize,
+}
+
+/// The worst case with these settings, as `--help` ends (with the defaults).
+pub fn worst_case(sizes: &Sizes) -> String {
+    let Sizes {
+        workers,
+        batch,
+        message_bytes: bytes,
+        connections,
+    } = *sizes;
     let per_tenant = workers * batch * bytes;
     format!(
         "\nMemory at worst, per replica:\n  \
@@ -24,8 +33,8 @@ pub fn worst_case() -> String {
         bytes / MIB,
         per_tenant / MIB,
         (per_tenant * 1000 + 512 * MIB) / (1024 * MIB),
-        crate::http::memory_budget(setting("HTTP_MAX_CONNECTIONS")),
-        crate::HTTP_THREADS,
+        crate::http::memory_budget(connections),
+        crate::http::REQUEST_THREADS,
         crate::service::PAGE_PAYLOAD_BYTES / MIB,
     )
 }

@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use super::error::ApiError;
 use super::routes::Route;
 use super::{ApiResponse, Body};
-use crate::config::Config;
 
 /// The shortest `API_TOKEN` and `METRICS_TOKEN` (as `JWT_HS256_SECRET`: 256 bits of hex).
 pub const MIN_TOKEN_BYTES: usize = 32;
@@ -17,39 +16,37 @@ pub const MIN_TOKEN_BYTES: usize = 32;
 /// The largest `JWT_LEEWAY_SECS`: clocks further apart than this are a fault to fix.
 pub const MAX_LEEWAY_SECS: u64 = 300;
 
+/// What the start checks of the settings that say who can reach the API.
+pub struct Exposure<'a> {
+    pub http_addr: &'a str,
+    /// `API_TOKEN`, `JWT_HS256_SECRET` or `JWT_PUBLIC_KEY_FILE` is set.
+    pub credential: bool,
+    pub allow_insecure_open_api: bool,
+    /// The secrets by setting name: each at least `MIN_TOKEN_BYTES` when set.
+    pub secrets: [(&'a str, Option<&'a str>); 3],
+    pub jwt_leeway_secs: u64,
+}
+
 /// The access settings' own checks, run with every other before anything connects.
-pub fn check_settings(config: &Config) -> Result<()> {
-    for (name, token) in [
-        ("API_TOKEN", &config.api_token),
-        ("METRICS_TOKEN", &config.metrics_token),
-    ] {
-        if token.as_ref().is_some_and(|t| t.len() < MIN_TOKEN_BYTES) {
+pub fn check_settings(exposure: &Exposure) -> Result<()> {
+    for (name, secret) in exposure.secrets {
+        if secret.is_some_and(|s| s.len() < MIN_TOKEN_BYTES) {
+            // For JWT_HS256_SECRET, RFC 7518 3.2: a key as long as the hash, 256 bits.
             bail!(
                 "{name} must be at least {MIN_TOKEN_BYTES} bytes (`openssl rand -hex 32` makes one)"
             );
         }
     }
-    // RFC 7518 3.2: an HS256 key must be at least as long as the hash, 256 bits.
-    if config
-        .jwt_hs256_secret
-        .as_ref()
-        .is_some_and(|s| s.len() < 32)
-    {
-        bail!("JWT_HS256_SECRET must be at least 32 bytes (`openssl rand -hex 32` makes one)");
-    }
-    if config.jwt_leeway.as_secs() > MAX_LEEWAY_SECS {
+    if exposure.jwt_leeway_secs > MAX_LEEWAY_SECS {
         bail!("JWT_LEEWAY_SECS must be at most {MAX_LEEWAY_SECS}");
     }
-    let credential = config.api_token.is_some()
-        || config.jwt_hs256_secret.is_some()
-        || config.jwt_public_key_file.is_some();
-    if !credential && !config.allow_insecure_open_api && !is_loopback_only(&config.http_addr)? {
+    let addr = exposure.http_addr;
+    if !exposure.credential && !exposure.allow_insecure_open_api && !is_loopback_only(addr)? {
         bail!(
-            "HTTP_ADDR={} is reachable from other hosts and no credential is set: anyone \
+            "HTTP_ADDR={addr} is reachable from other hosts and no credential is set: anyone \
              reaching it could read, publish and delete every tenant's messages. Set API_TOKEN \
              (`openssl rand -hex 32`), JWT_HS256_SECRET or JWT_PUBLIC_KEY_FILE; or listen on \
-             127.0.0.1; or, to serve it open all the same, ALLOW_INSECURE_OPEN_API=1",
-            config.http_addr
+             127.0.0.1; or, to serve it open all the same, ALLOW_INSECURE_OPEN_API=1"
         );
     }
     Ok(())

@@ -5,6 +5,7 @@
 pub mod access;
 pub mod auth;
 pub mod error;
+mod gate;
 mod guard;
 mod private_socket;
 mod rate;
@@ -27,12 +28,15 @@ use tiny_http::{Header, Method, Request, Response, Server};
 use crate::logging;
 use crate::metrics::Metrics;
 use crate::service::Service;
-use access::Browsers;
 use auth::{Auth, Who};
 use error::ApiError;
+use gate::Gate;
 pub use guard::memory_budget;
-use guard::{ClientKey, Guard, Limits};
-use rate::{Bucket, RateLimiter};
+use guard::{Guard, Limits};
+
+/// Threads answering HTTP requests. Most requests take milliseconds; a pause or a DELETE waits
+/// for the tenant's in-flight messages, so there are enough threads for several of those.
+pub const REQUEST_THREADS: usize = 16;
 
 /// Requests larger than this are refused with 413 before they are read.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -102,24 +106,13 @@ pub struct HttpSettings {
     pub rate_burst: u32,
 }
 
-/// What stands between a request and the routes: where it comes from, who calls, how often.
-struct Gate {
-    browsers: Browsers,
-    auth: Auth,
-    rates: RateLimiter,
-}
-
 impl HttpServer {
     /// Listens on `settings.addr`, admitting callers as `auth` says.
     pub fn start(settings: &HttpSettings, auth: Auth, service: Arc<Service>) -> Result<HttpServer> {
         let public = listen(&settings.addr)?;
         let local = public.local_addr()?;
         auth.log_start(local);
-        let gate = Arc::new(Gate {
-            browsers: Browsers::new(settings.allowed_origins.clone(), auth.is_open()),
-            rates: RateLimiter::new(settings.rate_per_sec, settings.rate_burst),
-            auth,
-        });
+        let gate = Arc::new(Gate::new(settings, auth));
         let socket_dir = private_socket::create()?;
         let socket = socket_dir.join(private_socket::SOCKET);
         let listener = UnixListener::bind(&socket).context("binding the private HTTP socket")?;
@@ -245,9 +238,7 @@ fn handle(service: &Service, gate: &Gate, mut request: Request) {
     let (path, query) = (path.to_string(), query.to_string());
     let route = routes::Route::parse(&path);
     let origin = header_value(&request, "Origin");
-    let checked = gate
-        .browsers
-        .check(origin.as_deref(), header_value(&request, "Host").as_deref());
+    let checked = gate.check_origin(origin.as_deref(), header_value(&request, "Host").as_deref());
     let allowed_origin = checked.as_ref().ok().copied().flatten().map(str::to_string);
     let result = match checked {
         Err(e) => Err(e),
@@ -280,46 +271,6 @@ fn handle(service: &Service, gate: &Gate, mut request: Request) {
         debug!("could not send the response to {method} {path}: {e}");
     }
     logging::set_request_id(None);
-}
-
-impl Gate {
-    /// Who calls, if they may, and within their rate: a caller with a credential draws on its
-    /// own bucket, anyone else (and everyone on an open API) on their address's.
-    fn admit(
-        &self,
-        request: &Request,
-        method: &Method,
-        route: Option<&routes::Route>,
-        path: &str,
-        query: &str,
-    ) -> Result<Who, ApiError> {
-        let authorization = header_value(request, "Authorization");
-        let who = self
-            .auth
-            .authorize(method, route, path, query, authorization.as_deref());
-        let address = Bucket::Address(client_of(request));
-        let bucket = match who {
-            Ok(Who::Admin) => Bucket::Admin,
-            Ok(Who::Tenant(id)) => Bucket::Tenant(id),
-            Ok(Who::Monitor) => Bucket::Metrics,
-            Ok(Who::Anyone | Who::Anonymous) | Err(_) => address,
-        };
-        // Liveness costs nothing and must answer whatever a client does.
-        if !matches!(route, Some(routes::Route::Health)) {
-            if let Err(wait) = self.rates.take(bucket) {
-                return Err(ApiError::TooManyRequests(bucket.to_string(), wait));
-            }
-        }
-        who
-    }
-}
-
-/// The client's address, as the guard tells it.
-fn client_of(request: &Request) -> ClientKey {
-    let ip = header_value(request, guard::CLIENT_HEADER)
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-    ClientKey::of(ip)
 }
 
 /// What the request's log line adds: why it was refused (never the token itself), why the

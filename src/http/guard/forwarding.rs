@@ -12,12 +12,8 @@ use std::path::Path;
 use log::error;
 
 use super::budget::{Budget, ClientKey, Reservation};
-use super::reading::{Refusal, Request, MAX_HEAD_BYTES};
+use super::reading::{Refusal, Request, CLIENT_HEADER, MAX_HEAD_BYTES};
 use super::{FREE_RESPONSE_BYTES, MAX_RESPONSE_BYTES};
-
-/// The header that tells the request threads the client's address (the guard removes any a
-/// client sends).
-pub const CLIENT_HEADER: &str = "X-Tenantd-Client";
 
 /// A response read whole, held until the client has taken it.
 pub struct Held<'a> {

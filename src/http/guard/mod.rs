@@ -27,7 +27,7 @@ use admission::{Activity, Conn, Conns, Full};
 use budget::Budget;
 pub use budget::ClientKey;
 use forwarding::Answer;
-pub use forwarding::CLIENT_HEADER;
+pub use reading::CLIENT_HEADER;
 use reading::{Outcome, Refusal, Source};
 
 const MIB: usize = 1024 * 1024;

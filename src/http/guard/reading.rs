@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 
 use super::admission::Activity;
 use super::budget::{Budget, ClientKey, Reservation};
-use super::forwarding::CLIENT_HEADER;
 use super::Limits;
+
+/// The header that tells the request threads the client's address: the guard removes any a
+/// client sends, and sets it when it passes the request on.
+pub const CLIENT_HEADER: &str = "X-Tenantd-Client";
 
 /// The most a request line plus headers may take.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
