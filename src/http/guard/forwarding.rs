@@ -37,9 +37,9 @@ pub fn forward<'a>(
     responses: &'a Budget,
 ) -> io::Result<Answer<'a>> {
     let mut server = UnixStream::connect(upstream)?;
-    let head = &request.head[..request.head.len() - 2]; // without its blank line
-    server.write_all(head)?;
-    server.write_all(format!("{CLIENT_HEADER}: {}\r\n\r\n", client.ip()).as_bytes())?;
+    let mut head = request.head[..request.head.len() - 2].to_vec(); // without its blank line
+    head.extend_from_slice(format!("{CLIENT_HEADER}: {}\r\n\r\n", client.ip()).as_bytes());
+    server.write_all(&head)?;
     server.write_all(&request.body)?;
     // The end of this connection tells tiny_http there is no other request on it: it answers
     // this one and closes, which ends the read.
