@@ -22,7 +22,8 @@ FROM debian:bookworm-slim
 RUN useradd --system --no-create-home tenantd
 COPY --from=builder /src/target/release/tenantd /usr/local/bin/tenantd
 USER tenantd
-# Other containers must reach it; set API_TOKEN or JWT_* as well (README, Access).
+# Other containers must reach it, so it needs API_TOKEN or JWT_* (README, Access): without
+# one it refuses to start, saying what to set.
 ENV HTTP_ADDR=0.0.0.0:8080
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/tenantd"]

@@ -60,6 +60,17 @@ ensure_postgres() {
   fi
 }
 
+# Prints the broker configuration file $1 (which may not exist) with `max_message_size` set
+# to $2 bytes, every other line kept: a larger message is refused at the door, so what a replica
+# holds is bounded by prefetch x this size (`tenantd --help`, Memory).
+rabbitmq_conf_with_max_message_size() {
+  local conf=$1 bytes=$2
+  if [ -f "$conf" ]; then grep -v '^[[:space:]]*max_message_size[[:space:]]*=' "$conf" || true; fi
+  echo "max_message_size = $bytes"
+}
+
+# Only a broker this script starts is configured: a running one (shared, perhaps) is left as
+# it is.
 ensure_rabbitmq() {
   port_open "$AMQP_PORT" && return 0
   command -v rabbitmq-server >/dev/null 2>&1 || apt_install rabbitmq-server
@@ -72,6 +83,12 @@ ensure_rabbitmq() {
   fi
   if ! getent hosts "$(hostname)" >/dev/null && ! grep -qs '^NODENAME' "$env_conf"; then
     echo 'NODENAME=rabbit@localhost' | as_root tee -a "$env_conf" >/dev/null
+  fi
+  local conf=/etc/rabbitmq/rabbitmq.conf bytes=${MAX_MESSAGE_BYTES:-1048576}
+  if ! grep -qsx "max_message_size = $bytes" "$conf"; then
+    say "setting RabbitMQ's max_message_size to $bytes bytes (MAX_MESSAGE_BYTES) in $conf"
+    rabbitmq_conf_with_max_message_size "$conf" "$bytes" | as_root tee "$conf.new" >/dev/null
+    as_root mv "$conf.new" "$conf"
   fi
   say "starting RabbitMQ"
   as_root rabbitmq-server -detached

@@ -51,6 +51,26 @@ pub const SETTINGS: &[Setting] = &[
         help: "address the HTTP API listens on (0.0.0.0:8080 to serve other hosts: set a credential below)",
     },
     Setting {
+        name: "ALLOW_INSECURE_OPEN_API",
+        default: "0",
+        help: "1: start on a non-loopback HTTP_ADDR with no credential, everyone who reaches it an admin",
+    },
+    Setting {
+        name: "HTTP_ALLOWED_ORIGINS",
+        default: "",
+        help: "web origins whose pages may call the API (CORS); a request from any other Origin gets 403",
+    },
+    Setting {
+        name: "RATE_LIMIT_PER_SEC",
+        default: "100",
+        help: "requests a second per credential (per client address when none), beyond a burst: 429",
+    },
+    Setting {
+        name: "RATE_LIMIT_BURST",
+        default: "200",
+        help: "requests a credential may send at once before RATE_LIMIT_PER_SEC applies",
+    },
+    Setting {
         name: "HTTP_TIMEOUT_MS",
         default: "15000",
         help: "HTTP: silence allowed between requests, and time for a whole request head",
@@ -83,7 +103,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "MAX_MESSAGE_BYTES",
         default: "1048576",
-        help: "a larger message is never stored: retried, then dead-lettered",
+        help: "a larger message is never stored: retried, then dead-lettered; set the broker's max_message_size to it",
     },
     Setting {
         name: "RETRY_DELAYS_MS",
@@ -126,6 +146,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "an admin credential: `Authorization: Bearer <API_TOKEN>` may do everything under /api",
     },
     Setting {
+        name: "METRICS_TOKEN",
+        default: "",
+        help: "a credential for /metrics and /readyz in full (per-tenant series, errors) and nothing else",
+    },
+    Setting {
         name: "JWT_HS256_SECRET",
         default: "",
         help: "verifies HS256 JWTs (at least 32 bytes); `tenantd token` mints tokens with it",
@@ -160,7 +185,17 @@ pub const BOUNDS: &[(&str, &str)] = &[
     ("QUEUE_TYPE", "classic or quorum"),
     ("REPLICA_ID", "unique among the live replicas"),
     ("FAILOVER_TIMEOUT", "at least 2"),
-    ("HTTP_ADDR", "host:port"),
+    (
+        "HTTP_ADDR",
+        "host:port; beyond loopback only with a credential or ALLOW_INSECURE_OPEN_API=1",
+    ),
+    ("ALLOW_INSECURE_OPEN_API", "0 or 1"),
+    (
+        "HTTP_ALLOWED_ORIGINS",
+        "origins (scheme://host[:port]), comma-separated",
+    ),
+    ("RATE_LIMIT_PER_SEC", "0 to 1000000; 0: no limit"),
+    ("RATE_LIMIT_BURST", "at least 1"),
     ("HTTP_TIMEOUT_MS", "at least 100"),
     ("HTTP_MAX_CONNECTIONS", "at least 1"),
     ("DEFAULT_WORKERS", "1 to MAX_WORKERS"),
@@ -176,7 +211,10 @@ pub const BOUNDS: &[(&str, &str)] = &[
         "BATCH_SIZE",
         "at least 1; MAX_WORKERS x BATCH_SIZE at most 65535",
     ),
-    ("MAX_MESSAGE_BYTES", "at least 1"),
+    (
+        "MAX_MESSAGE_BYTES",
+        "1 to 536870912 (RabbitMQ's largest max_message_size)",
+    ),
     (
         "RETRY_DELAYS_MS",
         "milliseconds, comma-separated; none: failing messages go straight to the DLQ",
@@ -187,7 +225,8 @@ pub const BOUNDS: &[(&str, &str)] = &[
     ("SHUTDOWN_TIMEOUT", "seconds"),
     ("LOG_LEVEL", "error, warn, info, debug or trace"),
     ("LOG_FORMAT", "text or json"),
-    ("API_TOKEN", "any text"),
+    ("API_TOKEN", "at least 32 bytes"),
+    ("METRICS_TOKEN", "at least 32 bytes"),
     ("JWT_HS256_SECRET", "at least 32 bytes"),
     (
         "JWT_PUBLIC_KEY_FILE",
@@ -195,7 +234,7 @@ pub const BOUNDS: &[(&str, &str)] = &[
     ),
     ("JWT_ISSUER", "any text"),
     ("JWT_AUDIENCE", "any text"),
-    ("JWT_LEEWAY_SECS", "seconds"),
+    ("JWT_LEEWAY_SECS", "0 to 300 seconds"),
 ];
 
 /// The bounds of a setting.
@@ -215,6 +254,13 @@ pub struct Config {
     pub replica_id: String,
     pub failover_timeout: Duration,
     pub http_addr: String,
+    /// Starts open (no credential) on a non-loopback `http_addr` all the same.
+    pub allow_insecure_open_api: bool,
+    /// Origins (`scheme://host[:port]`, lowercase) whose pages may call the API.
+    pub http_allowed_origins: Vec<String>,
+    /// Requests a second per credential; 0: no limit.
+    pub rate_limit_per_sec: u32,
+    pub rate_limit_burst: u32,
     pub http_timeout: Duration,
     pub http_max_connections: usize,
     pub default_workers: u16,
@@ -231,6 +277,8 @@ pub struct Config {
     pub log_format: crate::logging::Format,
     /// With neither `api_token` nor a JWT key, the API is open.
     pub api_token: Option<String>,
+    /// Sees `/metrics` and `/readyz` in full, and nothing else.
+    pub metrics_token: Option<String>,
     pub jwt_hs256_secret: Option<String>,
     pub jwt_public_key_file: Option<PathBuf>,
     pub jwt_issuer: Option<String>,
@@ -261,6 +309,14 @@ impl Config {
                 .unwrap_or_else(default_replica_id),
             failover_timeout: Duration::from_secs(number(&get, "FAILOVER_TIMEOUT")?),
             http_addr: get("HTTP_ADDR"),
+            allow_insecure_open_api: match get("ALLOW_INSECURE_OPEN_API").trim() {
+                "0" => false,
+                "1" => true,
+                other => bail!("ALLOW_INSECURE_OPEN_API={other:?} is neither 0 nor 1"),
+            },
+            http_allowed_origins: crate::http::access::parse_origins(&get("HTTP_ALLOWED_ORIGINS"))?,
+            rate_limit_per_sec: number(&get, "RATE_LIMIT_PER_SEC")?,
+            rate_limit_burst: number(&get, "RATE_LIMIT_BURST")?,
             http_timeout: Duration::from_millis(number(&get, "HTTP_TIMEOUT_MS")?),
             http_max_connections: number(&get, "HTTP_MAX_CONNECTIONS")?,
             default_workers: number(&get, "DEFAULT_WORKERS")?,
@@ -282,6 +338,7 @@ impl Config {
                 other => bail!("LOG_FORMAT={other:?} is neither text nor json"),
             },
             api_token: lookup("API_TOKEN").filter(|t| !t.is_empty()),
+            metrics_token: lookup("METRICS_TOKEN").filter(|t| !t.is_empty()),
             jwt_hs256_secret: lookup("JWT_HS256_SECRET").filter(|t| !t.is_empty()),
             jwt_public_key_file: lookup("JWT_PUBLIC_KEY_FILE")
                 .filter(|t| !t.is_empty())
@@ -294,7 +351,9 @@ impl Config {
         Ok(config)
     }
 
-    fn check(&self) -> Result<()> {
+    /// Holds every setting to its bounds; `start` asks again, so a `Config` built in code is
+    /// held to them too. Connects to nothing: a refused setting costs no half start.
+    pub fn check(&self) -> Result<()> {
         if self.max_workers == 0 || self.default_workers == 0 {
             bail!("DEFAULT_WORKERS and MAX_WORKERS must be at least 1");
         }
@@ -326,11 +385,25 @@ impl Config {
         if self.connect_timeout.is_zero() || self.max_message_bytes == 0 {
             bail!("CONNECT_TIMEOUT_MS and MAX_MESSAGE_BYTES must be at least 1");
         }
-        // RFC 7518 3.2: an HS256 key must be at least as long as the hash, 256 bits.
-        if self.jwt_hs256_secret.as_ref().is_some_and(|s| s.len() < 32) {
-            bail!("JWT_HS256_SECRET must be at least 32 bytes (`openssl rand -hex 32` makes one)");
+        if self.max_message_bytes > MAX_BROKER_MESSAGE_BYTES {
+            bail!("MAX_MESSAGE_BYTES must be at most {MAX_BROKER_MESSAGE_BYTES}, RabbitMQ's largest max_message_size");
         }
-        Ok(())
+        if self.rate_limit_per_sec > 1_000_000 || self.rate_limit_burst == 0 {
+            bail!("RATE_LIMIT_PER_SEC must be 0 to 1000000 and RATE_LIMIT_BURST at least 1");
+        }
+        crate::http::access::check_settings(&crate::http::access::Exposure {
+            http_addr: &self.http_addr,
+            credential: self.api_token.is_some()
+                || self.jwt_hs256_secret.is_some()
+                || self.jwt_public_key_file.is_some(),
+            allow_insecure_open_api: self.allow_insecure_open_api,
+            secrets: [
+                ("API_TOKEN", self.api_token.as_deref()),
+                ("METRICS_TOKEN", self.metrics_token.as_deref()),
+                ("JWT_HS256_SECRET", self.jwt_hs256_secret.as_deref()),
+            ],
+            jwt_leeway_secs: self.jwt_leeway.as_secs(),
+        })
     }
 }
 
@@ -352,6 +425,9 @@ fn default_of(name: &str) -> &'static str {
         .map(|s| s.default)
         .unwrap_or_default()
 }
+
+/// RabbitMQ's largest `max_message_size` (512 MiB): no message can be larger.
+const MAX_BROKER_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
 fn number<T: std::str::FromStr>(get: &impl Fn(&str) -> String, name: &str) -> Result<T> {
     let raw = get(name);
@@ -406,67 +482,22 @@ pub fn help_text() -> String {
             s.default
         };
         text.push_str(&format!(
-            "  {:<22} {}\n  {:<22} default: {default}; {}\n",
+            "  {:<24} {}\n  {:<24} default: {default}; {}\n",
             s.name,
             s.help,
             "",
             bounds(s.name)
         ));
     }
+    let default = |name| default_of(name).parse().unwrap_or(0);
+    text.push_str(&crate::memory::worst_case(&crate::memory::Sizes {
+        workers: default("DEFAULT_WORKERS"),
+        batch: default("BATCH_SIZE"),
+        message_bytes: default("MAX_MESSAGE_BYTES"),
+        connections: default("HTTP_MAX_CONNECTIONS"),
+    }));
     text
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_setting_says_what_it_accepts() {
-        for s in SETTINGS {
-            assert!(!bounds(s.name).is_empty(), "{} has no bounds", s.name);
-        }
-        assert_eq!(BOUNDS.len(), SETTINGS.len());
-    }
-
-    #[test]
-    fn a_prefetch_that_cannot_be_is_refused_naming_both_settings() {
-        let lookup = |n: &str| (n == "BATCH_SIZE").then(|| "1024".to_string());
-        let err = Config::from_lookup(lookup).unwrap_err().to_string();
-        assert!(err.contains("MAX_WORKERS x BATCH_SIZE"), "{err}");
-    }
-
-    #[test]
-    fn defaults_parse() {
-        let config = Config::from_lookup(|_| None).unwrap();
-        assert_eq!(config.default_workers, 3);
-        assert_eq!(config.batch_size, 100);
-        assert_ne!(
-            config.replica_id,
-            Config::from_lookup(|_| None).unwrap().replica_id,
-            "unique per process"
-        );
-        assert_eq!(config.http_addr, "127.0.0.1:8080");
-        assert_eq!(config.jwt_leeway, Duration::from_secs(30));
-    }
-
-    #[test]
-    fn retry_delays_parse() {
-        let config =
-            Config::from_lookup(|n| (n == "RETRY_DELAYS_MS").then(|| "5, 10".into())).unwrap();
-        assert_eq!(
-            config.retry_delays,
-            [Duration::from_millis(5), Duration::from_millis(10)]
-        );
-        let none =
-            Config::from_lookup(|n| (n == "RETRY_DELAYS_MS").then(|| "none".into())).unwrap();
-        assert!(none.retry_delays.is_empty());
-        assert!(Config::from_lookup(|n| (n == "RETRY_DELAYS_MS").then(|| "1,x".into())).is_err());
-    }
-
-    #[test]
-    fn bad_numbers_name_the_variable() {
-        let err =
-            Config::from_lookup(|n| (n == "DEFAULT_WORKERS").then(|| "x".into())).unwrap_err();
-        assert!(err.to_string().contains("DEFAULT_WORKERS"), "{err}");
-    }
-}
+mod tests;

@@ -16,6 +16,7 @@ mod ids;
 mod inflight;
 pub mod logging;
 mod manager;
+mod memory;
 mod metrics;
 mod model;
 pub mod notify;
@@ -61,10 +62,6 @@ pub use store::messages::{
     INSERT as INSERT_SQL, INSERT_SKIPPING_STORED as INSERT_SKIPPING_STORED_SQL,
 };
 
-/// Threads answering HTTP requests. Most requests take milliseconds; a pause or a DELETE waits
-/// for the tenant's in-flight messages, so there are enough threads for several of those.
-pub(crate) const HTTP_THREADS: usize = 16;
-
 /// A running tenantd replica.
 pub struct App {
     http: Option<HttpServer>,
@@ -83,7 +80,9 @@ pub struct App {
 /// taking this replica's share of the active tenants. Fails with the reason when a dependency
 /// is missing.
 pub fn start(config: Config) -> Result<App> {
-    // Before anything else: a key that cannot verify tokens must not cost a half start.
+    // Before anything else: a setting out of bounds or a key that cannot verify tokens must
+    // not cost a half start.
+    config.check()?;
     let auth = Auth::new(&auth_settings(&config))?;
     let db = DbSettings {
         url: config.database_url.as_str().into(),
@@ -169,9 +168,12 @@ fn service_settings(config: &Config) -> ServiceSettings {
 fn http_settings(config: &Config) -> HttpSettings {
     HttpSettings {
         addr: config.http_addr.clone(),
-        threads: HTTP_THREADS,
+        threads: http::REQUEST_THREADS,
         max_connections: config.http_max_connections,
         timeout: config.http_timeout,
+        allowed_origins: config.http_allowed_origins.clone(),
+        rate_per_sec: config.rate_limit_per_sec,
+        rate_burst: config.rate_limit_burst,
     }
 }
 
@@ -179,6 +181,7 @@ fn http_settings(config: &Config) -> HttpSettings {
 fn auth_settings(config: &Config) -> AuthSettings {
     AuthSettings {
         api_token: config.api_token.clone(),
+        metrics_token: config.metrics_token.clone(),
         hs256_secret: config.jwt_hs256_secret.clone(),
         public_key_file: config.jwt_public_key_file.clone(),
         issuer: config.jwt_issuer.clone(),

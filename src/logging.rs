@@ -1,5 +1,7 @@
 //! One line per event on stderr: time, level, thread, the HTTP request id when there is one, the
-//! message, and the record's key-values (`tenant_id`, …); as text or as JSON.
+//! message, and the record's key-values (`tenant_id`, …); as text or as JSON. A text line stays
+//! one line whatever it quotes: control characters, Unicode line and paragraph separators and
+//! bidirectional overrides are escaped (`\n`, `\u{2028}`), so no input can forge a line.
 //!
 //! Our own logger rather than `simplelog`: it has neither JSON lines nor key-values, and the
 //! request id comes from a thread-local set by the HTTP front.
@@ -84,8 +86,14 @@ fn format_line(format: Format, level: Level, message: &str, fields: &[(String, S
             let rid = request_id
                 .map(|id| format!(" request_id={id}"))
                 .unwrap_or_default();
-            let kvs: String = fields.iter().map(|(k, v)| format!(" {k}={v}")).collect();
-            format!("{time} {level:<5} [{thread}]{rid} {message}{kvs}")
+            let kvs: String = fields
+                .iter()
+                .map(|(k, v)| format!(" {}={}", escaped(k), escaped(v)))
+                .collect();
+            format!(
+                "{time} {level:<5} [{thread}]{rid} {}{kvs}",
+                escaped(message)
+            )
         }
         Format::Json => {
             let mut line = serde_json::json!({
@@ -103,6 +111,25 @@ fn format_line(format: Format, level: Level, message: &str, fields: &[(String, S
             line.to_string()
         }
     }
+}
+
+/// `text` with every character that could break or disguise a line escaped as Rust does
+/// (`\n`, `\u{1b}`, `\u{2028}`); the rest as it is.
+fn escaped(text: &str) -> std::borrow::Cow<'_, str> {
+    let breaks_a_line = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(breaks_a_line) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| match breaks_a_line(c) {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// Installs the logger; a second call (as in tests) keeps the first.
@@ -155,5 +182,26 @@ mod tests {
             line.contains(" WARN  [") && line.ends_with("] hello tenant_id=t"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn text_lines_stay_one_line_whatever_they_quote() {
+        let forged = "a\n2026-01-01T00:00:00Z INFO  [main] forged\rb\u{2028}c\u{2029}d\u{1b}[31me\u{202e}f\u{85}";
+        let line = format_line(
+            Format::Text,
+            Level::Info,
+            forged,
+            &fields(&[("reason", "x\ny"), ("k\n", "v")]),
+        );
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(!line.contains(['\r', '\u{2028}', '\u{2029}', '\u{1b}', '\u{202e}', '\u{85}']));
+        assert!(
+            line.ends_with(
+                "a\\n2026-01-01T00:00:00Z INFO  [main] forged\\rb\\u{2028}c\\u{2029}d\\u{1b}[31me\\u{202e}f\\u{85} reason=x\\ny k\\n=v"
+            ),
+            "{line}"
+        );
+        let plain = format_line(Format::Text, Level::Info, "tenant «ü» ok", &[]);
+        assert!(plain.ends_with("tenant «ü» ok"), "{plain}");
     }
 }

@@ -1,6 +1,8 @@
 //! Prometheus metrics, one registry per running replica (`App`): per-tenant message counters,
 //! commit latency and batch sizes, concurrency, queue and dead-letter depths read from the broker
-//! (cached), dead letters replayed and dropped, consumers, HTTP requests, and the process itself.
+//! (cached), dead letters replayed and dropped, consumers, HTTP requests and what the HTTP guard
+//! holds, and the process itself. Rendered whole for an operator, or without any series that
+//! names a tenant for anyone else.
 
 use prometheus::{
     register_histogram_vec_with_registry, register_histogram_with_registry,
@@ -28,7 +30,12 @@ pub struct Metrics {
     pub consumers_failing: IntGauge,
     pub http_requests: IntCounterVec,
     pub http_seconds: HistogramVec,
+    pub http_connections: IntGauge,
+    pub http_held_bytes: IntGaugeVec,
 }
+
+/// The label naming a tenant: a series carrying it is left out of the anonymous view.
+const TENANT_LABEL: &str = "tenant_id";
 
 const SECONDS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -132,6 +139,20 @@ impl Metrics {
                 r
             )
             .expect(VALID),
+            http_connections: register_int_gauge_with_registry!(
+                "tenantd_http_connections",
+                "client connections the HTTP guard holds open",
+                r
+            )
+            .expect(VALID),
+            http_held_bytes: register_int_gauge_vec_with_registry!(
+                "tenantd_http_held_bytes",
+                "bytes the HTTP guard holds: request bodies being read or passed on, responses \
+                 waiting for their client to read them",
+                &["kind"],
+                r
+            )
+            .expect(VALID),
             registry: r,
         }
     }
@@ -160,10 +181,20 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition of every metric; with `per_tenant` false, of every
+    /// series that names no tenant (what anyone may see).
+    pub fn render(&self, per_tenant: bool) -> String {
+        let mut families = self.registry.gather();
+        if !per_tenant {
+            for family in &mut families {
+                family
+                    .mut_metric()
+                    .retain(|m| m.get_label().iter().all(|l| l.name() != TENANT_LABEL));
+            }
+            families.retain(|f| !f.get_metric().is_empty());
+        }
         let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let _ = TextEncoder::new().encode(&families, &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
 }

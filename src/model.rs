@@ -76,6 +76,14 @@ pub struct ConsumerInfo {
 pub struct StoredMessage {
     pub id: Uuid,
     pub tenant_id: Uuid,
-    pub payload: Box<serde_json::value::RawValue>,
+    /// As PostgreSQL prints it; left out of a page that cannot hold it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Box<serde_json::value::RawValue>>,
+    /// The payload's bytes as printed.
+    #[serde(skip)]
+    pub size: i64,
+    /// Said only for a payload left out for its size: larger than a whole page holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_size: Option<i64>,
     pub created_at: DateTime<Utc>,
 }

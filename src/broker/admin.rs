@@ -16,7 +16,7 @@ use amiquip::{AmqpProperties, Channel, Connection, QueueDeleteOptions};
 use anyhow::{Context, Result};
 use parking_lot::Mutex;
 
-use super::dead_letters::{self, Peeked, Progress};
+use super::dead_letters::{self, Peeked, Progress, Shown};
 use super::{declare_tenant_queues, is_not_found, is_unconfirmed, Brokers, Publisher, QueueType};
 use crate::ids::TenantId;
 
@@ -207,9 +207,16 @@ impl BrokerAdmin {
         })
     }
 
-    /// The tenant's dead letters after the first `skip`, at most `limit`, left in place.
-    pub fn peek_dead_letters(&self, id: TenantId, skip: u64, limit: u64) -> Result<Peeked> {
-        self.with_session(|s| dead_letters::peek(&mut s.connection, id, skip, limit))
+    /// The tenant's dead letters after the first `skip`, at most `limit` and within `shown`,
+    /// left in place.
+    pub fn peek_dead_letters(
+        &self,
+        id: TenantId,
+        skip: u64,
+        limit: u64,
+        shown: Shown,
+    ) -> Result<Peeked> {
+        self.with_session(|s| dead_letters::peek(&mut s.connection, id, skip, limit, shown))
     }
 
     /// Moves up to `limit` dead letters (`None`: all) back to the tenant's queue, confirmed

@@ -35,10 +35,22 @@ const FAILURE_HEADERS: [&str; 6] = [
     "x-acquired-count",
 ];
 
+/// How much of the dead letters a look holds: each letter's body up to `letter` bytes (a
+/// larger one is held as its size alone), and bodies up to `page` bytes in all (the page ends
+/// before the letter that would pass it).
+#[derive(Clone, Copy)]
+pub struct Shown {
+    pub letter: usize,
+    pub page: usize,
+}
+
 /// One dead letter as the operator sees it.
 pub struct DeadLetter {
     pub message_id: Option<String>,
-    pub body: Vec<u8>,
+    /// `None` when larger than a look shows.
+    pub body: Option<Vec<u8>>,
+    /// The body's size in bytes.
+    pub size: usize,
     pub reason: Option<String>,
     pub attempts: u32,
     /// When tenantd dead-lettered it; for letters from before that was recorded, the
@@ -47,7 +59,8 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    fn from_delivery(delivery: &mut Delivery) -> DeadLetter {
+    /// The letter, its body kept only up to `shown` bytes, so a look never holds more.
+    fn from_delivery(delivery: &mut Delivery, shown: usize) -> DeadLetter {
         let p = &delivery.properties;
         let header = |name: &str| p.headers().as_ref().and_then(|h| h.get(name).cloned());
         let reason = match header(REASON_HEADER) {
@@ -66,7 +79,8 @@ impl DeadLetter {
             reason,
             attempts: attempts(p),
             dead_lettered_at: stamped.or(published),
-            body: std::mem::take(&mut delivery.body),
+            size: delivery.body.len(),
+            body: (delivery.body.len() <= shown).then(|| std::mem::take(&mut delivery.body)),
         }
     }
 }
@@ -113,10 +127,17 @@ impl<'a> Progress<'a> {
     }
 }
 
-/// The letters after the first `skip`, at most `limit`, left in the DLQ in their order: taken
-/// without ack, then given back with one `nack(multiple, requeue)` (rather than by closing the
-/// channel: from RabbitMQ 4.3 a nack does not count toward a quorum queue's delivery limit).
-pub fn peek(connection: &mut Connection, id: TenantId, skip: u64, limit: u64) -> Result<Peeked> {
+/// The letters after the first `skip`, at most `limit` and within `shown`, left in the DLQ in
+/// their order: taken without ack, then given back with one `nack(multiple, requeue)` (rather
+/// than by closing the channel: from RabbitMQ 4.3 a nack does not count toward a quorum queue's
+/// delivery limit).
+pub fn peek(
+    connection: &mut Connection,
+    id: TenantId,
+    skip: u64,
+    limit: u64,
+    shown: Shown,
+) -> Result<Peeked> {
     on_own_channel(connection, |channel| {
         let dlq = id.dlq_name();
         let total = depth(channel, &dlq)?;
@@ -124,7 +145,7 @@ pub fn peek(connection: &mut Connection, id: TenantId, skip: u64, limit: u64) ->
             total,
             ..Peeked::default()
         };
-        let mut last = None;
+        let (mut last, mut bytes) = (None, 0);
         // One beyond the page says whether another follows.
         for i in 0..=skip + limit {
             let Some(mut get) = channel.basic_get(dlq.as_str(), false)? else {
@@ -133,9 +154,15 @@ pub fn peek(connection: &mut Connection, id: TenantId, skip: u64, limit: u64) ->
             if i == skip + limit {
                 peeked.more = true;
             } else if i >= skip {
-                peeked
-                    .letters
-                    .push(DeadLetter::from_delivery(&mut get.delivery));
+                let letter = DeadLetter::from_delivery(&mut get.delivery, shown.letter);
+                let size = letter.body.as_ref().map_or(0, Vec::len);
+                if bytes + size > shown.page && !peeked.letters.is_empty() {
+                    peeked.more = true;
+                    last = Some(get.delivery);
+                    break;
+                }
+                bytes += size;
+                peeked.letters.push(letter);
             }
             last = Some(get.delivery);
         }

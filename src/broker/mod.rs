@@ -21,7 +21,7 @@ use log::warn;
 use percent_encoding::percent_decode_str;
 
 pub use admin::{BrokerAdmin, QueueStats, Unroutable};
-pub use dead_letters::{DeadLetter, Progress};
+pub use dead_letters::{DeadLetter, Progress, Shown};
 pub use publisher::Publisher;
 
 use crate::ids::TenantId;
@@ -258,7 +258,7 @@ pub fn declare_tenant_queues(
     let declared = declare_all(&channel, id, queue_type);
     match declared {
         Err(e) if is_precondition_failed(&e) => {
-            warn!(tenant_id:% = id; "its queues exist with other arguments (QUEUE_TYPE changed?); using them as they are: {e:#}");
+            warn!(tenant_id:% = id; "its queues exist with other arguments (QUEUE_TYPE changed, or a quorum DLQ declared without x-delivery-limit?); using them as they are: {e:#}");
             Ok(())
         }
         other => {
@@ -278,7 +278,6 @@ fn declare_all(channel: &Channel, id: TenantId, queue_type: QueueType) -> Result
         }
         arguments
     };
-    declare(channel, id.dlq_name(), typed(FieldTable::new()))?;
     // The dead-letter arguments of the retry and main queues are those earlier versions
     // declared (a queue cannot be declared again with other arguments). Nothing uses them now:
     // retry copies carry no TTL and tenantd moves them back itself (`relay`).
@@ -289,8 +288,23 @@ fn declare_all(channel: &Channel, id: TenantId, queue_type: QueueType) -> Result
         id.queue_name(),
         typed(dead_letter_to(id.dlq_name())),
     )?;
+    // Last: a quorum DLQ declared without a delivery limit refuses these arguments (406), and
+    // the queues above are then in place all the same.
+    let mut dlq = typed(FieldTable::new());
+    if queue_type == QueueType::Quorum {
+        dlq.insert(
+            "x-delivery-limit".into(),
+            AmqpValue::LongInt(DLQ_DELIVERY_LIMIT),
+        );
+    }
+    declare(channel, id.dlq_name(), dlq)?;
     Ok(())
 }
+
+/// A quorum queue drops a message delivered more often than its delivery limit (RabbitMQ 4:
+/// 20 by default), and every look at dead letters delivers them. A DLQ's letters stay until
+/// an operator moves them: its limit is one no look reaches.
+const DLQ_DELIVERY_LIMIT: i32 = i32::MAX;
 
 fn declare(channel: &Channel, name: String, arguments: FieldTable) -> Result<Queue<'_>> {
     let options = QueueDeclareOptions {

@@ -43,7 +43,7 @@ fn own(config: &Config) -> Own {
     let http = config.http_max_connections as u64;
     let threads = 64 + pool + http;
     Own {
-        files: 100 + pool + crate::HTTP_THREADS as u64 + http,
+        files: 100 + pool + crate::http::REQUEST_THREADS as u64 + http,
         threads,
         maps: 300 + 5 * threads,
     }
@@ -223,7 +223,7 @@ fn postgres(server: Option<&ServerLimits>, config: &Config) -> [Limit; 2] {
             how: format!(
                 "not per tenant: a replica opens up to {need} (WORKER_POOL_SIZE + {} for the \
                  API + 2)",
-                crate::HTTP_THREADS
+                crate::http::REQUEST_THREADS
             ),
         },
     ]
@@ -232,7 +232,7 @@ fn postgres(server: Option<&ServerLimits>, config: &Config) -> [Limit; 2] {
 /// The most database connections one replica opens: its workers', its API's, its session and
 /// its listener.
 pub fn replica_connections(config: &Config) -> i64 {
-    (config.pool_size + crate::HTTP_THREADS + 2) as i64
+    (config.pool_size + crate::http::REQUEST_THREADS + 2) as i64
 }
 
 /// The limits allowing the fewest tenants, and that number.

@@ -1,6 +1,7 @@
 //! Who may call what. A credential (`API_TOKEN`, or a JWT checked against the configured keys)
 //! becomes a `Caller`, and `scope` says which callers each route admits: the one place that
-//! answers 401 or 403, so a new route gets its rule here or does not compile.
+//! answers 401 or 403, so a new route gets its rule here or does not compile. `METRICS_TOKEN`
+//! reaches the operator's view of `/metrics` and `/readyz` and nothing else.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use crate::ids::TenantId;
 #[derive(Clone, Debug, Default)]
 pub struct AuthSettings {
     pub api_token: Option<String>,
+    pub metrics_token: Option<String>,
     pub hs256_secret: Option<String>,
     pub public_key_file: Option<PathBuf>,
     pub issuer: Option<String>,
@@ -38,10 +40,34 @@ pub enum Caller {
     Tenant(TenantId),
 }
 
+/// Who a request was admitted as.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Who {
+    /// No credential is configured: everyone is an admin.
+    Anyone,
+    /// No credential, on a route that needs none.
+    Anonymous,
+    Admin,
+    Tenant(TenantId),
+    /// `METRICS_TOKEN`, on `/metrics` or `/readyz`.
+    Monitor,
+}
+
+impl Who {
+    /// Whether the caller sees what only operators may: every tenant's series in `/metrics`,
+    /// what keeps the replica from being ready.
+    pub fn is_operator(self) -> bool {
+        matches!(self, Who::Anyone | Who::Admin | Who::Monitor)
+    }
+}
+
 /// Which callers a request admits.
 enum Scope {
-    /// Probes and metrics (and paths outside `/api` that lead nowhere): no credential needed.
+    /// Liveness (and paths outside `/api` that lead nowhere): no credential looked at.
     Open,
+    /// Readiness and metrics: anyone, in a view naming no tenant and no internal error; in
+    /// full for an admin or `METRICS_TOKEN` (any other credential is refused).
+    Probe,
     /// Any valid credential.
     AnyCaller,
     /// An admin, or the tenant the request names (its path segment or `tenant_id`, exactly as
@@ -63,7 +89,8 @@ fn scope(method: &Method, route: Option<&Route>, path: &str, query: &str) -> Sco
         };
     };
     match (route, method) {
-        (Route::Health | Route::Ready | Route::Metrics, _) => Scope::Open,
+        (Route::Health, _) => Scope::Open,
+        (Route::Ready | Route::Metrics, _) => Scope::Probe,
         (Route::OpenApi, _) => Scope::AnyCaller,
         (Route::Tenant(id), Method::Get) => Scope::Tenant(Some(id.clone())),
         (Route::TenantMessages(id), Method::Get | Method::Post) => Scope::Tenant(Some(id.clone())),
@@ -94,6 +121,7 @@ struct JwtKey {
 /// The configured credentials; with none, every request is an admin's.
 pub struct Auth {
     api_token: Option<String>,
+    metrics_token: Option<String>,
     keys: Vec<JwtKey>,
     describe: String,
 }
@@ -125,19 +153,24 @@ impl Auth {
                 settings.leeway.as_secs()
             ));
         }
+        if settings.metrics_token.is_some() {
+            describe.push_str("; METRICS_TOKEN for /metrics and /readyz");
+        }
         Ok(Auth {
             api_token: settings.api_token.clone(),
+            metrics_token: settings.metrics_token.clone(),
             keys,
             describe,
         })
     }
 
-    fn is_open(&self) -> bool {
+    /// No credential configured: the API is open to whoever reaches it.
+    pub fn is_open(&self) -> bool {
         self.api_token.is_none() && self.keys.is_empty()
     }
 
     /// The one start-up line about access: how callers are checked, or that nobody is, loudly
-    /// when the API is reachable beyond this host.
+    /// when the API is reachable beyond this host (`ALLOW_INSECURE_OPEN_API=1`).
     pub fn log_start(&self, addr: SocketAddr) {
         if !self.is_open() {
             info!("API access: {}", self.describe);
@@ -150,14 +183,14 @@ impl Auth {
             warn!(
                 "API access: open to anyone who can reach {addr}, which is not a loopback \
                  address: they can read every tenant's messages, publish to any tenant and \
-                 delete tenants; set API_TOKEN, JWT_HS256_SECRET or JWT_PUBLIC_KEY_FILE, or bind \
-                 HTTP_ADDR to 127.0.0.1"
+                 delete tenants (ALLOW_INSECURE_OPEN_API=1); set API_TOKEN, JWT_HS256_SECRET or \
+                 JWT_PUBLIC_KEY_FILE, or bind HTTP_ADDR to 127.0.0.1"
             );
         }
     }
 
-    /// Admits the request or says why not: 401 when the credential is missing or does not
-    /// verify, 403 when it does not reach this route.
+    /// Admits the request as whom, or says why not: 401 when the credential is missing or
+    /// does not verify, 403 when it does not reach this route.
     pub fn authorize(
         &self,
         method: &Method,
@@ -165,18 +198,30 @@ impl Auth {
         path: &str,
         query: &str,
         authorization: Option<&str>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Who, ApiError> {
         let scope = scope(method, route, path, query);
-        if matches!(scope, Scope::Open) || self.is_open() {
-            return Ok(());
+        if self.is_open() {
+            return Ok(Who::Anyone);
+        }
+        match (&scope, authorization) {
+            (Scope::Open, _) | (Scope::Probe, None) => return Ok(Who::Anonymous),
+            (Scope::Probe, Some(header)) if self.is_metrics_token(header) => {
+                return Ok(Who::Monitor)
+            }
+            _ => {}
         }
         let own = match self.authenticate(authorization)? {
-            Caller::Admin => return Ok(()),
+            Caller::Admin => return Ok(Who::Admin),
             Caller::Tenant(own) => own,
         };
+        let yes = Ok(Who::Tenant(own));
         match scope {
-            Scope::Open | Scope::AnyCaller => Ok(()),
-            Scope::Tenant(Some(id)) if id.parse::<TenantId>().is_ok_and(|id| id == own) => Ok(()),
+            Scope::Open | Scope::AnyCaller => yes,
+            Scope::Probe => Err(ApiError::Forbidden(format!(
+                "the token is tenant {own}'s: the full view needs an admin credential or \
+                 METRICS_TOKEN; send none for the anonymous view"
+            ))),
+            Scope::Tenant(Some(id)) if id.parse::<TenantId>().is_ok_and(|id| id == own) => yes,
             Scope::Tenant(Some(_)) => Err(ApiError::Forbidden(format!(
                 "the token is tenant {own}'s and reaches only that tenant"
             ))),
@@ -186,6 +231,15 @@ impl Auth {
             Scope::Admin => Err(ApiError::Forbidden(format!(
                 "this needs an admin credential; the token is tenant {own}'s"
             ))),
+        }
+    }
+
+    fn is_metrics_token(&self, header: &str) -> bool {
+        match (&self.metrics_token, bearer(header)) {
+            (Some(expected), Some(token)) => {
+                constant_time_eq(token.as_bytes(), expected.as_bytes())
+            }
+            _ => false,
         }
     }
 

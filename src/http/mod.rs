@@ -1,11 +1,14 @@
 //! The HTTP front: the guard (limits) before tiny_http, and a few threads taking requests from
-//! tiny_http, each with its own database connection. Bodies are capped, callers checked and
-//! request ids given here, because tiny_http does none of it.
+//! tiny_http, each with its own database connection. Bodies are capped, origins, callers and
+//! rates checked and request ids given here, because tiny_http does none of it.
 
+pub mod access;
 pub mod auth;
 pub mod error;
+mod gate;
 mod guard;
 mod private_socket;
+mod rate;
 mod routes;
 
 use std::io::Read;
@@ -20,14 +23,20 @@ use anyhow::{anyhow, Context, Result};
 use log::{debug, info, warn};
 use parking_lot::RwLock;
 use socket2::{Domain, Socket, Type};
-use tiny_http::{Header, Request, Response, Server};
+use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::logging;
 use crate::metrics::Metrics;
 use crate::service::Service;
-use auth::Auth;
+use auth::{Auth, Who};
 use error::ApiError;
+use gate::Gate;
+pub use guard::memory_budget;
 use guard::{Guard, Limits};
+
+/// Threads answering HTTP requests. Most requests take milliseconds; a pause or a DELETE waits
+/// for the tenant's in-flight messages, so there are enough threads for several of those.
+pub const REQUEST_THREADS: usize = 16;
 
 /// Requests larger than this are refused with 413 before they are read.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -90,15 +99,20 @@ pub struct HttpSettings {
     pub max_connections: usize,
     /// Silence allowed between requests, and time allowed for a whole request.
     pub timeout: std::time::Duration,
+    /// Origins whose web pages may call.
+    pub allowed_origins: Vec<String>,
+    /// Requests a second per credential (0: no limit), and the burst beyond it.
+    pub rate_per_sec: u32,
+    pub rate_burst: u32,
 }
 
 impl HttpServer {
     /// Listens on `settings.addr`, admitting callers as `auth` says.
     pub fn start(settings: &HttpSettings, auth: Auth, service: Arc<Service>) -> Result<HttpServer> {
-        let auth = Arc::new(auth);
         let public = listen(&settings.addr)?;
         let local = public.local_addr()?;
         auth.log_start(local);
+        let gate = Arc::new(Gate::new(settings, auth));
         let socket_dir = private_socket::create()?;
         let socket = socket_dir.join(private_socket::SOCKET);
         let listener = UnixListener::bind(&socket).context("binding the private HTTP socket")?;
@@ -111,7 +125,7 @@ impl HttpServer {
             threads: settings.threads,
         });
         let threads = (0..settings.threads)
-            .map(|i| spawn_request_thread(i, &front, &service, &auth))
+            .map(|i| spawn_request_thread(i, &front, &service, &gate))
             .collect::<Result<_>>()?;
         let limits = Limits {
             max_connections: settings.max_connections,
@@ -175,15 +189,15 @@ fn spawn_request_thread(
     i: usize,
     front: &Arc<Front>,
     service: &Arc<Service>,
-    auth: &Arc<Auth>,
+    gate: &Arc<Gate>,
 ) -> Result<JoinHandle<()>> {
-    let (front, service, auth) = (front.clone(), service.clone(), auth.clone());
+    let (front, service, gate) = (front.clone(), service.clone(), gate.clone());
     std::thread::Builder::new()
         .name(format!("http-{i}"))
         .spawn(move || loop {
             let server = front.current();
             match server.recv() {
-                Ok(request) => handle_guarded(&service, &auth, request),
+                Ok(request) => handle_guarded(&service, &gate, request),
                 Err(_) if front.stopping.load(Ordering::SeqCst) => return,
                 Err(e) => front.replace(&server, &e),
             }
@@ -197,6 +211,8 @@ pub struct ApiRequest {
     pub path: String,
     pub query: String,
     pub body: Vec<u8>,
+    /// The caller may see every tenant's series in `/metrics` and why `/readyz` fails.
+    pub operator: bool,
 }
 
 /// What a route answers: a status and a body.
@@ -213,7 +229,7 @@ pub enum Body {
     Empty,
 }
 
-fn handle(service: &Service, auth: &Auth, mut request: Request) {
+fn handle(service: &Service, gate: &Gate, mut request: Request) {
     let started = std::time::Instant::now();
     let request_id = request_id(header_value(&request, "X-Request-Id").as_deref());
     logging::set_request_id(Some(&request_id));
@@ -221,38 +237,35 @@ fn handle(service: &Service, auth: &Auth, mut request: Request) {
     let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
     let (path, query) = (path.to_string(), query.to_string());
     let route = routes::Route::parse(&path);
-    let authorization = header_value(&request, "Authorization");
-    let result = auth
-        .authorize(
-            &method,
-            route.as_ref(),
-            &path,
-            &query,
-            authorization.as_deref(),
-        )
-        .and_then(|()| read_request(&mut request, path.clone(), query))
-        .and_then(|r| routes::route(service, route, r));
-    // Refusals say why in the request's log line (never the token itself).
-    let denied = match &result {
-        Err(e @ (ApiError::Unauthorized(_) | ApiError::Forbidden(_))) => Some(format!(
-            "denied on {method} {}: {}",
-            routes::label(&path),
-            e.message()
-        )),
-        _ => None,
+    let origin = header_value(&request, "Origin");
+    let checked = gate.check_origin(origin.as_deref(), header_value(&request, "Host").as_deref());
+    let allowed_origin = checked.as_ref().ok().copied().flatten().map(str::to_string);
+    let result = match checked {
+        Err(e) => Err(e),
+        Ok(Some(_)) if method == Method::Options => access::preflight(route.as_ref()),
+        Ok(_) => gate
+            .admit(&request, &method, route.as_ref(), &path, &query)
+            .and_then(|who| read_request(&mut request, path.clone(), query, who))
+            .and_then(|r| routes::route(service, route.as_ref(), r)),
     };
+    let note = note(&result, &method, &path);
     let (status, mut response) = match result {
         Ok(ok) => (ok.status, respond(ok.status, ok.body)),
         Err(e) => error_response(&e),
     };
     response.add_header(header("X-Request-Id", &request_id));
+    if let Some(origin) = allowed_origin {
+        for (name, value) in access::cors_headers(&origin, &method, route.as_ref()) {
+            response.add_header(header(name, &value));
+        }
+    }
     record(
         service.metrics(),
         method.as_str(),
         &path,
         status,
         started.elapsed(),
-        denied.as_deref(),
+        note.as_deref(),
     );
     if let Err(e) = request.respond(response) {
         debug!("could not send the response to {method} {path}: {e}");
@@ -260,11 +273,28 @@ fn handle(service: &Service, auth: &Auth, mut request: Request) {
     logging::set_request_id(None);
 }
 
+/// What the request's log line adds: why it was refused (never the token itself), why the
+/// replica is not ready.
+fn note(result: &Result<ApiResponse, ApiError>, method: &Method, path: &str) -> Option<String> {
+    match result {
+        Err(
+            e @ (ApiError::Unauthorized(_) | ApiError::Forbidden(_) | ApiError::ForeignCaller(_)),
+        ) => Some(format!(
+            "denied on {method} {}: {}",
+            routes::label(path),
+            e.message()
+        )),
+        Err(ApiError::TooManyRequests(whose, _)) => Some(format!("rate limited: {whose}")),
+        Err(ApiError::NotReady(why)) => Some(format!("not ready: {why}")),
+        _ => None,
+    }
+}
+
 /// A panic while handling one request must not take an HTTP thread down: it is logged, the
 /// client gets tiny_http's 500 (the database connection it held is closed, not reused).
-fn handle_guarded(service: &Service, auth: &Auth, request: Request) {
+fn handle_guarded(service: &Service, gate: &Gate, request: Request) {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        handle(service, auth, request)
+        handle(service, gate, request)
     }));
     if outcome.is_err() {
         log::error!("a request handler panicked; the thread goes on");
@@ -289,6 +319,10 @@ fn error_response(e: &ApiError) -> (u16, Response<std::io::Cursor<Vec<u8>>>) {
         ApiError::Forbidden(_) => response.add_header(header(
             "WWW-Authenticate",
             "Bearer error=\"insufficient_scope\"",
+        )),
+        ApiError::TooManyRequests(_, wait) => response.add_header(header(
+            "Retry-After",
+            &error::retry_after_secs(*wait).to_string(),
         )),
         _ => {}
     }
@@ -338,7 +372,8 @@ fn record(
     }
 }
 
-/// A body must be JSON; a request that says it is something else is refused.
+/// A body must say it is JSON: one without `Content-Type` (which a web page's form or
+/// `fetch` may send cross-site without asking first) or of another type is refused.
 fn check_content_type(request: &Request) -> Result<(), ApiError> {
     let Some(value) = request
         .headers()
@@ -346,7 +381,7 @@ fn check_content_type(request: &Request) -> Result<(), ApiError> {
         .find(|h| h.field.equiv("Content-Type"))
         .map(|h| h.value.as_str().to_ascii_lowercase())
     else {
-        return Ok(());
+        return Err(ApiError::UnsupportedMediaType(String::new()));
     };
     let essence = value.split(';').next().unwrap_or("").trim().to_string();
     if essence == "application/json" || essence.ends_with("+json") {
@@ -360,6 +395,7 @@ fn read_request(
     request: &mut Request,
     path: String,
     query: String,
+    who: Who,
 ) -> Result<ApiRequest, ApiError> {
     if request.body_length().is_some_and(|n| n > MAX_BODY_BYTES) {
         return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
@@ -381,6 +417,7 @@ fn read_request(
         path,
         query,
         body,
+        operator: who.is_operator(),
     })
 }
 

@@ -73,7 +73,7 @@ impl Route {
         }
     }
 
-    fn allowed(&self) -> &'static [&'static str] {
+    pub fn allowed(&self) -> &'static [&'static str] {
         match self {
             Route::Health
             | Route::Ready
@@ -98,16 +98,17 @@ pub fn label(path: &str) -> &'static str {
 /// Answers a request for `route` (as `Route::parse` read its path).
 pub fn route(
     service: &Service,
-    route: Option<Route>,
+    route: Option<&Route>,
     req: ApiRequest,
 ) -> Result<ApiResponse, ApiError> {
     let route = route.ok_or_else(|| ApiError::NotFound(format!("no such path: {}", req.path)))?;
     let not_allowed = || ApiError::MethodNotAllowed(route.allowed());
-    match (&req.method, &route) {
+    match (&req.method, route) {
         (Method::Get, Route::Health) => ok(200, json!({ "status": "ok" })),
         (Method::Get, Route::Ready) => match service.readiness() {
             Ok(()) => ok(200, json!({ "status": "ready" })),
-            Err(why) => Err(ApiError::Unavailable(why)),
+            Err(why) if req.operator => Err(ApiError::Unavailable(why)),
+            Err(why) => Err(ApiError::NotReady(why)),
         },
         (Method::Get, Route::OpenApi) => Ok(ApiResponse {
             status: 200,
@@ -115,7 +116,7 @@ pub fn route(
         }),
         (Method::Get, Route::Metrics) => Ok(ApiResponse {
             status: 200,
-            body: Body::Metrics(service.metrics_text()),
+            body: Body::Metrics(service.metrics_text(req.operator)),
         }),
         (Method::Get, Route::Replicas) => ok(200, json!({ "data": service.replicas()? })),
         (Method::Post, Route::Tenants) => {

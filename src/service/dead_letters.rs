@@ -1,6 +1,8 @@
 //! What an operator does with a tenant's dead letters once the cause is fixed: look at the
-//! oldest, replay them to the tenant's queue, or drop them. A look takes nothing; a replay or a
-//! drop holds the lock of the tenant's dead letters, so only one runs per tenant at a time.
+//! oldest, replay them to the tenant's queue, or drop them. Each holds the lock of the tenant's
+//! dead letters, so only one look, replay or drop runs per tenant at a time (a look reads up to
+//! a thousand letters; one caller looping over them cannot take the broker from the others),
+//! and a look holds at most `PAGE_BYTES` of bodies.
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -9,7 +11,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::{Service, ServiceError, ServiceResult};
-use crate::broker::{DeadLetter, Progress, Unroutable};
+use crate::broker::{DeadLetter, Progress, Shown, Unroutable};
 use crate::cursor;
 use crate::ids::TenantId;
 use crate::model::Status;
@@ -22,6 +24,10 @@ pub const MAX_PEEK_DEPTH: u64 = 1000;
 
 /// Payloads larger than this are not shown in a page (their `size` is).
 const MAX_SHOWN_BYTES: usize = 64 * 1024;
+
+/// The most payload bytes one page of dead letters holds; it ends before the letter that would
+/// pass it (the first letter always shows, within `MAX_SHOWN_BYTES`).
+const PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Serialize)]
 pub struct DeadLetterPage {
@@ -54,8 +60,8 @@ pub enum Payload {
 
 impl From<DeadLetter> for DeadLetterView {
     fn from(letter: DeadLetter) -> DeadLetterView {
-        let size = letter.body.len();
-        let (payload, payload_encoding) = match shown(&letter.body) {
+        let size = letter.size;
+        let (payload, payload_encoding) = match letter.body.as_deref().and_then(shown) {
             Some(payload @ Payload::Json(_)) => (Some(payload), "json"),
             Some(payload @ Payload::Base64(_)) => (Some(payload), "base64"),
             None => (None, "omitted"),
@@ -110,13 +116,17 @@ impl Service {
                 .filter(|skip| *skip < MAX_PEEK_DEPTH)
                 .ok_or_else(|| ServiceError::Invalid("invalid cursor".into()))?,
         };
-        self.with_db(|db| self.tenant(db, id).map(|_| ()))?;
         let limit = limit.min(MAX_PEEK_DEPTH - skip);
+        let shown = Shown {
+            letter: MAX_SHOWN_BYTES,
+            page: PAGE_BYTES,
+        };
         let peeked = self
-            .admin
-            .peek_dead_letters(id, skip, limit)
+            .with_letters_locked(id, false, || {
+                self.admin.peek_dead_letters(id, skip, limit, shown)
+            })?
             .map_err(ServiceError::broker)?;
-        let next = skip + limit;
+        let next = skip + peeked.letters.len() as u64;
         let next_cursor =
             (peeked.more && next < MAX_PEEK_DEPTH).then(|| cursor::encode_offset(next));
         Ok(DeadLetterPage {
@@ -160,39 +170,53 @@ impl Service {
         Ok(Dropped { dropped, remaining })
     }
 
-    /// Runs `op` holding the lock of the tenant's dead letters, taken without waiting: a second
-    /// replay or drop is refused at once rather than queued behind a long one. Returns how many
-    /// letters `op` got through, and its outcome.
+    /// Runs a replay or drop (`op`) holding the lock of the tenant's dead letters. Returns how
+    /// many letters `op` got through, and its outcome.
     fn exclusively(
         &self,
         id: TenantId,
         what: &str,
         op: impl FnOnce(&Progress) -> anyhow::Result<u32>,
     ) -> ServiceResult<(u64, anyhow::Result<u32>)> {
+        self.with_letters_locked(id, true, || {
+            info!(tenant_id:% = id; "dead letters: {what} starts");
+            let stop = || self.is_stopping();
+            let progress = Progress::new(&stop);
+            let outcome = op(&progress);
+            (progress.done(), outcome)
+        })
+    }
+
+    /// Runs `op` holding the lock of the tenant's dead letters, taken without waiting: a second
+    /// look, replay or drop is refused at once rather than queued behind a long one. With
+    /// `moves`, a tenant being deleted is refused too (its letters go with it).
+    fn with_letters_locked<T>(
+        &self,
+        id: TenantId,
+        moves: bool,
+        op: impl FnOnce() -> T,
+    ) -> ServiceResult<T> {
         let mut db = self.db.get().map_err(ServiceError::database)?;
         let status = tenants::status(&mut db, id)
             .map_err(ServiceError::database)?
             .ok_or_else(|| ServiceError::tenant_not_found(id))?;
-        if status == Status::Deleting {
+        if moves && status == Status::Deleting {
             return Err(ServiceError::Conflict(format!(
                 "tenant {id} is being deleted"
             )));
         }
         if !tenants::try_lock_dead_letters(&mut db, id).map_err(ServiceError::database)? {
             return Err(ServiceError::Conflict(format!(
-                "a replay or drop of tenant {id}'s dead letters is already running; try again \
-                 once it has answered"
+                "a look, replay or drop of tenant {id}'s dead letters is already running; try \
+                 again once it has answered"
             )));
         }
-        info!(tenant_id:% = id; "dead letters: {what} starts");
-        let stop = || self.is_stopping();
-        let progress = Progress::new(&stop);
-        let outcome = op(&progress);
+        let outcome = op();
         if tenants::unlock_dead_letters(&mut db, id).is_err() {
             // Closing the session releases the lock.
             db.discard();
         }
-        Ok((progress.done(), outcome))
+        Ok(outcome)
     }
 
     /// The error of a replay or drop that stopped midway, saying how far it got.
@@ -215,7 +239,8 @@ mod tests {
     fn view(body: &[u8]) -> serde_json::Value {
         let letter = DeadLetter {
             message_id: None,
-            body: body.to_vec(),
+            body: Some(body.to_vec()),
+            size: body.len(),
             reason: None,
             attempts: 0,
             dead_lettered_at: None,
@@ -242,9 +267,11 @@ mod tests {
 
     #[test]
     fn a_payload_passes_through_as_written() {
+        let body = br#"{"big": 12345678901234567890, "f": 1.0}"#;
         let letter = DeadLetter {
             message_id: Some("m".into()),
-            body: br#"{"big": 12345678901234567890, "f": 1.0}"#.to_vec(),
+            body: Some(body.to_vec()),
+            size: body.len(),
             reason: Some("r".into()),
             attempts: 3,
             dead_lettered_at: None,

@@ -29,6 +29,7 @@ use crate::stats::Counts;
 use crate::store::{self, replicas, tenants};
 
 pub use error::{ServiceError, ServiceResult};
+pub use pages::PAGE_PAYLOAD_BYTES;
 
 /// Below this many rows a tenant's rows are counted; above, PostgreSQL's estimate is shown.
 const EXACT_ROWS_BELOW: i64 = 10_000;

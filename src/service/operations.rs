@@ -53,7 +53,11 @@ impl Service {
 
     /// `/metrics`: refreshes the queue gauges when they are older than `QUEUE_METRICS_EVERY`
     /// (one scrape in that interval pays for reading thousands of queues; the others are cheap).
-    pub fn metrics_text(&self) -> String {
+    /// `per_tenant` false: only the series that name no tenant (and nothing is read).
+    pub fn metrics_text(&self, per_tenant: bool) -> String {
+        if !per_tenant {
+            return self.metrics.render(false);
+        }
         let stale = {
             let mut at = self.queues_read_at.lock();
             let stale = at.is_none_or(|t| t.elapsed() >= QUEUE_METRICS_EVERY);
@@ -65,7 +69,7 @@ impl Service {
         if stale {
             self.read_queue_gauges();
         }
-        self.metrics.render()
+        self.metrics.render(true)
     }
 
     fn read_queue_gauges(&self) {

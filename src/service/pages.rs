@@ -1,5 +1,7 @@
 //! Reading in pages: tenants in creation order, a tenant's messages oldest first, and every
-//! tenant's messages tenant by tenant. Keyset pages with opaque cursors.
+//! tenant's messages tenant by tenant. Keyset pages with opaque cursors. A page of messages
+//! holds at most `PAGE_PAYLOAD_BYTES` of payloads, so what a request thread builds and the HTTP
+//! guard holds for a slow reader is bounded in bytes, not only in rows.
 
 use postgres::Client;
 use serde::Serialize;
@@ -13,6 +15,12 @@ use crate::store::{messages, tenants};
 
 /// At most this many tenants' partitions are read by one page of `/api/messages`.
 const PARTITIONS_PER_PAGE: usize = 50;
+
+/// The most payload bytes one page of messages holds (as PostgreSQL prints them); a page ends
+/// before the message that would pass it, and says where to go on. A message larger than this
+/// alone is shown on a page of its own without its payload, with its `payload_size`.
+pub const PAGE_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+const PAGE_BYTES: i64 = PAGE_PAYLOAD_BYTES as i64;
 
 #[derive(Serialize)]
 pub struct Page<T> {
@@ -42,9 +50,13 @@ impl Service {
         let after = decode_cursor(cursor, cursor::decode)?;
         self.with_db(|db| {
             self.tenant(db, id)?;
-            let mut rows =
-                messages::page(db, id, after, limit as i64 + 1).map_err(ServiceError::database)?;
-            let next = next_cursor(&mut rows, limit, |m| cursor::encode((m.created_at, m.id)));
+            let rows = messages::page(db, id, after, limit as i64 + 1, PAGE_BYTES)
+                .map_err(ServiceError::database)?;
+            let (mut rows, cut) = fit(rows, true);
+            let next = match cut {
+                true => rows.last().map(|m| cursor::encode((m.created_at, m.id))),
+                false => next_cursor(&mut rows, limit, |m| cursor::encode((m.created_at, m.id))),
+            };
             Ok(Page {
                 data: rows,
                 next_cursor: next,
@@ -119,6 +131,7 @@ fn walk_all(
     walk: &Walk,
 ) -> ServiceResult<Page<StoredMessage>> {
     let mut data = Vec::with_capacity(limit);
+    let mut bytes: i64 = 0;
     for _ in 0..PARTITIONS_PER_PAGE {
         let (tenant, after) = match position {
             Some(AllPosition::Within(t, p)) => (t, Some(p)),
@@ -132,18 +145,31 @@ fn walk_all(
             },
         };
         let want = limit - data.len();
-        let mut rows = messages::page(db, tenant.into(), after, want as i64 + 1)
-            .map_err(ServiceError::database)?;
-        if rows.len() > want {
+        let rows = messages::page(
+            db,
+            tenant.into(),
+            after,
+            want as i64 + 1,
+            PAGE_BYTES - bytes,
+        )
+        .map_err(ServiceError::database)?;
+        let fetched = rows.len();
+        let (mut rows, cut) = fit(rows, data.is_empty());
+        if cut || fetched > want {
             rows.truncate(want);
+            // The page ends in this tenant: after its last row shown, or before the tenant
+            // when none was.
+            let next = match rows.last() {
+                Some(last) => Some(AllPosition::Within(tenant, (last.created_at, last.id))),
+                None => position,
+            };
             data.extend(rows);
-            let last = data.last().expect("want >= 1");
-            let next = AllPosition::Within(tenant, (last.created_at, last.id));
             return Ok(Page {
                 data,
-                next_cursor: Some(cursor::encode_all(next)),
+                next_cursor: next.map(cursor::encode_all),
             });
         }
+        bytes += rows.iter().map(|m| m.size).sum::<i64>();
         data.extend(rows);
         position = Some(AllPosition::After(tenant));
         if data.len() == limit {
@@ -158,6 +184,24 @@ fn walk_all(
         data,
         next_cursor: next,
     })
+}
+
+/// The rows whose payloads came (those within the page's bytes), and whether one was left out
+/// for its size. The first row of a page stays even without its payload (larger than a whole
+/// page), with its `payload_size`, so that every page moves on.
+fn fit(rows: Vec<StoredMessage>, first_of_page: bool) -> (Vec<StoredMessage>, bool) {
+    let mut kept = Vec::with_capacity(rows.len());
+    for (i, mut row) in rows.into_iter().enumerate() {
+        if row.payload.is_none() {
+            if i == 0 && first_of_page {
+                row.payload_size = Some(row.size);
+                kept.push(row);
+            }
+            return (kept, true);
+        }
+        kept.push(row);
+    }
+    (kept, false)
 }
 
 fn end(data: Vec<StoredMessage>) -> Page<StoredMessage> {

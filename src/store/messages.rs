@@ -57,34 +57,56 @@ pub fn insert(
 /// A page of a tenant's messages after a `(created_at, id)` position: a keyset read of the
 /// partition's `(tenant_id, created_at, id)` index, as cheap deep in the partition as at its
 /// start. The payload is passed through as PostgreSQL prints it: no second parse, and no number
-/// that serde_json could not represent.
-pub const PAGE_AFTER: &str = "SELECT id, tenant_id, payload::text, created_at FROM messages
-     WHERE tenant_id = $1 AND (created_at, id) > ($2, $3) ORDER BY created_at, id LIMIT $4";
+/// that serde_json could not represent. It is sent only while the payloads so far stay within
+/// `$5` bytes: what PostgreSQL prints can be far larger than what was stored (`1e131071` is
+/// 131,072 digits), so the page is cut where PostgreSQL measures it, before tenantd holds it.
+pub const PAGE_AFTER: &str = "SELECT id, tenant_id, created_at, size,
+            CASE WHEN running <= $5 THEN payload END
+     FROM (SELECT id, tenant_id, created_at, payload, octet_length(payload) AS size,
+                  sum(octet_length(payload)) OVER (ORDER BY created_at, id ROWS UNBOUNDED PRECEDING)
+                      AS running
+           FROM (SELECT id, tenant_id, created_at, payload::text AS payload FROM messages
+                 WHERE tenant_id = $1 AND (created_at, id) > ($2, $3)
+                 ORDER BY created_at, id LIMIT $4) page) sized
+     ORDER BY created_at, id";
 
 /// The first page of a tenant's messages.
-const FIRST: &str = "SELECT id, tenant_id, payload::text, created_at FROM messages
-     WHERE tenant_id = $1 ORDER BY created_at, id LIMIT $2";
+const FIRST: &str = "SELECT id, tenant_id, created_at, size,
+            CASE WHEN running <= $3 THEN payload END
+     FROM (SELECT id, tenant_id, created_at, payload, octet_length(payload) AS size,
+                  sum(octet_length(payload)) OVER (ORDER BY created_at, id ROWS UNBOUNDED PRECEDING)
+                      AS running
+           FROM (SELECT id, tenant_id, created_at, payload::text AS payload FROM messages
+                 WHERE tenant_id = $1 ORDER BY created_at, id LIMIT $2) page) sized
+     ORDER BY created_at, id";
 
-/// A tenant's messages oldest first, strictly after `after` (a `(created_at, id)` position).
+/// A tenant's messages oldest first, strictly after `after` (a `(created_at, id)` position),
+/// with their payloads while these add up to at most `bytes` (then without).
 pub fn page(
     client: &mut Client,
     tenant: TenantId,
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
+    bytes: i64,
 ) -> Result<Vec<StoredMessage>> {
     let rows = match after {
-        Some((at, id)) => client.query(PAGE_AFTER, &[&tenant.uuid(), &at, &id, &limit])?,
-        None => client.query(FIRST, &[&tenant.uuid(), &limit])?,
+        Some((at, id)) => client.query(PAGE_AFTER, &[&tenant.uuid(), &at, &id, &limit, &bytes])?,
+        None => client.query(FIRST, &[&tenant.uuid(), &limit, &bytes])?,
     };
     rows.iter()
         .map(|r| {
-            let payload: String = r.try_get(2)?;
+            let payload: Option<String> = r.try_get(4)?;
+            let size: i32 = r.try_get(3)?;
             Ok(StoredMessage {
                 id: r.try_get(0)?,
                 tenant_id: r.try_get(1)?,
-                payload: serde_json::value::RawValue::from_string(payload)
+                payload: payload
+                    .map(serde_json::value::RawValue::from_string)
+                    .transpose()
                     .context("a stored payload is not JSON")?,
-                created_at: r.try_get(3)?,
+                size: i64::from(size),
+                payload_size: None,
+                created_at: r.try_get(2)?,
             })
         })
         .collect()

@@ -97,7 +97,7 @@ fn keys_that_cannot_verify_stop_the_start_with_a_clear_error() {
 }
 
 #[test]
-fn an_open_api_on_a_public_address_warns_at_start_and_a_credential_quiets_it() {
+fn an_open_api_on_a_public_address_opted_into_warns_at_start_and_a_credential_quiets_it() {
     let db = TestDb::create();
     let env = |extra: &[(&'static str, &str)]| {
         let mut env = vec![("DATABASE_URL", db.url()), ("RABBITMQ_URL", rabbitmq_url())];
@@ -105,7 +105,8 @@ fn an_open_api_on_a_public_address_warns_at_start_and_a_credential_quiets_it() {
         env
     };
     let warning = "open to anyone who can reach 0.0.0.0:";
-    let mut open = Tenantd::start(&env(&[("HTTP_ADDR", "0.0.0.0:0")]));
+    let opted_in = [("HTTP_ADDR", "0.0.0.0:0"), ("ALLOW_INSECURE_OPEN_API", "1")];
+    let mut open = Tenantd::start(&env(&opted_in));
     let log = open.stop_cleanly("-TERM");
     let line = log
         .lines()

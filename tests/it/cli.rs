@@ -25,6 +25,75 @@ fn help_lists_every_setting_with_its_default() {
 }
 
 #[test]
+fn help_states_the_worst_case_memory() {
+    let out = tenantd().arg("--help").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let memory = text
+        .split("Memory at worst")
+        .nth(1)
+        .expect("a memory paragraph");
+    for said in [
+        "workers x BATCH_SIZE",
+        "max_message_size",
+        "300 MiB a tenant",
+        "HTTP guard: 288 MiB at most",
+        "4 MiB of payloads",
+    ] {
+        assert!(memory.contains(said), "{said} missing: {memory}");
+    }
+}
+
+#[test]
+fn an_open_api_beyond_loopback_is_refused_before_anything_is_connected_to() {
+    use std::net::TcpListener;
+    // Where tenantd would connect first: listeners that count who comes.
+    let (pg, amqp) = (
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let database = format!(
+        "postgres://postgres:postgres@{}/sample_db",
+        pg.local_addr().unwrap()
+    );
+    let broker = format!("amqp://guest:guest@{}/%2f", amqp.local_addr().unwrap());
+    let metrics_token = "m".repeat(32); // not a credential of the API
+    let refused = [
+        vec![("HTTP_ADDR", "0.0.0.0:0")],
+        vec![("HTTP_ADDR", "[::]:0")],
+        vec![
+            ("HTTP_ADDR", "0.0.0.0:0"),
+            ("METRICS_TOKEN", &metrics_token),
+        ],
+        vec![("HTTP_ADDR", "0.0.0.0:0"), ("API_TOKEN", "too-short")],
+    ];
+    for settings in refused {
+        let out = tenantd()
+            .env("DATABASE_URL", &database)
+            .env("RABBITMQ_URL", &broker)
+            .env("CONNECT_TIMEOUT_MS", "1000")
+            .envs(settings.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{settings:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let named = ["ALLOW_INSECURE_OPEN_API=1", "API_TOKEN"];
+        let short = "API_TOKEN must be at least 32 bytes";
+        assert!(
+            named.iter().all(|n| err.contains(n)) || err.contains(short),
+            "{settings:?}: {err}"
+        );
+    }
+    for listener in [pg, amqp] {
+        listener.set_nonblocking(true).unwrap();
+        assert!(
+            listener.accept().is_err(),
+            "tenantd connected before refusing its settings"
+        );
+    }
+}
+
+#[test]
 fn a_missing_database_is_a_one_line_error_and_a_failure_exit() {
     let out = tenantd()
         .env(
@@ -186,4 +255,23 @@ fn the_readme_tells_every_setting_its_default_and_what_it_accepts() {
             s.name
         );
     }
+}
+
+#[test]
+fn the_readmes_curl_examples_send_their_bodies_as_json() {
+    let readme = include_str!("../../README.md");
+    // Each command whole: its continuation lines joined.
+    let commands = readme.replace("\\\n", " ");
+    let with_bodies: Vec<&str> = commands
+        .lines()
+        .filter(|l| l.contains("curl ") && l.contains(" -d "))
+        .collect();
+    assert!(with_bodies.len() >= 10, "{with_bodies:?}");
+    for command in with_bodies {
+        assert!(
+            command.contains(r#"-H "$J""#) || command.contains("Content-Type: application/json"),
+            "a body without its JSON Content-Type (415): {command}"
+        );
+    }
+    assert!(readme.contains("J='Content-Type: application/json'"));
 }

@@ -322,4 +322,72 @@ fn a_look_at_a_quorum_dead_letter_queue_keeps_its_order_and_count_too() {
         .map(|l| l["payload"]["n"].as_i64().unwrap())
         .collect();
     assert_eq!(left, (10..30).collect::<Vec<_>>(), "the oldest were moved");
+    // Its looks never make the broker drop a letter (RabbitMQ 4 drops a quorum queue's
+    // message after 20 deliveries unless told otherwise).
+    let arguments = crate::support::vhost::queue_arguments(&dlq_name(&tenant));
+    assert!(arguments.contains("x-delivery-limit"), "{arguments}");
+    assert!(arguments.contains("2147483647"), "{arguments}");
+}
+
+#[test]
+fn one_look_replay_or_drop_runs_per_tenant_at_a_time() {
+    use crate::support::proxy::Proxy;
+    let proxy = Proxy::start(&crate::support::amqp_host_port());
+    let url = crate::support::amqp_url_via(proxy.port());
+    let app = TestApp::spawn_with(|c| c.rabbitmq_url = url);
+    let tenant = app.create_tenant_with(json!({"name": "busy letters", "status": "inactive"}));
+    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let mut amqp = Amqp::connect();
+    fill_dlq(&mut amqp, &tenant, 1000);
+    let (base, path) = (
+        app.base(),
+        format!("/api/tenants/{tenant}/dead-letters/replay"),
+    );
+    let replay = std::thread::spawn(move || {
+        crate::support::http::request(&base, "POST", &path, Some(b"{}"))
+    });
+    // A replay under way, held there by a broker that stops answering.
+    wait_until(Duration::from_secs(60), "the replay under way", || {
+        dlq_depth(&mut amqp, &tenant) < 1000
+    });
+    proxy.freeze();
+    let letters = format!("/api/tenants/{tenant}/dead-letters");
+    app.get(&letters).assert_error(409, "already running");
+    post_replay(&app, &tenant, Some("{}")).assert_error(409, "already running");
+    drop_letters(&app, &tenant, Some("{}")).assert_error(409, "already running");
+    proxy.cut();
+    replay
+        .join()
+        .unwrap()
+        .assert_error(503, "before it stopped");
+    proxy.restore();
+    // Served again once it answered; what it had not acked is back in the DLQ.
+    let left = peek(&app.base(), &tenant, "")["total"].as_u64().unwrap();
+    assert!(0 < left && left <= 1000, "{left}");
+}
+
+#[test]
+fn a_look_holds_at_most_4_mib_of_payloads_and_its_pages_still_reach_every_letter() {
+    let app = TestApp::spawn();
+    let tenant = app.create_tenant_with(json!({"name": "heavy letters", "status": "inactive"}));
+    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let mut amqp = Amqp::connect();
+    let pad = "x".repeat(60_000);
+    for n in 0..100 {
+        let body = json!({ "n": n, "pad": pad }).to_string();
+        amqp.publish(&dlq_name(&tenant), body.as_bytes(), None);
+    }
+    amqp.wait_confirms();
+    let first = peek(&app.base(), &tenant, "limit=100");
+    let shown = first["data"].as_array().unwrap().len();
+    assert!(
+        (60..=70).contains(&shown),
+        "{shown} letters of 60 KB in a page"
+    );
+    assert_eq!(first["next_cursor"], format!("o{shown}"));
+    let n: Vec<i64> = peek_all(&app.base(), &tenant)
+        .iter()
+        .map(|l| l["payload"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(n, (0..100).collect::<Vec<_>>());
 }

@@ -7,8 +7,19 @@ use crate::support::{queue_name, wait_until, Amqp, TestApp};
 use serde_json::json;
 use std::time::Duration;
 
+/// The admin token of the metrics tests.
+const TOKEN: &str = "metrics-tests-admin-token-0123456789abcdef";
+
+/// `/metrics` as an operator scrapes it: in full (an open API is everyone's).
 fn scrape(app: &TestApp) -> String {
-    let reply = app.get("/metrics");
+    scrape_as(app, Some(TOKEN))
+}
+
+/// `/metrics` with this admin token, or none.
+fn scrape_as(app: &TestApp, token: Option<&str>) -> String {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    let reply = crate::support::http::request_with(&app.base(), "GET", "/metrics", &headers, None);
     assert_eq!(reply.status, 200);
     assert_eq!(
         reply.header("content-type"),
@@ -27,10 +38,11 @@ fn value(text: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn metrics_count_each_tenants_messages_and_pass_promtool() {
-    let app = TestApp::spawn_with(|c| c.api_token = Some("t0ken".into()));
+    let app = TestApp::spawn_with(|c| c.api_token = Some(TOKEN.into()));
     let base = app.base();
+    let bearer = format!("Bearer {TOKEN}");
     let auth = [
-        ("Authorization", "Bearer t0ken"),
+        ("Authorization", bearer.as_str()),
         ("Content-Type", "application/json"),
     ];
     let create = |body: serde_json::Value| {
@@ -65,7 +77,7 @@ fn metrics_count_each_tenants_messages_and_pass_promtool() {
     amqp.wait_confirms();
     app.wait_rows(&active, 25);
 
-    let text = scrape(&app); // open without the token
+    let text = scrape(&app);
     let stored = format!("tenantd_messages_stored_total{{tenant_id=\"{active}\"}}");
     wait_until(Duration::from_secs(5), "stored count", || {
         value(&scrape(&app), &stored) == Some(25.0)
@@ -153,4 +165,55 @@ fn a_deleted_or_failed_tenant_leaves_no_series_behind() {
         !text.lines().any(|l| l.contains("tenant_id=\"")),
         "a failed create leaves no series: {text}"
     );
+}
+
+#[test]
+fn anonymous_callers_see_no_tenant_and_no_internal_error_and_operators_see_all() {
+    let proxy = crate::support::proxy::Proxy::start(&crate::support::amqp_host_port());
+    let url = crate::support::amqp_url_via(proxy.port());
+    let metrics_token = "metrics-token-of-the-tests-0123456789abcdef";
+    let app = TestApp::spawn_with(|c| {
+        c.rabbitmq_url = url;
+        c.api_token = Some(TOKEN.into());
+        c.jwt_hs256_secret = Some(crate::support::tokens::SECRET.into());
+        c.metrics_token = Some(metrics_token.into());
+    });
+    let tenant = crate::auth::create_tenant(&app.base(), TOKEN, "measured");
+    let names_a_tenant = |text: &str| text.contains(&format!("tenant_id=\"{tenant}\""));
+    let anonymous = scrape_as(&app, None);
+    assert!(!anonymous.contains("tenant_id"), "{anonymous}");
+    assert!(
+        anonymous.contains("tenantd_http_requests_total"),
+        "{anonymous}"
+    );
+    assert!(anonymous.contains("tenantd_http_held_bytes"), "{anonymous}");
+    assert!(names_a_tenant(&scrape_as(&app, Some(TOKEN))));
+    assert!(names_a_tenant(&scrape_as(&app, Some(metrics_token))));
+    // The metrics token reaches nothing else; a tenant's token not the full view.
+    let call = |token: &str, path: &str| {
+        crate::support::tokens::call(&app.base(), Some(token), "GET", path, None)
+    };
+    call(metrics_token, "/api/tenants").assert_error(401, "invalid bearer token");
+    let claims = crate::support::tokens::tenant(&tenant);
+    let tenant_token =
+        crate::support::tokens::hs256(crate::support::tokens::SECRET.as_bytes(), &claims);
+    call(&tenant_token, "/metrics").assert_error(403, "metrics_token");
+
+    // Not ready: why is for operators (and the log), not for anyone.
+    proxy.cut();
+    wait_until(Duration::from_secs(30), "not ready", || {
+        app.get("/readyz").status == 503
+    });
+    let anonymous = app.get("/readyz");
+    assert_eq!(anonymous.json(), json!({"error": "not ready"}));
+    let operator = call(metrics_token, "/readyz");
+    operator.assert_error(503, "message broker unavailable");
+    let admin = call(TOKEN, "/readyz");
+    admin.assert_error(503, "message broker unavailable");
+    assert!(!crate::support::logs::lines_with(&[
+        "GET /readyz -> 503",
+        "not ready: message broker unavailable"
+    ])
+    .is_empty());
+    proxy.restore();
 }

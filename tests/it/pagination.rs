@@ -209,6 +209,59 @@ fn payloads_come_back_as_stored_even_beyond_f64() {
 }
 
 #[test]
+fn a_page_holds_at_most_4_mib_of_payloads_and_a_walk_still_yields_every_row() {
+    let app = TestApp::spawn();
+    let tenant = app.create_tenant_with(json!({"name": "heavy", "status": "inactive"}));
+    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let id: Uuid = tenant.parse().unwrap();
+    let mut pg = app.pg();
+    let insert = |pg: &mut postgres::Client, payload: &str, from: i32, to: i32| {
+        let sql = format!(
+            "INSERT INTO messages (id, tenant_id, payload, created_at)
+             SELECT gen_random_uuid(), $1, {payload}, now() + n * interval '1 ms'
+             FROM generate_series({from}, {to}) n"
+        );
+        pg.execute(&sql, &[&id]).unwrap();
+    };
+    // 12 rows of 1 MB, then one stored in a few hundred bytes that PostgreSQL prints in 5 MB
+    // (each 1e131071 is 131,072 digits), then 3 small ones.
+    insert(
+        &mut pg,
+        "jsonb_build_object('n', n, 'pad', repeat('x', 1000000))",
+        0,
+        11,
+    );
+    let huge = format!("'[{}1e131071]'::jsonb", "1e131071,".repeat(39));
+    insert(&mut pg, &huge, 12, 12);
+    insert(&mut pg, "jsonb_build_object('n', n)", 13, 15);
+
+    let path = format!("/api/tenants/{tenant}/messages");
+    let first = app.get(&format!("{path}?limit=100"));
+    assert_eq!(
+        first.json()["data"].as_array().unwrap().len(),
+        4,
+        "4 of 1 MB"
+    );
+    assert!(first.body.len() < 4_300_000, "{} bytes", first.body.len());
+    for path in [path, format!("/api/messages?tenant_id={tenant}")] {
+        let rows = walk(&app, &path, 100);
+        assert_eq!(rows.len(), 16, "every row once");
+        let n: Vec<i64> = rows
+            .iter()
+            .filter_map(|r| r["payload"]["n"].as_i64())
+            .collect();
+        assert_eq!(n, [(0..12).collect::<Vec<_>>(), vec![13, 14, 15]].concat());
+        let left_out = &rows[12];
+        assert!(left_out.get("payload").is_none(), "{left_out}");
+        assert!(left_out["payload_size"].as_i64().unwrap() > 5_000_000);
+        assert!(
+            rows[0].get("payload_size").is_none(),
+            "said only when left out"
+        );
+    }
+}
+
+#[test]
 fn a_deep_page_reads_no_more_rows_than_the_first() {
     let app = TestApp::spawn();
     let tenant = app.create_tenant("deep");
@@ -233,7 +286,7 @@ fn a_deep_page_reads_no_more_rows_than_the_first() {
     };
     let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", tenantd::PAGE_AFTER_SQL);
     let plan: serde_json::Value = pg
-        .query_one(&explain, &[&id, &deep.0, &deep.1, &11i64])
+        .query_one(&explain, &[&id, &deep.0, &deep.1, &11i64, &(4i64 << 20)])
         .unwrap()
         .get(0);
     let text = plan.to_string();

@@ -1,5 +1,6 @@
 //! Which client connections are open, which of them are idle (between requests), and room for
-//! one more: below `HTTP_MAX_CONNECTIONS`, or by closing an idle one.
+//! one more: below `HTTP_MAX_CONNECTIONS` and its address's fair share of them, or by closing
+//! an idle one (its own when the address is past its share, else the busiest address's).
 
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, TcpStream};
@@ -11,9 +12,12 @@ use log::debug;
 use parking_lot::Mutex;
 use socket2::SockRef;
 
+use super::budget::{fair_share, ClientKey};
+
 /// One open client connection, as the guard tracks it.
 pub struct Conn {
     pub id: u64,
+    pub client: ClientKey,
     /// A clone of the client socket, to close it from outside (eviction, shutdown).
     pub stream: TcpStream,
     pub activity: Arc<Activity>,
@@ -71,6 +75,17 @@ impl Conn {
     }
 }
 
+/// Closes the first idle connection of `candidates`.
+fn close_idle<'a>(mut candidates: impl Iterator<Item = &'a &'a Conn>) -> Option<()> {
+    let conn = candidates.find(|c| c.claim_if_idle())?;
+    debug!(
+        "closing idle HTTP connection {} of {} to make room",
+        conn.id, conn.client
+    );
+    let _ = conn.stream.shutdown(Shutdown::Both);
+    Some(())
+}
+
 /// A look at the socket that neither waits nor takes anything (an error counts as none).
 fn has_unread_bytes(stream: &TcpStream) -> bool {
     let mut byte = [MaybeUninit::uninit(); 1];
@@ -78,45 +93,78 @@ fn has_unread_bytes(stream: &TcpStream) -> bool {
     matches!(SockRef::from(stream).recv_with_flags(&mut byte, flags), Ok(n) if n > 0)
 }
 
-#[derive(Default)]
+/// Why a connection was not admitted.
+pub enum Full {
+    /// Every slot is busy.
+    Everyone,
+    /// The client's address holds its whole share, and none of it idle.
+    ThisAddress,
+}
+
 pub struct Conns {
     open: Mutex<Vec<Conn>>,
+    gauge: prometheus::IntGauge,
 }
 
 impl Conns {
-    /// Below the limit, or after closing an idle connection: true. Closed connections stay
-    /// listed until their thread has ended, so every thread is joined, here or at shutdown.
-    pub fn make_room(&self, max: usize) -> bool {
+    pub fn new(gauge: prometheus::IntGauge) -> Conns {
+        Conns {
+            open: Mutex::new(Vec::new()),
+            gauge,
+        }
+    }
+
+    /// Room for one more connection from `client`: below the limit and its share, or after
+    /// closing an idle connection (oldest first): its own when it is past its share, else one
+    /// of the address holding the most. Closed connections stay listed until their thread has
+    /// ended, so every thread is joined, here or at shutdown.
+    pub fn make_room(&self, client: ClientKey, max: usize) -> Result<(), Full> {
         let mut conns = self.open.lock();
         conns.retain(|c| !c.thread.is_finished());
-        let open = conns.iter().filter(|c| !c.activity.is_claimed()).count();
-        if open < max {
-            return true;
+        self.gauge.set(conns.len() as i64);
+        let live: Vec<&Conn> = conns.iter().filter(|c| !c.activity.is_claimed()).collect();
+        let mine = live.iter().filter(|c| c.client == client).count();
+        // At least one, so that a newcomer can take an idle slot of a full house.
+        let share = fair_share(max, live.len() - mine).max(1);
+        if mine >= share {
+            let own = live.iter().filter(|c| c.client == client);
+            return close_idle(own).ok_or(Full::ThisAddress);
         }
-        let idle = conns.iter().find(|c| c.claim_if_idle());
-        match idle {
-            Some(conn) => {
-                debug!("closing idle HTTP connection {} to make room", conn.id);
-                let _ = conn.stream.shutdown(Shutdown::Both);
-                true
-            }
-            None => false,
+        if live.len() < max {
+            return Ok(());
         }
+        let mut held: std::collections::HashMap<ClientKey, usize> = Default::default();
+        for conn in &live {
+            *held.entry(conn.client).or_default() += 1;
+        }
+        let mut busiest_first = live.clone();
+        busiest_first.sort_by_key(|c| std::cmp::Reverse(held[&c.client]));
+        close_idle(busiest_first.iter()).ok_or(Full::Everyone)
     }
 
     pub fn add(&self, conn: Conn) {
-        self.open.lock().push(conn);
+        let mut conns = self.open.lock();
+        conns.push(conn);
+        self.gauge.set(conns.len() as i64);
     }
 
-    /// Ends every connection and joins its thread. Only the reading side is shut: a response
-    /// still being copied reaches its client, then the connection ends.
-    pub fn close_all(&self) {
+    /// Ends every connection and joins its thread. First only the reading side is shut: a
+    /// response still being written reaches its client, then the connection ends; a client
+    /// still not done reading after `grace` is cut.
+    pub fn close_all(&self, grace: std::time::Duration) {
         let conns: Vec<Conn> = std::mem::take(&mut *self.open.lock());
         for conn in &conns {
             let _ = conn.stream.shutdown(Shutdown::Read);
         }
+        let deadline = std::time::Instant::now() + grace;
+        while conns.iter().any(|c| !c.thread.is_finished()) && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         for conn in conns {
+            let _ = conn.stream.shutdown(Shutdown::Both);
             let _ = conn.thread.join();
         }
+        self.gauge.set(0);
     }
 }

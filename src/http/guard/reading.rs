@@ -8,19 +8,30 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use super::admission::Activity;
+use super::budget::{Budget, ClientKey, Reservation};
 use super::Limits;
+
+/// The header that tells the request threads the client's address: the guard removes any a
+/// client sends, and sets it when it passes the request on.
+pub const CLIENT_HEADER: &str = "X-Tenantd-Client";
 
 /// The most a request line plus headers may take.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 100;
 
 /// A whole request, ready to pass on.
-pub struct Request {
-    /// The head as tiny_http gets it: the client's, without `Expect` (answered here).
+pub struct Request<'a> {
+    /// The head as tiny_http gets it: the client's, without `Expect` (answered here) and
+    /// without any `X-Tenantd-Client` (the guard's to set).
     pub head: Vec<u8>,
     pub body: Vec<u8>,
     /// The client asked to close the connection after this request.
     pub close: bool,
+    pub method: String,
+    pub path: String,
+    pub request_id: Option<String>,
+    /// The body's place in the budget of bodies, given back with the request.
+    _body: Reservation<'a>,
 }
 
 /// Why the guard answers a request itself; what it knows of the request.
@@ -33,7 +44,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: u16, message: impl Into<String>) -> Refusal {
+    pub fn new(status: u16, message: impl Into<String>) -> Refusal {
         Refusal {
             status,
             message: message.into(),
@@ -49,10 +60,17 @@ impl Refusal {
         self.request_id = head.request_id.clone();
         self
     }
+
+    pub fn about_request(mut self, request: &Request) -> Refusal {
+        self.method = Some(request.method.clone());
+        self.path = Some(request.path.clone());
+        self.request_id = request.request_id.clone();
+        self
+    }
 }
 
-pub enum Outcome {
-    Request(Request),
+pub enum Outcome<'a> {
+    Request(Request<'a>),
     /// The client left, or stayed silent past the timeout, before starting a request.
     Closed,
     Refused(Refusal),
@@ -71,17 +89,23 @@ struct Head {
     forward: Vec<u8>,
 }
 
+/// Where a request comes from, and the budget its body is read within.
+pub struct Source<'a> {
+    pub client: ClientKey,
+    pub bodies: &'a Budget,
+}
+
 /// Reads the next request from `client`; `buf` keeps what arrived beyond it (a pipelined
 /// request). `activity` says when a request starts: none starts on a connection claimed to
-/// make room. `reserve` is asked for room for a body before it is read (false: the guard holds
-/// too many bodies at once).
-pub fn read_request(
+/// make room. Room for the body is taken from the budget of bodies before it is read (none
+/// left for this address: 503).
+pub fn read_request<'a>(
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
     limits: &Limits,
     activity: &Activity,
-    reserve: &mut dyn FnMut(usize) -> bool,
-) -> Outcome {
+    source: &Source<'a>,
+) -> Outcome<'a> {
     if buf.is_empty() {
         if !activity.wait_between_requests() {
             return Outcome::Closed;
@@ -101,10 +125,13 @@ pub fn read_request(
         Ok(head) => head,
         Err(refusal) => return Outcome::Refused(refusal),
     };
-    if !reserve(head.body_len) {
-        let busy = Refusal::new(503, "too many request bodies in flight; try again");
+    let Some(reservation) = source.bodies.take(source.client, head.body_len) else {
+        let busy = Refusal::new(
+            503,
+            "too many request bodies in flight from this address; try again",
+        );
         return Outcome::Refused(busy.about(&head));
-    }
+    };
     if head.expects_continue && buf.len() == head.len {
         // The client waits for this before sending the body (tiny_http's own would come only
         // after the body).
@@ -120,6 +147,10 @@ pub fn read_request(
         head: head.forward,
         body,
         close: head.close,
+        method: head.method,
+        path: head.path,
+        request_id: head.request_id,
+        _body: reservation,
     })
 }
 
@@ -203,6 +234,7 @@ fn parse_head(bytes: &[u8], max_body: usize) -> Result<Option<Head>, Refusal> {
                 }
             }
             "x-request-id" => head.request_id = Some(value.to_string()),
+            name if name.eq_ignore_ascii_case(CLIENT_HEADER) => continue,
             _ => {}
         }
         head.forward.extend_from_slice(h.name.as_bytes());
@@ -328,10 +360,10 @@ mod tests {
     }
 
     #[test]
-    fn expect_is_answered_here_and_not_passed_on() {
-        let h = head("POST / HTTP/1.1\r\nExpect: 100-continue\r\nA: b\r\n\r\n")
-            .unwrap()
-            .unwrap();
+    fn expect_and_a_claimed_client_address_are_not_passed_on() {
+        let raw =
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nx-tenantd-client: 10.9.9.9\r\nA: b\r\n\r\n";
+        let h = head(raw).unwrap().unwrap();
         assert!(h.expects_continue);
         assert_eq!(h.forward, b"POST / HTTP/1.1\r\nA: b\r\n\r\n");
     }

@@ -178,6 +178,23 @@ impl Drop for BrokerUser {
     }
 }
 
+/// The arguments a queue of the default vhost was declared with, as the broker reports them.
+pub fn queue_arguments(queue: &str) -> String {
+    match api() {
+        Some(api) => {
+            let path = format!("/api/queues/%2f/{queue}");
+            let reply = super::http::request_with(&api, "GET", &path, &[AUTH], None);
+            reply.json()["arguments"].to_string()
+        }
+        None => rabbitmqctl(&["list_queues", "name", "arguments"])
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(name, _)| *name == queue)
+            .map(|(_, arguments)| arguments.to_string())
+            .unwrap_or_default(),
+    }
+}
+
 fn api() -> Option<String> {
     std::env::var("TENANTD_TEST_RABBITMQ_API").ok()
 }
