@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 . scripts/services.sh
 
 ensure_stack
-cargo build --release --locked
+cargo build --release --locked --quiet
 say "starting tenantd on ${HTTP_ADDR:-127.0.0.1:8080}"
 exec ./target/release/tenantd

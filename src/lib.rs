@@ -11,6 +11,7 @@ pub mod config;
 mod consumer;
 mod coordinator;
 mod cursor;
+pub mod help;
 mod http;
 mod ids;
 mod inflight;
@@ -74,6 +75,8 @@ pub struct App {
     failover_timeout: Duration,
     shutdown_timeout: Duration,
     stopped: bool,
+    /// Every part runs: only then does a stop say what it stops.
+    started: bool,
 }
 
 /// Applies the schema, connects to the broker, starts answering HTTP and joins the replicas,
@@ -135,6 +138,7 @@ pub fn start(config: Config) -> Result<App> {
         failover_timeout: config.failover_timeout,
         shutdown_timeout: config.shutdown_timeout,
         stopped: false,
+        started: false,
     };
     let http = HttpServer::start(&http_settings(&config), auth, service)?;
     let http_addr = http.addr();
@@ -147,6 +151,7 @@ pub fn start(config: Config) -> Result<App> {
         drain_timeout: config.shutdown_timeout,
     };
     app.coordinator = Some(Coordinator::start(settings, manager, events, health)?);
+    app.started = true;
     info!(
         "tenantd replica {} listening on http://{http_addr}",
         config.replica_id
@@ -225,23 +230,32 @@ impl App {
         let deadline = Instant::now() + self.shutdown_timeout;
         // Operations waiting on another replica answer now, so HTTP stops within a moment.
         self.service.stop_waiting();
+        // A start refused half way undoes what it began without a word: its error says why,
+        // and shutdown lines would read as if a running replica were stopping.
+        let said = self.started;
         if let Some(http) = self.http.take() {
-            info!(
-                "shutdown of replica {}: HTTP stops taking requests",
-                self.replica_id
-            );
+            if said {
+                info!(
+                    "shutdown of replica {}: HTTP stops taking requests",
+                    self.replica_id
+                );
+            }
             http.stop();
         }
         if let Some(coordinator) = self.coordinator.take() {
             coordinator.stop(deadline)?;
         }
-        info!("shutdown: every consumer stopped");
+        if said {
+            info!("shutdown: every consumer stopped");
+        }
         if !self.pool.join(deadline + Duration::from_secs(1)) || Instant::now() > deadline {
             bail!(
                 "shutdown took longer than SHUTDOWN_TIMEOUT; unacked messages will be redelivered"
             );
         }
-        info!("shutdown: worker pool drained");
+        if said {
+            info!("shutdown: worker pool drained");
+        }
         Ok(())
     }
 }

@@ -26,7 +26,7 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         None => serve(),
         Some("--help" | "-h") => {
-            print!("{}", tenantd::config::help_text());
+            print!("{}", tenantd::help::help_text());
             Ok(())
         }
         Some("token") => tenantd::token::run(&args[1..]),

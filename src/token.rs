@@ -39,15 +39,25 @@ fn parse(args: &[String]) -> Result<(Caller, Duration)> {
                 let id = raw
                     .parse()
                     .map_err(|_| anyhow::anyhow!("{raw:?} is not a tenant id (a UUID)"))?;
-                caller = Some(Caller::Tenant(id));
+                name_once(&mut caller, Caller::Tenant(id))?;
             }
-            "--admin" => caller = Some(Caller::Admin),
+            "--admin" => name_once(&mut caller, Caller::Admin)?,
             "--ttl" => ttl = duration(value()?)?,
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
     let caller = caller.with_context(|| format!("name whom the token is for; {USAGE}"))?;
     Ok((caller, ttl))
+}
+
+/// A token is for one caller: a second `--tenant` or `--admin` is refused, not taken over the
+/// first.
+fn name_once(caller: &mut Option<Caller>, named: Caller) -> Result<()> {
+    if caller.is_some() {
+        bail!("name one caller: --tenant <id> or --admin, once; {USAGE}");
+    }
+    *caller = Some(named);
+    Ok(())
 }
 
 /// `90s`, `30m`, `1h`, `7d`, or plain seconds.
@@ -94,5 +104,13 @@ mod tests {
         assert!(parse(&args(&[])).is_err());
         assert!(parse(&args(&["--tenant", "nope"])).is_err());
         assert!(parse(&args(&["--tenant"])).is_err());
+        for conflicting in [
+            &["--admin", "--tenant", id][..],
+            &["--tenant", id, "--admin"],
+            &["--tenant", id, "--tenant", id],
+        ] {
+            let err = parse(&args(conflicting)).unwrap_err().to_string();
+            assert!(err.contains("name one caller"), "{err}");
+        }
     }
 }

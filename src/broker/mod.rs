@@ -232,16 +232,6 @@ pub enum QueueType {
     Quorum,
 }
 
-impl QueueType {
-    pub fn parse(raw: &str) -> Result<QueueType> {
-        match raw {
-            "classic" => Ok(QueueType::Classic),
-            "quorum" => Ok(QueueType::Quorum),
-            other => bail!("QUEUE_TYPE={other:?} is neither classic nor quorum"),
-        }
-    }
-}
-
 /// Declares the tenant's three durable queues, on a channel of their own: a queue declared
 /// earlier with other arguments (another `QUEUE_TYPE`) makes the broker close the channel
 /// (406), and is then used as it is.

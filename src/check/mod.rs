@@ -16,11 +16,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::broker::Brokers;
-use crate::config::CHECK_USAGE as USAGE;
 use crate::store::{self, limits::ServerLimits, DbSettings};
 use crate::Config;
 use rows::Inputs;
 use table::Limit;
+
+/// How `tenantd check` is called.
+pub const USAGE: &str = "tenantd check [--env-file <file>]";
 
 /// Runs the preflight; `Err` names every dependency that could not be reached.
 pub fn run(args: &[String]) -> Result<()> {

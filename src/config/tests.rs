@@ -3,11 +3,55 @@
 use super::*;
 
 #[test]
-fn every_setting_says_what_it_accepts() {
+fn every_setting_says_what_it_accepts_and_is_named_once() {
     for s in SETTINGS {
-        assert!(!bounds(s.name).is_empty(), "{} has no bounds", s.name);
+        assert!(!s.accepts.is_empty(), "{} has no bounds", s.name);
+        assert!(!s.help.is_empty(), "{} has no help", s.name);
     }
-    assert_eq!(BOUNDS.len(), SETTINGS.len());
+    let names: std::collections::HashSet<_> = SETTINGS.iter().map(|s| s.name).collect();
+    assert_eq!(names.len(), SETTINGS.len());
+}
+
+#[test]
+fn origins_are_scheme_host_and_port_only() {
+    let parsed = parse::origins(" https://Console.example.com, http://127.0.0.1:3000 ,").unwrap();
+    assert_eq!(
+        parsed,
+        ["https://console.example.com", "http://127.0.0.1:3000"]
+    );
+    assert!(parse::origins("").unwrap().is_empty());
+    for bad in [
+        "console.example.com",
+        "https://x.example/app",
+        "ftp://x",
+        "https://",
+    ] {
+        assert!(parse::origins(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn each_bound_is_refused_naming_its_setting() {
+    for (name, value) in [
+        ("FAILOVER_TIMEOUT", "1"),
+        ("DB_KEEPALIVE_MS", "1999"),
+        ("HTTP_TIMEOUT_MS", "99"),
+        ("CONNECT_TIMEOUT_MS", "0"),
+        ("HTTP_MAX_CONNECTIONS", "0"),
+        ("WORKER_POOL_SIZE", "0"),
+        ("MAX_WORKERS", "0"),
+        ("LOG_FORMAT", "yaml"),
+        ("QUEUE_TYPE", "stream"),
+    ] {
+        let err = refused(&[(name, value)]);
+        assert!(err.starts_with(name), "{name}={value}: {err}");
+    }
+}
+
+#[test]
+fn a_secret_too_short_is_refused_without_repeating_it() {
+    let err = refused(&[("API_TOKEN", "short-secret-value")]);
+    assert!(!err.contains("short-secret-value"), "{err}");
 }
 
 #[test]

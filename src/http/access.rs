@@ -10,36 +10,16 @@ use super::error::ApiError;
 use super::routes::Route;
 use super::{ApiResponse, Body};
 
-/// The shortest `API_TOKEN` and `METRICS_TOKEN` (as `JWT_HS256_SECRET`: 256 bits of hex).
-pub const MIN_TOKEN_BYTES: usize = 32;
-
-/// The largest `JWT_LEEWAY_SECS`: clocks further apart than this are a fault to fix.
-pub const MAX_LEEWAY_SECS: u64 = 300;
-
 /// What the start checks of the settings that say who can reach the API.
 pub struct Exposure<'a> {
     pub http_addr: &'a str,
     /// `API_TOKEN`, `JWT_HS256_SECRET` or `JWT_PUBLIC_KEY_FILE` is set.
     pub credential: bool,
     pub allow_insecure_open_api: bool,
-    /// The secrets by setting name: each at least `MIN_TOKEN_BYTES` when set.
-    pub secrets: [(&'a str, Option<&'a str>); 3],
-    pub jwt_leeway_secs: u64,
 }
 
-/// The access settings' own checks, run with every other before anything connects.
-pub fn check_settings(exposure: &Exposure) -> Result<()> {
-    for (name, secret) in exposure.secrets {
-        if secret.is_some_and(|s| s.len() < MIN_TOKEN_BYTES) {
-            // For JWT_HS256_SECRET, RFC 7518 3.2: a key as long as the hash, 256 bits.
-            bail!(
-                "{name} must be at least {MIN_TOKEN_BYTES} bytes (`openssl rand -hex 32` makes one)"
-            );
-        }
-    }
-    if exposure.jwt_leeway_secs > MAX_LEEWAY_SECS {
-        bail!("JWT_LEEWAY_SECS must be at most {MAX_LEEWAY_SECS}");
-    }
+/// Refuses an API open to other hosts, run with every other check before anything connects.
+pub fn check_exposure(exposure: &Exposure) -> Result<()> {
     let addr = exposure.http_addr;
     if !exposure.credential && !exposure.allow_insecure_open_api && !is_loopback_only(addr)? {
         bail!(
@@ -63,30 +43,6 @@ pub fn is_loopback_only(addr: &str) -> Result<bool> {
         bail!("HTTP_ADDR={addr:?} resolves to nothing");
     }
     Ok(resolved.all(|a| a.ip().to_canonical().is_loopback()))
-}
-
-/// `HTTP_ALLOWED_ORIGINS`: `scheme://host[:port]` entries, comma-separated, as browsers send
-/// them in `Origin` (lowercase, no path).
-pub fn parse_origins(raw: &str) -> Result<Vec<String>> {
-    raw.split(',')
-        .map(str::trim)
-        .filter(|o| !o.is_empty())
-        .map(|origin| {
-            let lower = origin.to_ascii_lowercase();
-            let rest = lower
-                .strip_prefix("https://")
-                .or_else(|| lower.strip_prefix("http://"));
-            match rest {
-                Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', '@', ' ']) => {
-                    Ok(lower)
-                }
-                _ => bail!(
-                    "HTTP_ALLOWED_ORIGINS: {origin:?} is not an origin (scheme://host[:port], \
-                     no path)"
-                ),
-            }
-        })
-        .collect()
 }
 
 /// The checks on where a request comes from: its `Origin` (a web page) and, when the API is
@@ -206,25 +162,6 @@ mod tests {
         }
         assert!(is_loopback_only("[::ffff:127.0.0.1]:80").unwrap());
         assert!(is_loopback_only("nonsense").is_err());
-    }
-
-    #[test]
-    fn origins_are_scheme_host_and_port_only() {
-        let parsed =
-            parse_origins(" https://Console.example.com, http://127.0.0.1:3000 ,").unwrap();
-        assert_eq!(
-            parsed,
-            ["https://console.example.com", "http://127.0.0.1:3000"]
-        );
-        assert!(parse_origins("").unwrap().is_empty());
-        for bad in [
-            "console.example.com",
-            "https://x.example/app",
-            "ftp://x",
-            "https://",
-        ] {
-            assert!(parse_origins(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

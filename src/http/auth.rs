@@ -255,6 +255,13 @@ impl Auth {
         if self.keys.is_empty() {
             return Err(invalid("wrong token"));
         }
+        if token.split('.').count() != 3 {
+            // Not a JWT: most often a mistyped API_TOKEN, which is what to say.
+            return Err(invalid(match self.api_token {
+                Some(_) => "wrong token: neither the API token nor a JWT",
+                None => "not a JWT (header.payload.signature)",
+            }));
+        }
         // Each key verifies its own algorithm only; the token's header picks nothing.
         for key in &self.keys {
             match jsonwebtoken::decode::<Grant>(token, &key.key, &key.validation) {
@@ -364,13 +371,10 @@ fn bearer(header: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Compares without stopping at the first difference, so timing does not leak the token.
+/// Compares a presented token with a secret in time that does not depend on where they
+/// differ (only on their lengths, which are not secret).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (i, &x) in b.iter().enumerate() {
-        diff |= usize::from(x ^ a.get(i).copied().unwrap_or(0));
-    }
-    diff == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 /// The claims `tenantd token` signs.

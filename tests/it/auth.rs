@@ -232,7 +232,7 @@ fn forged_expired_and_misaddressed_tokens_get_401_invalid_token() {
     let claims = |changes: Value| tokens::with(addressed(tokens::admin()), changes);
     let other_key = KeyPair::rsa();
     let cases = [
-        ("garbage", "not-a-jwt".to_string(), "malformed"),
+        ("garbage", "not-a-jwt".to_string(), "not a JWT"),
         (
             "alg none",
             tokens::unsigned(&claims(json!({}))),
@@ -371,7 +371,7 @@ fn hs256_tokens_and_api_token_work_side_by_side_and_probes_stay_open() {
             "not a tenant id",
         ),
         (sign(claims(json!({ "aud": "tenantd" }))), "audience"),
-        (format!("{API_TOKEN}x"), "malformed"),
+        (format!("{API_TOKEN}x"), "neither the API token nor a JWT"),
     ];
     for (token, why) in refused {
         get(Some(&token), "/api/replicas").assert_invalid_token(why);
@@ -391,7 +391,7 @@ fn hs256_tokens_and_api_token_work_side_by_side_and_probes_stay_open() {
     }
     assert_eq!(get(Some("garbage"), "/healthz").status, 200);
     for path in ["/readyz", "/metrics"] {
-        get(Some("garbage"), path).assert_invalid_token("malformed");
+        get(Some("garbage"), path).assert_invalid_token("neither the API token nor a JWT");
     }
 }
 

@@ -54,6 +54,12 @@ fn tenantd_token_mints_tokens_the_server_accepts() {
     let claims = jsonwebtoken::dangerous::insecure_decode_claims::<Value>(&token).unwrap();
     let lifetime = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
     assert_eq!(lifetime, 7200, "{claims}");
+    // A token names one caller: both flags are refused, not settled by the last one.
+    let both = mint(&["--admin", "--tenant", &tenant]);
+    assert_eq!(both.status.code(), Some(1));
+    assert!(both.stdout.is_empty(), "no token printed");
+    let err = String::from_utf8(both.stderr).unwrap();
+    assert!(err.contains("name one caller"), "{err}");
     // Without a secret there is nothing to sign with: one line saying which setting is missing.
     let unsigned = std::process::Command::new(env!("CARGO_BIN_EXE_tenantd"))
         .env_clear()

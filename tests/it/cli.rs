@@ -19,7 +19,7 @@ fn help_lists_every_setting_with_its_default() {
     for s in tenantd::config::SETTINGS {
         assert!(text.contains(s.name), "{} missing from --help", s.name);
         assert!(text.contains(s.default), "default of {} missing", s.name);
-        let accepts = tenantd::config::bounds(s.name);
+        let accepts = s.accepts;
         assert!(text.contains(accepts), "what {} accepts is missing", s.name);
     }
 }
@@ -65,6 +65,7 @@ fn an_open_api_beyond_loopback_is_refused_before_anything_is_connected_to() {
             ("METRICS_TOKEN", &metrics_token),
         ],
         vec![("HTTP_ADDR", "0.0.0.0:0"), ("API_TOKEN", "too-short")],
+        vec![("HTTP_ADDR", "localhost"), ("API_TOKEN", &metrics_token)],
     ];
     for settings in refused {
         let out = tenantd()
@@ -79,8 +80,11 @@ fn an_open_api_beyond_loopback_is_refused_before_anything_is_connected_to() {
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
         let named = ["ALLOW_INSECURE_OPEN_API=1", "API_TOKEN"];
         let short = "API_TOKEN must be at least 32 bytes";
+        let unlistenable = "HTTP_ADDR=\"localhost\" is not an address to listen on";
         assert!(
-            named.iter().all(|n| err.contains(n)) || err.contains(short),
+            named.iter().all(|n| err.contains(n))
+                || err.contains(short)
+                || err.contains(unlistenable),
             "{settings:?}: {err}"
         );
     }
@@ -91,6 +95,23 @@ fn an_open_api_beyond_loopback_is_refused_before_anything_is_connected_to() {
             "tenantd connected before refusing its settings"
         );
     }
+}
+
+#[test]
+fn a_replica_id_in_use_is_refused_in_one_line_that_reads_as_no_shutdown() {
+    let db = TestDb::create();
+    let env = [
+        ("DATABASE_URL", db.url()),
+        ("RABBITMQ_URL", rabbitmq_url()),
+        ("REPLICA_ID", "twin".to_string()),
+    ];
+    let running = Tenantd::start(&env);
+    let out = tenantd().envs(env.iter().cloned()).output().unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("REPLICA_ID=\"twin\" is in use"), "{err}");
+    assert!(!err.contains("shutdown"), "{err}");
+    assert_eq!(running.request("GET", "/healthz", None).status, 200);
 }
 
 #[test]
@@ -248,7 +269,7 @@ fn the_readme_tells_every_setting_its_default_and_what_it_accepts() {
             "{}: default {default}: {row}",
             s.name
         );
-        let accepts = tenantd::config::bounds(s.name);
+        let accepts = s.accepts;
         assert!(
             row.ends_with(&format!("| {accepts} |")),
             "{}: accepts {accepts}: {row}",

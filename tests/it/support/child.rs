@@ -6,11 +6,15 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 
 pub struct Tenantd {
     process: std::process::Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Disconnects once the reader has taken the last line of the log (EOF): after an exit,
+    /// `wait` waits for it, so that no test reads a log whose end is still in the pipe.
+    log_complete: Receiver<()>,
     pub base: String,
 }
 
@@ -29,7 +33,9 @@ impl Tenantd {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = process.stderr.take().unwrap();
         let sink = log.clone();
+        let (reading, log_complete) = crossbeam_channel::bounded::<()>(0);
         std::thread::spawn(move || {
+            let _reading = reading;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().push(line);
             }
@@ -37,6 +43,7 @@ impl Tenantd {
         let mut child = Tenantd {
             process,
             log,
+            log_complete,
             base: String::new(),
         };
         child.base = child.wait_for_listening();
@@ -83,11 +90,13 @@ impl Tenantd {
         assert!(status.success(), "kill {signal} {pid}");
     }
 
-    /// Waits for the process to exit; its exit code (`None` when killed by a signal).
+    /// Waits for the process to exit and for its log to be read to the end; its exit code
+    /// (`None` when killed by a signal).
     pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.process.try_wait().unwrap() {
+                self.wait_for_log_end(deadline);
                 return status.code();
             }
             assert!(
@@ -96,6 +105,17 @@ impl Tenantd {
                 self.lines()
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_for_log_end(&self, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self
+            .log_complete
+            .recv_timeout(left.max(Duration::from_secs(5)))
+        {
+            Err(RecvTimeoutError::Disconnected) => {}
+            _ => panic!("tenantd exited but its log never ended: {:?}", self.lines()),
         }
     }
 
