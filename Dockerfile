@@ -7,14 +7,16 @@ COPY src ./src
 COPY tests ./tests
 RUN cargo build --release --locked
 
-# Test stage: the build plus promtool, dpkg-dev and systemd-analyze (the package's tests), and
+# Test stage: the build plus the documents (a test reads the README's settings table, the
+# package ships them), promtool, dpkg-dev and systemd-analyze (the package's tests), and
 # the PostgreSQL and RabbitMQ programs the fault soak runs private servers with, for
 # `docker compose run --rm tests`.
 FROM builder AS tests
 RUN apt-get update && apt-get install -y --no-install-recommends prometheus dpkg-dev systemd \
         postgresql rabbitmq-server \
     && rm -rf /var/lib/apt/lists/*
-COPY README.md ./
+COPY README.md ARCHITECTURE.md ./
+COPY docs ./docs
 COPY scripts ./scripts
 
 # Runtime stage: the binary alone on a slim Debian.

@@ -6,7 +6,8 @@
 # It builds the release binary (or takes --binary's), stages the package's tree under <dir>
 # (default target/debian) and builds it with `dpkg-deb`, which every Debian system has. In it:
 # /usr/bin/tenantd, the systemd unit, the commented env file /etc/tenantd/tenantd.env (a
-# conffile: an upgrade never overwrites an edited one), the maintainer scripts and the README.
+# conffile: an upgrade never overwrites an edited one), the maintainer scripts, the README and
+# the documents it links to.
 # Needs dpkg-dev (dpkg-shlibdeps computes the libraries it depends on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,9 @@ strip --strip-debug "$stage/usr/bin/tenantd"
 install -D -m 0644 scripts/debian/tenantd.service "$stage/usr/lib/systemd/system/tenantd.service"
 install -D -m 0600 scripts/debian/tenantd.env "$stage/etc/tenantd/tenantd.env"
 install -D -m 0644 README.md "$stage/usr/share/doc/tenantd/README.md"
+# What the README links to, at the same relative paths.
+install -D -m 0644 ARCHITECTURE.md "$stage/usr/share/doc/tenantd/ARCHITECTURE.md"
+install -D -m 0644 -t "$stage/usr/share/doc/tenantd/docs" docs/*.md
 license=$(sed -n 's/^license = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 printf 'tenantd\nLicense: %s\n' "$license" >"$stage/usr/share/doc/tenantd/copyright"
 for script in postinst prerm postrm; do
