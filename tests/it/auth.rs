@@ -11,7 +11,7 @@ use crate::support::TestApp;
 
 pub const API_TOKEN: &str = "tenantd-tests-admin-token-of-at-least-32-bytes";
 
-/// What a tenant's own token may do, as the README's table says; every other documented
+/// What a tenant's own token may do, as docs/access.md's table says; every other documented
 /// operation answers it 403.
 const TENANT_MAY: &[(&str, &str)] = &[
     ("GET", "/api/openapi.json"),

@@ -1,6 +1,6 @@
 //! What an operator sets up for tenant-scoped access: `tenantd token` mints what the server
 //! accepts, keys that cannot verify stop the start, an open API on a public address warns, and
-//! a tenant's broker user (as the README makes one) publishes to its own queue alone.
+//! a tenant's broker user (as docs/access.md makes one) publishes to its own queue alone.
 
 use amiquip::{ExchangeDeclareOptions, ExchangeType, FieldTable, Publish};
 use serde_json::Value;
