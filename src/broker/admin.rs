@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use parking_lot::Mutex;
 
 use super::dead_letters::{self, Peeked, Progress, Shown};
+use super::publisher::Unroutable;
 use super::{declare_tenant_queues, is_not_found, is_unconfirmed, Brokers, Publisher, QueueType};
 use crate::ids::TenantId;
 
@@ -26,18 +27,6 @@ pub struct QueueStats {
     pub messages: u32,
     pub consumers: u32,
 }
-
-/// The broker could not route a message: the queue it was sent to does not exist.
-#[derive(Debug)]
-pub struct Unroutable(pub String);
-
-impl std::fmt::Display for Unroutable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the broker could not route the message to {}", self.0)
-    }
-}
-
-impl std::error::Error for Unroutable {}
 
 /// The error of a call tried on a kept session, then on a fresh one: both told, the one saying
 /// a publish may have reached its queue kept as the cause (callers look for it).

@@ -20,9 +20,9 @@ use crossbeam_channel::Receiver;
 use log::warn;
 use percent_encoding::percent_decode_str;
 
-pub use admin::{BrokerAdmin, QueueStats, Unroutable};
+pub use admin::{BrokerAdmin, QueueStats};
 pub use dead_letters::{DeadLetter, Progress, Shown};
-pub use publisher::Publisher;
+pub use publisher::{Publisher, Unroutable};
 
 use crate::ids::TenantId;
 

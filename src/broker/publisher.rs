@@ -9,7 +9,7 @@ use amiquip::{AmqpProperties, Channel, Confirm, Publish, Return};
 use anyhow::{bail, Result};
 use crossbeam_channel::Receiver;
 
-use super::{wait_for_confirm, Unconfirmed, Unroutable};
+use super::{wait_for_confirm, Unconfirmed};
 
 pub struct Publisher {
     confirms: Receiver<Confirm>,
@@ -93,3 +93,15 @@ impl Publisher {
         }
     }
 }
+
+/// The broker could not route a message: the queue it was sent to does not exist.
+#[derive(Debug)]
+pub struct Unroutable(pub String);
+
+impl std::fmt::Display for Unroutable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the broker could not route the message to {}", self.0)
+    }
+}
+
+impl std::error::Error for Unroutable {}

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod error;
 mod gate;
 mod guard;
+mod journal;
 mod private_socket;
 mod rate;
 mod routes;
@@ -20,19 +21,19 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::{anyhow, Context, Result};
-use log::{debug, info, warn};
+use log::{debug, warn};
 use parking_lot::RwLock;
 use socket2::{Domain, Socket, Type};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::logging;
-use crate::metrics::Metrics;
 use crate::service::Service;
 use auth::{Auth, Who};
 use error::ApiError;
 use gate::Gate;
 pub use guard::memory_budget;
 use guard::{Guard, Limits};
+use journal::{record, request_id};
 
 /// Threads answering HTTP requests. Most requests take milliseconds; a pause or a DELETE waits
 /// for the tenant's in-flight messages, so there are enough threads for several of those.
@@ -327,49 +328,6 @@ fn error_response(e: &ApiError) -> (u16, Response<std::io::Cursor<Vec<u8>>>) {
         _ => {}
     }
     (status, response)
-}
-
-/// The caller's `X-Request-Id` when it is a sane token, else a new one.
-fn request_id(given: Option<&str>) -> String {
-    match given {
-        Some(id)
-            if !id.is_empty()
-                && id.len() <= 64
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
-        {
-            id.to_string()
-        }
-        _ => uuid::Uuid::new_v4().simple().to_string(),
-    }
-}
-
-/// What every answered request gets, whoever answered it (a route or the guard): a log line
-/// and its place in the request counter and latency histogram.
-fn record(
-    metrics: &Metrics,
-    method: &str,
-    path: &str,
-    status: u16,
-    elapsed: std::time::Duration,
-    note: Option<&str>,
-) {
-    let route = routes::label(path);
-    metrics
-        .http_requests
-        .with_label_values(&[route, &status.to_string()])
-        .inc();
-    let seconds = elapsed.as_secs_f64();
-    metrics
-        .http_seconds
-        .with_label_values(&[route])
-        .observe(seconds);
-    let ms = seconds * 1000.0;
-    match note {
-        Some(note) => info!("{method} {path} -> {status} in {ms:.1} ms ({note})"),
-        None => info!("{method} {path} -> {status} in {ms:.1} ms"),
-    }
 }
 
 /// A body must say it is JSON: one without `Content-Type` (which a web page's form or

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use log::{debug, warn};
 
+use super::journal::{record, request_id};
 use crate::metrics::Metrics;
 use admission::{Activity, Conn, Conns, Full};
 use budget::Budget;
@@ -273,12 +274,12 @@ fn answer(
     metrics: &Metrics,
     linger: bool,
 ) {
-    let id = super::request_id(refusal.request_id.as_deref());
+    let id = request_id(refusal.request_id.as_deref());
     let method = refusal.method.as_deref().unwrap_or("-");
     let path = refusal.path.as_deref().unwrap_or("-");
     let status = refusal.status;
     crate::logging::set_request_id(Some(&id));
-    super::record(
+    record(
         metrics,
         method,
         path,
