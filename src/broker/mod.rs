@@ -368,6 +368,29 @@ fn closed_with(e: &anyhow::Error, code: u16) -> bool {
     })
 }
 
+/// A broker error as an operator reads it in `/readyz` and the consumers' state: amiquip's
+/// words for a lost connection ("i/o loop dropped sending side of a channel") are its own.
+pub fn in_plain_words(e: &anyhow::Error) -> String {
+    use amiquip::Error as Kind;
+    let lost = e.chain().find_map(|cause| {
+        match cause.downcast_ref::<amiquip::Error>()? {
+            Kind::EventLoopDropped
+            | Kind::EventLoopClientDropped
+            | Kind::UnexpectedSocketClose
+            | Kind::ClientClosedChannel
+            | Kind::ClientClosedConnection => Some("the connection to the broker was lost"),
+            Kind::MissedServerHeartbeats => {
+                Some("the broker stopped answering (its heartbeats were missed)")
+            }
+            _ => None,
+        }
+    });
+    match lost {
+        Some(words) => format!("{e}: {words}"),
+        None => format!("{e:#}"),
+    }
+}
+
 /// The broker closed the channel because a queue does not exist (404).
 pub fn is_not_found(e: &anyhow::Error) -> bool {
     closed_with(e, 404)
@@ -380,6 +403,15 @@ fn is_precondition_failed(e: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_connection_is_said_in_plain_words() {
+        let lost = anyhow::Error::new(amiquip::Error::EventLoopDropped).context("consuming");
+        let said = in_plain_words(&lost);
+        assert_eq!(said, "consuming: the connection to the broker was lost");
+        let other = anyhow::anyhow!("refused").context("connecting");
+        assert_eq!(in_plain_words(&other), "connecting: refused");
+    }
 
     #[test]
     fn parses_the_default_url() {

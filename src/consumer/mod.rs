@@ -107,7 +107,7 @@ pub fn spawn(ctx: Arc<ConsumerContext>, spec: TenantSpec) -> Result<ConsumerHand
                 run(&ctx, spec, &control_rx)
             }));
             let error = match ran {
-                Ok(result) => result.err().map(|e| format!("{e:#}")),
+                Ok(result) => result.err().map(|e| broker::in_plain_words(&e)),
                 Err(_) => Some("the consumer thread panicked".to_string()),
             };
             let _ = ctx.events.send(Event::Ended { tenant: id, error });
@@ -185,7 +185,7 @@ fn run(ctx: &ConsumerContext, mut spec: TenantSpec, control: &Receiver<Control>)
         warn!(tenant_id:% = id; "consumer cannot reach the broker, retrying in {delay:?}: {err:#}");
         let _ = ctx.events.send(Event::Failing {
             tenant: id,
-            error: format!("{err:#}"),
+            error: broker::in_plain_words(&err),
         });
         if wait_out(control, delay, &mut spec.workers) {
             return Ok(());

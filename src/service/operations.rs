@@ -29,7 +29,10 @@ impl Service {
             }
         }
         if let Err(e) = self.admin.ping() {
-            down.push(format!("message broker unavailable: {e:#}"));
+            down.push(format!(
+                "message broker unavailable: {}",
+                crate::broker::in_plain_words(&e)
+            ));
         }
         let failing = self.manager.not_running();
         if let Some((_, error)) = failing.first() {
