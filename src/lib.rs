@@ -53,15 +53,16 @@ use watchdog::Liveness;
 /// What a client of the broker needs (the tests and the benchmark connect as publishers do).
 pub use broker::{connect as connect_broker, BrokerAddr, QueueType};
 
-/// The query of a page deep in a tenant's messages, for the test that holds it to its index.
+/// The statements the tests and the benchmark hold to their indexes and costs: not an API.
 #[doc(hidden)]
-pub use store::messages::PAGE_AFTER as PAGE_AFTER_SQL;
-
-/// The workers' inserts, for the benchmark that reads what each costs PostgreSQL per row.
-#[doc(hidden)]
-pub use store::messages::{
-    INSERT as INSERT_SQL, INSERT_SKIPPING_STORED as INSERT_SKIPPING_STORED_SQL,
-};
+pub mod testing {
+    /// The query of a page deep in a tenant's messages, for the test that holds it to its index.
+    pub use crate::store::messages::PAGE_AFTER as PAGE_AFTER_SQL;
+    /// The workers' inserts, for the benchmark that reads what each costs PostgreSQL per row.
+    pub use crate::store::messages::{
+        INSERT as INSERT_SQL, INSERT_SKIPPING_STORED as INSERT_SKIPPING_STORED_SQL,
+    };
+}
 
 /// A running tenantd replica.
 pub struct App {
