@@ -372,8 +372,9 @@ fn closed_with(e: &anyhow::Error, code: u16) -> bool {
 /// words for a lost connection ("i/o loop dropped sending side of a channel") are its own.
 pub fn in_plain_words(e: &anyhow::Error) -> String {
     use amiquip::Error as Kind;
-    let lost = e.chain().find_map(|cause| {
-        match cause.downcast_ref::<amiquip::Error>()? {
+    let lost = e
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<amiquip::Error>()? {
             Kind::EventLoopDropped
             | Kind::EventLoopClientDropped
             | Kind::UnexpectedSocketClose
@@ -383,8 +384,7 @@ pub fn in_plain_words(e: &anyhow::Error) -> String {
                 Some("the broker stopped answering (its heartbeats were missed)")
             }
             _ => None,
-        }
-    });
+        });
     match lost {
         Some(words) => format!("{e}: {words}"),
         None => format!("{e:#}"),

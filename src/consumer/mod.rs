@@ -110,6 +110,8 @@ pub fn spawn(ctx: Arc<ConsumerContext>, spec: TenantSpec) -> Result<ConsumerHand
                 Ok(result) => result.err().map(|e| broker::in_plain_words(&e)),
                 Err(_) => Some("the consumer thread panicked".to_string()),
             };
+            // Its concurrency is a running consumer's: it goes when the consumer does.
+            let _ = ctx.metrics.workers.remove_label_values(&[&id.to_string()]);
             let _ = ctx.events.send(Event::Ended { tenant: id, error });
         })
         .context("spawning a tenant thread")?;

@@ -109,6 +109,20 @@ fn metrics_count_each_tenants_messages_and_pass_promtool() {
         None,
         "a paused tenant has no consumer"
     );
+    // Paused once it ran: its concurrency goes with its consumer.
+    let pause = crate::support::http::request_with(
+        &base,
+        "PATCH",
+        &format!("/api/tenants/{active}"),
+        &auth,
+        Some(br#"{"status":"inactive"}"#),
+    );
+    assert_eq!(pause.status, 200, "{}", pause.text());
+    wait_until(
+        Duration::from_secs(10),
+        "the paused tenant's workers series gone",
+        || value(&scrape(&app), &workers).is_none(),
+    );
 
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])

@@ -284,7 +284,10 @@ fn a_deep_page_reads_no_more_rows_than_the_first() {
             .unwrap();
         (row.get(0), row.get(1))
     };
-    let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", tenantd::testing::PAGE_AFTER_SQL);
+    let explain = format!(
+        "EXPLAIN (ANALYZE, FORMAT JSON) {}",
+        tenantd::testing::PAGE_AFTER_SQL
+    );
     let plan: serde_json::Value = pg
         .query_one(&explain, &[&id, &deep.0, &deep.1, &11i64, &(4i64 << 20)])
         .unwrap()

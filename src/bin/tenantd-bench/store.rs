@@ -24,7 +24,9 @@ pub fn run(stack: &mut Stack, _args: &Args, report: &mut Report) {
     let mut pg = stack.pg();
     let backend: i32 = pg.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     let plain = pg.prepare(tenantd::testing::INSERT_SQL).unwrap();
-    let skipping = pg.prepare(tenantd::testing::INSERT_SKIPPING_STORED_SQL).unwrap();
+    let skipping = pg
+        .prepare(tenantd::testing::INSERT_SKIPPING_STORED_SQL)
+        .unwrap();
     let variants = [
         ("store_us_per_row", &plain, 30),
         ("store_on_conflict_us_per_row", &skipping, 30),
