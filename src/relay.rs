@@ -10,9 +10,9 @@ use amiquip::{AmqpValue, Channel, Consumer, ConsumerMessage, ConsumerOptions, De
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::{after, never, Receiver, RecvError};
 
+use crate::broker::headers::RETRY_AT_HEADER;
 use crate::broker::Publisher;
 use crate::ids::TenantId;
-use crate::inflight::RETRY_AT_HEADER;
 
 pub struct Relay<'c> {
     tenant: TenantId,

@@ -10,11 +10,11 @@ use amiquip::{AmqpProperties, AmqpValue, Channel, Connection, Delivery};
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 
-use super::{is_not_found, Publisher};
-use crate::ids::TenantId;
-use crate::inflight::{
+use super::headers::{
     attempts, ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, REASON_HEADER, RETRY_AT_HEADER,
 };
+use super::{is_not_found, Publisher};
+use crate::ids::TenantId;
 
 /// Letters a replay or a drop takes before settling them: a replay publishes a window, waits
 /// for the broker to confirm all of it, then acks the window's DLQ copies with one ack.

@@ -4,6 +4,7 @@
 
 mod admin;
 mod dead_letters;
+pub mod headers;
 mod publisher;
 
 use std::net::{TcpStream, ToSocketAddrs};

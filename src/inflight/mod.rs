@@ -13,6 +13,9 @@ use log::warn;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
+use crate::broker::headers::{
+    attempts, ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, REASON_HEADER, RETRY_AT_HEADER,
+};
 use crate::broker::Publisher;
 use crate::ids::TenantId;
 use crate::pool::{Batch, BatchDone, Item, Outcome, Poison, WorkerPool};
@@ -23,16 +26,6 @@ mod unacked;
 
 #[cfg(test)]
 mod tests;
-
-/// Header counting a message's failed attempts; it travels with the message, so the count
-/// survives restarts.
-pub const ATTEMPTS_HEADER: &str = "x-tenantd-attempts";
-/// Header saying why the last attempt failed.
-pub const REASON_HEADER: &str = "x-tenantd-reason";
-/// Header of a copy in the retry queue: when (Unix time, ms) it goes back to the tenant's queue.
-pub const RETRY_AT_HEADER: &str = "x-tenantd-retry-at";
-/// Header of a copy in the DLQ: when (Unix time, ms) it was dead-lettered.
-pub const DEAD_LETTERED_AT_HEADER: &str = "x-tenantd-dead-lettered-at";
 
 /// What a book is kept for: the tenant, its concurrency on this channel, and the settings.
 pub struct Book {
@@ -253,22 +246,6 @@ impl InFlight {
             None => Ok(()),
         }
     }
-}
-
-/// How many times this message has failed before, from its header.
-pub fn attempts(properties: &AmqpProperties) -> u32 {
-    let value = properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.get(ATTEMPTS_HEADER));
-    let n = match value {
-        Some(AmqpValue::LongInt(n)) => i64::from(*n),
-        Some(AmqpValue::LongLongInt(n)) => *n,
-        Some(AmqpValue::ShortInt(n)) => i64::from(*n),
-        Some(AmqpValue::LongUInt(n)) => i64::from(*n),
-        _ => 0,
-    };
-    n.clamp(0, 1000) as u32
 }
 
 /// The properties a retried or dead-lettered copy keeps (not the publisher's expiration, which
