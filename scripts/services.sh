@@ -123,7 +123,9 @@ raise_limits() {
   local files
   files=$(ulimit -n)
   if [ "$files" != unlimited ] && [ "$files" -lt 32768 ]; then
-    say "file limit is $files: tenantd can hold about $(((files - 100) / 4)) tenants (raise the hard limit for more)"
+    # tenantd keeps ~630 for itself with the default settings (HTTP connections, pools): the
+    # same reserve `tenantd check` counts.
+    say "file limit is $files: tenantd can hold about $(((files > 630 ? files - 630 : 0) / 4)) tenants (raise the hard limit for more; tenantd check says what else limits them)"
   fi
   if [ "$(id -u)" = 0 ] && [ "$(cat /proc/sys/vm/max_map_count 2>/dev/null || echo 0)" -lt 262144 ]; then
     sysctl -qw vm.max_map_count=262144 2>/dev/null || say "could not raise vm.max_map_count (thousands of tenants need it)"
