@@ -102,6 +102,7 @@ pub fn start(config: Config) -> Result<App> {
         metrics.clone(),
     ));
     let (events_tx, events) = unbounded();
+    let health = Arc::new(Health::default());
     let ctx = ConsumerContext {
         brokers,
         queue_type: config.queue_type,
@@ -112,9 +113,12 @@ pub fn start(config: Config) -> Result<App> {
         events: events_tx,
         metrics: metrics.clone(),
         drain_timeout: config.shutdown_timeout,
+        fence: consumer::FenceClock {
+            health: health.clone(),
+            after: config.failover_timeout / 2,
+        },
     };
     let manager = Arc::new(TenantManager::new(Arc::new(ctx)));
-    let health = Arc::new(Health::default());
     let service = Service::new(
         service_settings(&config),
         store::Pool::new(db.clone()),

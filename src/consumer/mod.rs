@@ -16,6 +16,7 @@ use log::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::broker::{self, Brokers, Publisher, QueueType};
+use crate::coordinator::Health;
 use crate::ids::TenantId;
 use crate::inflight::{Book, InFlight};
 use crate::metrics::Metrics;
@@ -38,6 +39,23 @@ pub struct ConsumerContext {
     pub metrics: Arc<Metrics>,
     /// How long a resize waits for the batches in flight before the channel is reopened.
     pub drain_timeout: Duration,
+    /// When the replica's fence stops every consumer: a drain under way ends by then too.
+    pub fence: FenceClock,
+}
+
+/// The fence's rule, read by a draining thread: every consumer stops `after` the coordinator's
+/// last heartbeat. The fence thread tells running consumers to stop; one already draining (a
+/// stop or resize with a later deadline) ends its drain by the same instant on its own.
+pub struct FenceClock {
+    pub health: Arc<Health>,
+    pub after: Duration,
+}
+
+impl FenceClock {
+    /// The instant the fence stops consumers if no heartbeat comes before it.
+    pub fn at(&self) -> Instant {
+        Instant::now() + self.after.saturating_sub(self.health.since_heartbeat())
+    }
 }
 
 impl ConsumerContext {
@@ -282,7 +300,8 @@ fn consume(
     let publisher = Publisher::enable(&channel, ctx.connect_timeout)?;
     let queue = open_queue(ctx, connection, &channel, id, queues)?;
     let relay_channel = connection.open_channel(None)?;
-    let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout)?;
+    let longest = ctx.retry_delays.iter().max().copied().unwrap_or_default();
+    let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout, longest)?;
     let consumer = queue.consume(ConsumerOptions::default())?;
     queues.started = true;
     info!(
@@ -315,7 +334,7 @@ fn consume(
     // What is committed is acked before the channel closes; what is not goes back to the
     // queue and comes again. The relay's copy, if it holds one, goes back to the retry queue.
     // A stop that comes meanwhile (also while a resize drains) ends the drain by its deadline.
-    let drained = drain(&session, &mut flight, &mut leave, &mut deadline);
+    let drained = drain(&session, &mut flight, &mut leave, &mut deadline, &ctx.fence);
     relay.stop(deadline);
     let _ = relay_channel.close();
     drop(consumer);
