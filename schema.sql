@@ -115,5 +115,18 @@ BEGIN
         );
         CREATE INDEX consumers_replica_id_idx ON consumers (replica_id);
     END IF;
+
+    -- Dead letters: one row per message a tenant dead-lettered (after each of its replays),
+    -- committed once the broker confirmed the letter, so that another copy of the message is
+    -- acked without a second letter.
+    IF to_regclass('dead_letters') IS NULL THEN
+        CREATE TABLE dead_letters (
+            tenant_id        uuid NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+            message_id       text NOT NULL,
+            replays          bigint NOT NULL,
+            dead_lettered_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant_id, message_id, replays)
+        );
+    END IF;
 END
 $schema$;

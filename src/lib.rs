@@ -46,6 +46,7 @@ use manager::TenantManager;
 use metrics::Metrics;
 use pool::WorkerPool;
 use service::{Service, ServiceSettings};
+use store::dead_letters::Ledger;
 use store::DbSettings;
 use watchdog::Liveness;
 
@@ -61,6 +62,9 @@ pub use store::messages::PAGE_AFTER as PAGE_AFTER_SQL;
 pub use store::messages::{
     INSERT as INSERT_SQL, INSERT_SKIPPING_STORED as INSERT_SKIPPING_STORED_SQL,
 };
+
+/// The most connections a replica's tenant threads use at once to record dead letters.
+const LEDGER_CONNECTIONS: usize = 4;
 
 /// A running tenantd replica.
 pub struct App {
@@ -117,6 +121,7 @@ pub fn start(config: Config) -> Result<App> {
             health: health.clone(),
             after: config.failover_timeout / 2,
         },
+        ledger: Arc::new(Ledger::new(db.clone(), LEDGER_CONNECTIONS)),
     };
     let manager = Arc::new(TenantManager::new(Arc::new(ctx)));
     let service = Service::new(

@@ -6,7 +6,9 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use amiquip::{AmqpProperties, AmqpValue, Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery};
+use amiquip::{
+    AmqpProperties, AmqpValue, Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery,
+};
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::{after, never, Receiver, RecvError};
 
@@ -157,7 +159,10 @@ mod tests {
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let now_ms = 1_000_000_000;
         let longest = Duration::from_secs(60);
-        assert_eq!(wait_for(&due(now_ms + 5_000), now, longest), Duration::from_secs(5));
+        assert_eq!(
+            wait_for(&due(now_ms + 5_000), now, longest),
+            Duration::from_secs(5)
+        );
         assert_eq!(wait_for(&due(now_ms - 5_000), now, longest), Duration::ZERO);
         // Published by a replica whose clock ran a day ahead.
         assert_eq!(wait_for(&due(now_ms + 86_400_000), now, longest), longest);

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::pool::{BatchDone, WorkerPool};
 use crate::relay::Relay;
 use crate::stats::TenantStats;
+use crate::store::dead_letters::Ledger;
 
 mod drain;
 use drain::drain;
@@ -41,6 +42,8 @@ pub struct ConsumerContext {
     pub drain_timeout: Duration,
     /// When the replica's fence stops every consumer: a drain under way ends by then too.
     pub fence: FenceClock,
+    /// Which messages are dead-lettered already, shared by every tenant thread.
+    pub ledger: Arc<Ledger>,
 }
 
 /// The fence's rule, read by a draining thread: every consumer stops `after` the coordinator's
@@ -318,6 +321,7 @@ fn consume(
         batch_size: ctx.batch_size,
         retry_delays: ctx.retry_delays.clone(),
         stats: spec.stats.clone(),
+        ledger: ctx.ledger.clone(),
     };
     let mut flight = InFlight::new(book, reply_tx, publisher);
     let session = Session {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use amiquip::{AmqpProperties, AmqpValue, Channel, Delivery, FieldTable};
 use anyhow::{Context, Result};
 use crossbeam_channel::{after, never, Receiver, Sender};
-use log::warn;
+use log::{info, warn};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
@@ -17,6 +17,7 @@ use crate::broker::Publisher;
 use crate::ids::TenantId;
 use crate::pool::{Batch, BatchDone, Item, Outcome, Poison, WorkerPool};
 use crate::stats::TenantStats;
+use crate::store::dead_letters::Ledger;
 use unacked::Unacked;
 
 mod unacked;
@@ -33,6 +34,9 @@ pub const REASON_HEADER: &str = "x-tenantd-reason";
 pub const RETRY_AT_HEADER: &str = "x-tenantd-retry-at";
 /// Header of a copy in the DLQ: when (Unix time, ms) it was dead-lettered.
 pub const DEAD_LETTERED_AT_HEADER: &str = "x-tenantd-dead-lettered-at";
+/// Header counting how many times the message was replayed from the DLQ: the ledger of dead
+/// letters records it once per replay.
+pub const REPLAYS_HEADER: &str = "x-tenantd-replays";
 
 /// What a book is kept for: the tenant, its concurrency on this channel, and the settings.
 pub struct Book {
@@ -41,6 +45,8 @@ pub struct Book {
     pub batch_size: usize,
     pub retry_delays: Vec<Duration>,
     pub stats: Arc<TenantStats>,
+    /// Which messages are dead-lettered already.
+    pub ledger: Arc<Ledger>,
 }
 
 /// Deliveries between the broker and the database: which wait, which are in the pool, which are
@@ -51,6 +57,7 @@ pub struct InFlight {
     batch_size: usize,
     retry_delays: Vec<Duration>,
     stats: Arc<TenantStats>,
+    ledger: Arc<Ledger>,
     reply: Sender<BatchDone>,
     /// Publishes retry and dead-letter copies on this channel, confirmed.
     publisher: Publisher,
@@ -74,6 +81,7 @@ impl InFlight {
             batch_size: book.batch_size,
             retry_delays: book.retry_delays,
             stats: book.stats,
+            ledger: book.ledger,
             reply,
             publisher,
             waiting: VecDeque::new(),
@@ -202,48 +210,116 @@ impl InFlight {
             return Ok(());
         };
         let attempt = attempts(&delivery.properties) + 1;
-        let delay = self.retry_delays.get(attempt as usize - 1).copied();
         let properties = copy_properties(&delivery.properties, attempt, &poison);
-        let (queue, properties) = match delay {
-            Some(delay) => (
-                self.tenant.retry_name(),
-                with_time(properties, RETRY_AT_HEADER, delay),
-            ),
-            None => (
-                self.tenant.dlq_name(),
-                with_time(properties, DEAD_LETTERED_AT_HEADER, Duration::ZERO),
-            ),
+        match self.retry_delays.get(attempt as usize - 1).copied() {
+            Some(delay) => self.retry(channel, delivery, poison, properties, delay),
+            None => self.dead_letter(channel, delivery, poison, properties),
+        }
+    }
+
+    fn retry(
+        &mut self,
+        channel: &Channel,
+        delivery: Delivery,
+        poison: Poison,
+        properties: AmqpProperties,
+        delay: Duration,
+    ) -> Result<()> {
+        let attempt = attempts(&properties);
+        let properties = with_time(properties, RETRY_AT_HEADER, delay);
+        let queue = self.tenant.retry_name();
+        self.copy_then_ack(channel, delivery, &poison, properties, &queue)?;
+        self.stats.retried();
+        warn!(
+            tenant_id:% = self.tenant;
+            "message failed (attempt {attempt}), retrying in {delay:?}: {}",
+            poison.reason
+        );
+        Ok(())
+    }
+
+    /// Dead-letters a message once: its record in the ledger commits only after the broker
+    /// confirmed its letter, and a copy of a message already recorded is acked without a letter.
+    /// While the ledger cannot be reached the message waits, unacked, and is tried again.
+    fn dead_letter(
+        &mut self,
+        channel: &Channel,
+        delivery: Delivery,
+        poison: Poison,
+        properties: AmqpProperties,
+    ) -> Result<()> {
+        let attempt = attempts(&properties);
+        let id = properties.message_id().clone().unwrap_or_default();
+        let ledger = self.ledger.clone();
+        let pending = match ledger.begin(self.tenant, &id, replays(&properties)) {
+            Ok(Some(pending)) => pending,
+            Ok(None) => {
+                delivery.ack(channel)?;
+                info!(
+                    tenant_id:% = self.tenant;
+                    "message {id} is dead-lettered already: this copy is dropped"
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                self.put_back(delivery, poison, &e);
+                return Ok(());
+            }
         };
+        let properties = with_time(properties, DEAD_LETTERED_AT_HEADER, Duration::ZERO);
+        let queue = self.tenant.dlq_name();
+        self.copy_then_ack(channel, delivery, &poison, properties, &queue)?;
+        if let Err(e) = pending.commit() {
+            // The letter is in the DLQ: only a copy of it arriving later could be lettered again.
+            warn!(tenant_id:% = self.tenant; "message {id} is dead-lettered but not recorded: {e:#}");
+        }
+        self.stats.dead_lettered();
+        warn!(
+            tenant_id:% = self.tenant;
+            "message dead-lettered after {attempt} attempts: {}",
+            poison.reason
+        );
+        Ok(())
+    }
+
+    /// Publishes the copy (confirmed), then acks the original; a copy not confirmed leaves the
+    /// original unacked: the session ends, the queues are declared again on the next one, and
+    /// the message comes back.
+    fn copy_then_ack(
+        &mut self,
+        channel: &Channel,
+        delivery: Delivery,
+        poison: &Poison,
+        properties: AmqpProperties,
+        queue: &str,
+    ) -> Result<()> {
         let published = self
             .publisher
-            .publish(channel, &queue, &poison.body, properties)
+            .publish(channel, queue, &poison.body, properties)
             .with_context(|| format!("copying a failed message to {queue}"));
         if let Err(e) = published {
-            // The original stays unacked: the session ends, the queues are declared again on
-            // the next one, and the message comes back.
             self.unacked.push(poison.tag, delivery);
             return Err(e);
         }
-        delivery.ack(channel)?;
-        match delay {
-            Some(delay) => {
-                self.stats.retried();
-                warn!(
-                    tenant_id:% = self.tenant;
-                    "message failed (attempt {attempt}), retrying in {delay:?}: {}",
-                    poison.reason
-                );
-            }
-            None => {
-                self.stats.dead_lettered();
-                warn!(
-                    tenant_id:% = self.tenant;
-                    "message dead-lettered after {attempt} attempts: {}",
-                    poison.reason
-                );
-            }
-        }
-        Ok(())
+        Ok(delivery.ack(channel)?)
+    }
+
+    /// Keeps a message that could not be dead-lettered now: unacked, waiting for the pool again
+    /// after the database backoff (where it fails again and comes back here).
+    fn put_back(&mut self, delivery: Delivery, poison: Poison, error: &anyhow::Error) {
+        let delay = self.retry_backoff.next();
+        warn!(
+            tenant_id:% = self.tenant;
+            "dead-lettering waits {delay:?}: the ledger of dead letters is unavailable: {error:#}"
+        );
+        self.unacked.push(poison.tag, delivery);
+        self.waiting.push_front(Item {
+            tag: poison.tag,
+            id: poison.id,
+            body: poison.body,
+            accepted: Instant::now(),
+        });
+        self.retry_at = Some(Instant::now() + delay);
     }
 
     /// Acks, with one `ack_multiple`, the longest run of committed deliveries at the low end.
@@ -257,18 +333,24 @@ impl InFlight {
 
 /// How many times this message has failed before, from its header.
 pub fn attempts(properties: &AmqpProperties) -> u32 {
-    let value = properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.get(ATTEMPTS_HEADER));
-    let n = match value {
+    count(properties, ATTEMPTS_HEADER).clamp(0, 1000) as u32
+}
+
+/// How many times this message was replayed from the DLQ, from its header.
+pub fn replays(properties: &AmqpProperties) -> i64 {
+    count(properties, REPLAYS_HEADER).max(0)
+}
+
+/// A header's integer, 0 when it is missing or not an integer.
+fn count(properties: &AmqpProperties, header: &str) -> i64 {
+    let value = properties.headers().as_ref().and_then(|h| h.get(header));
+    match value {
         Some(AmqpValue::LongInt(n)) => i64::from(*n),
         Some(AmqpValue::LongLongInt(n)) => *n,
         Some(AmqpValue::ShortInt(n)) => i64::from(*n),
         Some(AmqpValue::LongUInt(n)) => i64::from(*n),
         _ => 0,
-    };
-    n.clamp(0, 1000) as u32
+    }
 }
 
 /// The properties a retried or dead-lettered copy keeps (not the publisher's expiration, which

@@ -4,6 +4,7 @@
 //! Names of tables come from `TenantId`; every value travels as a bind parameter, except the
 //! partition bound in DDL, which PostgreSQL cannot bind and which is printed from a parsed UUID.
 
+pub mod dead_letters;
 pub mod limits;
 pub mod messages;
 pub mod replicas;

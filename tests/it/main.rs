@@ -12,6 +12,7 @@ mod fencing;
 mod front;
 mod ingest;
 mod install;
+mod letters_once;
 mod lifecycle;
 mod limits;
 mod metrics;
