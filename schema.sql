@@ -128,5 +128,15 @@ BEGIN
             PRIMARY KEY (tenant_id, message_id, replays)
         );
     END IF;
+
+    -- Creates under way: a create records its tenant id before declaring the queues and
+    -- deletes the record with the transaction that inserts the row. A record older than the
+    -- grace with no row names queues left by an interrupted create, which a sweep removes.
+    IF to_regclass('tenant_creates') IS NULL THEN
+        CREATE TABLE tenant_creates (
+            tenant_id  uuid PRIMARY KEY,
+            started_at timestamptz NOT NULL DEFAULT now()
+        );
+    END IF;
 END
 $schema$;

@@ -25,6 +25,7 @@ mod relay;
 mod service;
 mod stats;
 mod store;
+mod sweep;
 pub mod token;
 pub mod watchdog;
 
@@ -71,6 +72,8 @@ pub struct App {
     http: Option<HttpServer>,
     service: Arc<Service>,
     coordinator: Option<Coordinator>,
+    /// Removes the queues of interrupted creates; stopped (joined) when dropped.
+    sweeper: Option<sweep::Sweeper>,
     health: Arc<Health>,
     manager: Arc<TenantManager>,
     pool: Arc<WorkerPool>,
@@ -137,6 +140,7 @@ pub fn start(config: Config) -> Result<App> {
         http: None,
         service: service.clone(),
         coordinator: None,
+        sweeper: None,
         health: health.clone(),
         manager: manager.clone(),
         pool,
@@ -156,6 +160,7 @@ pub fn start(config: Config) -> Result<App> {
         drain_timeout: config.shutdown_timeout,
     };
     app.coordinator = Some(Coordinator::start(settings, manager, events, health)?);
+    app.sweeper = Some(sweep::Sweeper::start(app.service.clone())?);
     info!(
         "tenantd replica {} listening on http://{http_addr}",
         config.replica_id
@@ -241,6 +246,7 @@ impl App {
             );
             http.stop();
         }
+        drop(self.sweeper.take());
         if let Some(coordinator) = self.coordinator.take() {
             coordinator.stop(deadline)?;
         }

@@ -7,6 +7,7 @@
 pub mod dead_letters;
 pub mod limits;
 pub mod messages;
+pub mod orphans;
 pub mod replicas;
 pub mod tenants;
 

@@ -16,6 +16,7 @@ mod letters_once;
 mod lifecycle;
 mod limits;
 mod metrics;
+mod orphans;
 mod pagination;
 mod races;
 mod recovery;
