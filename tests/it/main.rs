@@ -8,6 +8,7 @@ mod contract;
 mod dead_letters;
 mod delivery;
 mod deploy;
+mod drain_fence;
 mod fencing;
 mod front;
 mod ingest;
