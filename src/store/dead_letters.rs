@@ -63,7 +63,9 @@ impl Ledger {
             client: Some(self.take()?),
         };
         let client = pending.client.as_mut().expect("just taken");
-        client.batch_execute("BEGIN")?;
+        // A copy being recorded elsewhere is waited for, but not for ever (a replica stopped
+        // mid-publish holds its row): the message is then tried again later.
+        client.batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'")?;
         let inserted = client
             .execute(
                 "INSERT INTO dead_letters (tenant_id, message_id, replays) VALUES ($1, $2, $3)

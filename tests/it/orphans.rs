@@ -58,14 +58,14 @@ fn queues_a_create_left_without_a_tenant_are_swept_after_the_grace_and_no_others
 
     wait_until(
         Duration::from_secs(40),
-        "the old create's queues removed",
+        "the old create's queues and record removed",
         || {
-            names(&old)
-                .iter()
-                .all(|name| amqp.queue_stats(name).is_none())
+            records(&app, &old) == 0
+                && names(&old)
+                    .iter()
+                    .all(|name| amqp.queue_stats(name).is_none())
         },
     );
-    assert_eq!(records(&app, &old), 0);
     let logged = lines_with(&[&old, "orphan queues removed"]);
     assert_eq!(logged.len(), 1, "{logged:?}");
     assert_eq!(
