@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 use crate::dead_letters::{dlq_depth, peek_all};
 use crate::support::logs::lines_with;
-use crate::support::{queue_name, retry_name, wait_until, Amqp, TestApp};
+use crate::support::proxy::Proxy;
+use crate::support::{pg_host_port, queue_name, retry_name, wait_until, Amqp, TestApp};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -108,4 +109,40 @@ fn a_replayed_letter_that_fails_again_is_dead_lettered_again() {
     settle_behind(&app, &mut amqp, &tenant, 1);
     assert_eq!(dlq_depth(&mut amqp, &tenant), 1);
     assert!(lines_with(&[&tenant, &id, "dead-lettered already"]).is_empty());
+}
+
+#[test]
+fn a_message_waits_unacked_while_the_ledger_is_unreachable_then_is_dead_lettered_once() {
+    let proxy = Proxy::start(&pg_host_port());
+    let port = proxy.port();
+    let app = TestApp::spawn_with(|c| {
+        c.retry_delays = Vec::new();
+        c.default_workers = 1;
+        c.database_url = c
+            .database_url
+            .replace(&pg_host_port(), &format!("127.0.0.1:{port}"));
+    });
+    let tenant = app.create_tenant("ledger-down");
+    let mut amqp = Amqp::connect();
+    let id = Uuid::new_v4().to_string();
+    proxy.cut();
+    amqp.publish(&queue_name(&tenant), b"not json", Some(&id));
+    amqp.wait_confirms();
+    wait_until(WAIT, "the dead-lettering to wait for the ledger", || {
+        !lines_with(&[&tenant, "dead-lettering waits"]).is_empty()
+    });
+    assert_eq!(
+        dlq_depth(&mut amqp, &tenant),
+        0,
+        "no letter without its record"
+    );
+
+    proxy.restore();
+    wait_until(Duration::from_secs(60), "the letter", || {
+        dlq_depth(&mut amqp, &tenant) == 1
+    });
+    settle_behind(&app, &mut amqp, &tenant, 1);
+    assert_eq!(dlq_depth(&mut amqp, &tenant), 1);
+    assert_eq!(ledger_rows(&app, &tenant), 1);
+    assert_eq!(amqp.queue_stats(&queue_name(&tenant)).unwrap().0, 0);
 }
