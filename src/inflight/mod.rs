@@ -268,11 +268,14 @@ impl InFlight {
         };
         let properties = with_time(properties, DEAD_LETTERED_AT_HEADER, Duration::ZERO);
         let queue = self.tenant.dlq_name();
-        self.copy_then_ack(channel, delivery, &poison, properties, &queue)?;
+        let delivery = self.copy(channel, delivery, &poison, properties, &queue)?;
+        // Recorded before the ack: an ack lost with the connection leaves a redelivery that
+        // finds the record.
         if let Err(e) = pending.commit() {
             // The letter is in the DLQ: only a copy of it arriving later could be lettered again.
             warn!(tenant_id:% = self.tenant; "message {id} is dead-lettered but not recorded: {e:#}");
         }
+        delivery.ack(channel)?;
         self.stats.dead_lettered();
         warn!(
             tenant_id:% = self.tenant;
@@ -282,9 +285,7 @@ impl InFlight {
         Ok(())
     }
 
-    /// Publishes the copy (confirmed), then acks the original; a copy not confirmed leaves the
-    /// original unacked: the session ends, the queues are declared again on the next one, and
-    /// the message comes back.
+    /// Publishes the copy (confirmed), then acks the original.
     fn copy_then_ack(
         &mut self,
         channel: &Channel,
@@ -293,15 +294,32 @@ impl InFlight {
         properties: AmqpProperties,
         queue: &str,
     ) -> Result<()> {
+        let delivery = self.copy(channel, delivery, poison, properties, queue)?;
+        Ok(delivery.ack(channel)?)
+    }
+
+    /// Publishes the copy and waits for the broker's confirm; the original is given back, to
+    /// ack. A copy not confirmed leaves the original unacked: the session ends, the queues are
+    /// declared again on the next one, and the message comes back.
+    fn copy(
+        &mut self,
+        channel: &Channel,
+        delivery: Delivery,
+        poison: &Poison,
+        properties: AmqpProperties,
+        queue: &str,
+    ) -> Result<Delivery> {
         let published = self
             .publisher
             .publish(channel, queue, &poison.body, properties)
             .with_context(|| format!("copying a failed message to {queue}"));
-        if let Err(e) = published {
-            self.unacked.push(poison.tag, delivery);
-            return Err(e);
+        match published {
+            Ok(()) => Ok(delivery),
+            Err(e) => {
+                self.unacked.push(poison.tag, delivery);
+                Err(e)
+            }
         }
-        Ok(delivery.ack(channel)?)
     }
 
     /// Keeps a message that could not be dead-lettered now: unacked, waiting for the pool again
