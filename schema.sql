@@ -115,5 +115,28 @@ BEGIN
         );
         CREATE INDEX consumers_replica_id_idx ON consumers (replica_id);
     END IF;
+
+    -- Dead letters: one row per message a tenant dead-lettered (after each of its replays),
+    -- committed once the broker confirmed the letter, so that another copy of the message is
+    -- acked without a second letter.
+    IF to_regclass('dead_letters') IS NULL THEN
+        CREATE TABLE dead_letters (
+            tenant_id        uuid NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+            message_id       text NOT NULL,
+            replays          bigint NOT NULL,
+            dead_lettered_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant_id, message_id, replays)
+        );
+    END IF;
+
+    -- Creates under way: a create records its tenant id before declaring the queues and
+    -- deletes the record with the transaction that inserts the row. A record older than the
+    -- grace with no row names queues left by an interrupted create, which a sweep removes.
+    IF to_regclass('tenant_creates') IS NULL THEN
+        CREATE TABLE tenant_creates (
+            tenant_id  uuid PRIMARY KEY,
+            started_at timestamptz NOT NULL DEFAULT now()
+        );
+    END IF;
 END
 $schema$;

@@ -26,6 +26,7 @@ mod relay;
 mod service;
 mod stats;
 mod store;
+mod sweep;
 pub mod token;
 pub mod watchdog;
 
@@ -47,6 +48,7 @@ use manager::TenantManager;
 use metrics::Metrics;
 use pool::WorkerPool;
 use service::{Service, ServiceSettings};
+use store::dead_letters::Ledger;
 use store::DbSettings;
 use watchdog::Liveness;
 
@@ -64,11 +66,16 @@ pub mod testing {
     };
 }
 
+/// The most connections a replica's tenant threads use at once to record dead letters.
+const LEDGER_CONNECTIONS: usize = 4;
+
 /// A running tenantd replica.
 pub struct App {
     http: Option<HttpServer>,
     service: Arc<Service>,
     coordinator: Option<Coordinator>,
+    /// Removes the queues of interrupted creates; stopped (joined) when dropped.
+    sweeper: Option<sweep::Sweeper>,
     health: Arc<Health>,
     manager: Arc<TenantManager>,
     pool: Arc<WorkerPool>,
@@ -106,6 +113,7 @@ pub fn start(config: Config) -> Result<App> {
         metrics.clone(),
     ));
     let (events_tx, events) = unbounded();
+    let health = Arc::new(Health::default());
     let ctx = ConsumerContext {
         brokers,
         queue_type: config.queue_type,
@@ -116,9 +124,13 @@ pub fn start(config: Config) -> Result<App> {
         events: events_tx,
         metrics: metrics.clone(),
         drain_timeout: config.shutdown_timeout,
+        fence: consumer::FenceClock {
+            health: health.clone(),
+            after: config.failover_timeout / 2,
+        },
+        ledger: Arc::new(Ledger::new(db.clone(), LEDGER_CONNECTIONS)),
     };
     let manager = Arc::new(TenantManager::new(Arc::new(ctx)));
-    let health = Arc::new(Health::default());
     let service = Service::new(
         service_settings(&config),
         store::Pool::new(db.clone()),
@@ -132,6 +144,7 @@ pub fn start(config: Config) -> Result<App> {
         http: None,
         service: service.clone(),
         coordinator: None,
+        sweeper: None,
         health: health.clone(),
         manager: manager.clone(),
         pool,
@@ -152,6 +165,7 @@ pub fn start(config: Config) -> Result<App> {
         drain_timeout: config.shutdown_timeout,
     };
     app.coordinator = Some(Coordinator::start(settings, manager, events, health)?);
+    app.sweeper = Some(sweep::Sweeper::start(app.service.clone())?);
     app.started = true;
     info!(
         "tenantd replica {} listening on http://{http_addr}",
@@ -243,6 +257,7 @@ impl App {
             }
             http.stop();
         }
+        drop(self.sweeper.take());
         if let Some(coordinator) = self.coordinator.take() {
             coordinator.stop(deadline)?;
         }

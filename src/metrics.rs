@@ -6,9 +6,9 @@
 
 use prometheus::{
     register_histogram_vec_with_registry, register_histogram_with_registry,
-    register_int_counter_vec_with_registry, register_int_gauge_vec_with_registry,
-    register_int_gauge_with_registry, Encoder, Histogram, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Registry, TextEncoder,
+    register_int_counter_vec_with_registry, register_int_counter_with_registry,
+    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, Histogram,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -32,6 +32,7 @@ pub struct Metrics {
     pub http_seconds: HistogramVec,
     pub http_connections: IntGauge,
     pub http_held_bytes: IntGaugeVec,
+    pub orphan_queues_removed: IntCounter,
 }
 
 /// The label naming a tenant: a series carrying it is left out of the anonymous view.
@@ -150,6 +151,12 @@ impl Metrics {
                 "bytes the HTTP guard holds: request bodies being read or passed on, responses \
                  waiting for their client to read them",
                 &["kind"],
+                r
+            )
+            .expect(VALID),
+            orphan_queues_removed: register_int_counter_with_registry!(
+                "tenantd_orphan_queues_removed_total",
+                "queues a create left without a tenant, removed by this replica's sweep",
                 r
             )
             .expect(VALID),

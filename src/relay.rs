@@ -6,7 +6,9 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use amiquip::{AmqpValue, Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery};
+use amiquip::{
+    AmqpProperties, AmqpValue, Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery,
+};
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::{after, never, Receiver, RecvError};
 
@@ -21,12 +23,20 @@ pub struct Relay<'c> {
     publisher: Publisher,
     /// The copy taken from the retry queue, and when it is due.
     held: Option<(Delivery, Instant)>,
+    /// The longest a copy is held: the largest configured retry delay.
+    longest: Duration,
 }
 
 impl<'c> Relay<'c> {
     /// Starts consuming the retry queue on `channel`, which must serve nothing else (acks and
-    /// prefetch are per channel and consumer).
-    pub fn start(channel: &'c Channel, tenant: TenantId, timeout: Duration) -> Result<Self> {
+    /// prefetch are per channel and consumer). No copy is held longer than `longest` (the
+    /// largest retry delay), whatever its due time says.
+    pub fn start(
+        channel: &'c Channel,
+        tenant: TenantId,
+        timeout: Duration,
+        longest: Duration,
+    ) -> Result<Self> {
         // One copy at a time: the head of the queue is the next to go back (a copy behind a
         // later one may come late, never early).
         channel.qos(0, 1, false)?;
@@ -40,6 +50,7 @@ impl<'c> Relay<'c> {
             consumer,
             publisher,
             held: None,
+            longest,
         })
     }
 
@@ -62,7 +73,7 @@ impl<'c> Relay<'c> {
             Ok(other) => bail!("the retry relay ended: {other:?}"),
             Err(_) => bail!("the retry relay ended: its channel closed"),
         };
-        let due = due_at(&delivery);
+        let due = due_at(&delivery, SystemTime::now(), self.longest);
         self.held = Some((delivery, due));
         Ok(())
     }
@@ -105,11 +116,17 @@ impl<'c> Relay<'c> {
     }
 }
 
-/// When a copy is due: its header's time, or now when it has none (a copy from an older
-/// tenantd, which relied on the broker's per-message TTL).
-fn due_at(delivery: &Delivery) -> Instant {
-    let at = delivery
-        .properties
+/// When a copy is due: its header's time, but no later than `longest` from `now` (the time was
+/// set by the clock of the replica that published the copy, which may run ahead of this one's);
+/// now when it has none (a copy from an older tenantd, which relied on the broker's
+/// per-message TTL).
+fn due_at(delivery: &Delivery, now: SystemTime, longest: Duration) -> Instant {
+    Instant::now() + wait_for(&delivery.properties, now, longest)
+}
+
+/// How long a copy with these properties waits from `now`, at most `longest`.
+fn wait_for(properties: &AmqpProperties, now: SystemTime, longest: Duration) -> Duration {
+    let at = properties
         .headers()
         .as_ref()
         .and_then(|h| match h.get(RETRY_AT_HEADER) {
@@ -117,11 +134,42 @@ fn due_at(delivery: &Delivery) -> Instant {
             _ => None,
         });
     let Some(at) = at else {
-        return Instant::now();
+        return Duration::ZERO;
     };
-    let now = SystemTime::now()
+    let now = now
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    let wait = u64::try_from(at - now).unwrap_or(0);
-    Instant::now() + Duration::from_millis(wait)
+    let wait = u64::try_from(at.saturating_sub(now)).unwrap_or(0);
+    Duration::from_millis(wait).min(longest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amiquip::FieldTable;
+
+    fn due(at_ms: i64) -> AmqpProperties {
+        let mut headers = FieldTable::new();
+        headers.insert(RETRY_AT_HEADER.into(), AmqpValue::LongLongInt(at_ms));
+        AmqpProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn a_copy_waits_until_due_but_never_longer_than_the_largest_delay() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let now_ms = 1_000_000_000;
+        let longest = Duration::from_secs(60);
+        assert_eq!(
+            wait_for(&due(now_ms + 5_000), now, longest),
+            Duration::from_secs(5)
+        );
+        assert_eq!(wait_for(&due(now_ms - 5_000), now, longest), Duration::ZERO);
+        // Published by a replica whose clock ran a day ahead.
+        assert_eq!(wait_for(&due(now_ms + 86_400_000), now, longest), longest);
+        assert_eq!(wait_for(&due(i64::MAX), now, longest), longest);
+        assert_eq!(
+            wait_for(&AmqpProperties::default(), now, longest),
+            Duration::ZERO
+        );
+    }
 }

@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 
 use super::headers::{
-    attempts, ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, REASON_HEADER, RETRY_AT_HEADER,
+    attempts, replays, ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, REASON_HEADER, REPLAYS_HEADER,
+    RETRY_AT_HEADER,
 };
 use super::{is_not_found, Publisher};
 use crate::ids::TenantId;
@@ -293,16 +294,19 @@ fn wait_back(channel: &Channel, dlq: &str, total: u32) -> Result<()> {
 }
 
 /// What a replayed letter is published with: its own properties and headers, without the
-/// record of its failures (`FAILURE_HEADERS`), persistent.
+/// record of its failures (`FAILURE_HEADERS`), one more replay counted (so that the ledger of
+/// dead letters takes it again if it fails again), persistent.
 fn replayed(properties: &AmqpProperties) -> AmqpProperties {
-    let mut copy = properties.clone().with_delivery_mode(2);
-    if let Some(mut headers) = properties.headers().clone() {
-        for name in FAILURE_HEADERS {
-            headers.remove(name);
-        }
-        copy = copy.with_headers(headers);
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    for name in FAILURE_HEADERS {
+        headers.remove(name);
     }
-    copy
+    let n = replays(properties) + 1;
+    headers.insert(REPLAYS_HEADER.into(), AmqpValue::LongLongInt(n));
+    properties
+        .clone()
+        .with_delivery_mode(2)
+        .with_headers(headers)
 }
 
 #[cfg(test)]
@@ -328,7 +332,9 @@ mod tests {
             .keys()
             .map(|k| k.to_string())
             .collect();
-        assert_eq!(kept, ["trace"]);
+        assert_eq!(kept, ["trace", REPLAYS_HEADER]);
+        assert_eq!(replays(&copy), 1);
+        assert_eq!(replays(&replayed(&copy)), 2);
         assert_eq!(copy.message_id().as_deref(), Some("m-1"));
         assert_eq!(*copy.delivery_mode(), Some(2));
     }

@@ -12,19 +12,28 @@ pub const REASON_HEADER: &str = "x-tenantd-reason";
 pub const RETRY_AT_HEADER: &str = "x-tenantd-retry-at";
 /// Header of a copy in the DLQ: when (Unix time, ms) it was dead-lettered.
 pub const DEAD_LETTERED_AT_HEADER: &str = "x-tenantd-dead-lettered-at";
+/// Header counting how many times the message was replayed from the DLQ: the ledger of dead
+/// letters records it once per replay.
+pub const REPLAYS_HEADER: &str = "x-tenantd-replays";
 
 /// How many times this message has failed before, from its header.
 pub fn attempts(properties: &AmqpProperties) -> u32 {
-    let value = properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.get(ATTEMPTS_HEADER));
-    let n = match value {
+    count(properties, ATTEMPTS_HEADER).clamp(0, 1000) as u32
+}
+
+/// How many times this message was replayed from the DLQ, from its header.
+pub fn replays(properties: &AmqpProperties) -> i64 {
+    count(properties, REPLAYS_HEADER).max(0)
+}
+
+/// A header's integer, 0 when it is missing or not an integer.
+fn count(properties: &AmqpProperties, header: &str) -> i64 {
+    let value = properties.headers().as_ref().and_then(|h| h.get(header));
+    match value {
         Some(AmqpValue::LongInt(n)) => i64::from(*n),
         Some(AmqpValue::LongLongInt(n)) => *n,
         Some(AmqpValue::ShortInt(n)) => i64::from(*n),
         Some(AmqpValue::LongUInt(n)) => i64::from(*n),
         _ => 0,
-    };
-    n.clamp(0, 1000) as u32
+    }
 }

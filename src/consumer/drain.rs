@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use crossbeam_channel::{after, never, select};
 use log::warn;
 
-use super::{Control, Leave, Session};
+use super::{Control, FenceClock, Leave, Session};
 use crate::inflight::InFlight;
 use crate::pool::BatchDone;
 
@@ -20,6 +20,12 @@ use crate::pool::BatchDone;
 /// brings the deadline forward when its own is sooner (the fence's is now); a resize while
 /// a resize drains changes the concurrency the next channel opens with.
 ///
+/// The fence bounds it too: a drain ends when the replica's fence stops its consumers (F/2
+/// after the last heartbeat), whatever deadline it was given. Nothing is acked that was not
+/// committed (acks come only from the workers' replies); a batch still in the pool may commit
+/// after the fence, and its messages, redelivered to the tenant's new owner, are stored once by
+/// their ids.
+///
 /// Once the consumer's channel has disconnected it is always ready in `select!`: it is then
 /// dropped from the select, so waiting for a slow batch costs no CPU (as is the control
 /// channel once disconnected).
@@ -28,6 +34,7 @@ pub(super) fn drain(
     flight: &mut InFlight,
     leave: &mut Leave,
     deadline: &mut Instant,
+    fence: &FenceClock,
 ) -> Result<()> {
     enum Woke {
         Done(Result<BatchDone, crossbeam_channel::RecvError>),
@@ -37,6 +44,7 @@ pub(super) fn drain(
         },
         Control(Result<Control, crossbeam_channel::RecvError>),
         Deadline,
+        Fenced,
     }
     let Session {
         channel,
@@ -49,6 +57,12 @@ pub(super) fn drain(
     let mut cancelled = false;
     let mut timeout = after(deadline.saturating_duration_since(Instant::now()));
     while flight.in_pool() > 0 || !cancelled {
+        // Read again at each wake: a heartbeat meanwhile moves it on.
+        let fenced_at = fence.at();
+        let fenced = match fenced_at < *deadline {
+            true => after(fenced_at.saturating_duration_since(Instant::now())),
+            false => never(),
+        };
         let deliveries = match cancelled {
             true => never(),
             false => consumer.receiver().clone(),
@@ -60,6 +74,7 @@ pub(super) fn drain(
             },
             recv(control) -> command => Woke::Control(command),
             recv(timeout) -> _ => Woke::Deadline,
+            recv(fenced) -> _ => Woke::Fenced,
         };
         match woke {
             Woke::Done(done) => {
@@ -95,6 +110,17 @@ pub(super) fn drain(
                 );
                 break;
             }
+            Woke::Fenced if fence.at() <= Instant::now() => {
+                warn!(
+                    tenant_id:% = flight.tenant();
+                    "fenced: no heartbeat, the drain ends with {} batches in flight; they will be redelivered",
+                    flight.in_pool()
+                );
+                *leave = Leave::Stop(Instant::now());
+                *deadline = Instant::now();
+                break;
+            }
+            Woke::Fenced => {}
         }
     }
     Ok(())

@@ -16,12 +16,14 @@ use log::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::broker::{self, Brokers, Publisher, QueueType};
+use crate::coordinator::Health;
 use crate::ids::TenantId;
 use crate::inflight::{Book, InFlight};
 use crate::metrics::Metrics;
 use crate::pool::{BatchDone, WorkerPool};
 use crate::relay::Relay;
 use crate::stats::TenantStats;
+use crate::store::dead_letters::Ledger;
 
 mod drain;
 use drain::drain;
@@ -38,6 +40,25 @@ pub struct ConsumerContext {
     pub metrics: Arc<Metrics>,
     /// How long a resize waits for the batches in flight before the channel is reopened.
     pub drain_timeout: Duration,
+    /// When the replica's fence stops every consumer: a drain under way ends by then too.
+    pub fence: FenceClock,
+    /// Which messages are dead-lettered already, shared by every tenant thread.
+    pub ledger: Arc<Ledger>,
+}
+
+/// The fence's rule, read by a draining thread: every consumer stops `after` the coordinator's
+/// last heartbeat. The fence thread tells running consumers to stop; one already draining (a
+/// stop or resize with a later deadline) ends its drain by the same instant on its own.
+pub struct FenceClock {
+    pub health: Arc<Health>,
+    pub after: Duration,
+}
+
+impl FenceClock {
+    /// The instant the fence stops consumers if no heartbeat comes before it.
+    pub fn at(&self) -> Instant {
+        Instant::now() + self.after.saturating_sub(self.health.since_heartbeat())
+    }
 }
 
 impl ConsumerContext {
@@ -162,7 +183,7 @@ impl std::fmt::Display for MainQueueMissing {
 fn run(ctx: &ConsumerContext, mut spec: TenantSpec, control: &Receiver<Control>) -> Result<()> {
     let id = spec.id;
     let mut queues = Queues::default();
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_CAP);
     loop {
         let started = Instant::now();
         let session = run_session(ctx, &mut spec, control, &mut queues);
@@ -206,6 +227,13 @@ fn wait_out(control: &Receiver<Control>, delay: Duration, workers: &mut u16) -> 
         }
     }
 }
+
+/// The longest a tenant thread waits between two connects: after a broker restart every tenant
+/// is consumed again within this (plus its connect) of the broker answering. Cheap for the
+/// broker: a broker that is down refuses in the kernel; one that is up pays a TCP and AMQP
+/// handshake per attempt, spread by the jitter over [cap/2, cap] — 1,000 tenants at most ~1,000
+/// attempts a second, what their start after a restart costs anyway.
+pub const RECONNECT_CAP: Duration = Duration::from_secs(2);
 
 /// A session that lasted this long was not a failed start.
 const STABLE_SESSION: Duration = Duration::from_secs(5);
@@ -277,7 +305,8 @@ fn consume(
     let publisher = Publisher::enable(&channel, ctx.connect_timeout)?;
     let queue = open_queue(ctx, connection, &channel, id, queues)?;
     let relay_channel = connection.open_channel(None)?;
-    let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout)?;
+    let longest = ctx.retry_delays.iter().max().copied().unwrap_or_default();
+    let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout, longest)?;
     let consumer = queue.consume(ConsumerOptions::default())?;
     queues.started = true;
     info!(
@@ -294,6 +323,7 @@ fn consume(
         batch_size: ctx.batch_size,
         retry_delays: ctx.retry_delays.clone(),
         stats: spec.stats.clone(),
+        ledger: ctx.ledger.clone(),
     };
     let mut flight = InFlight::new(book, reply_tx, publisher);
     let session = Session {
@@ -310,7 +340,7 @@ fn consume(
     // What is committed is acked before the channel closes; what is not goes back to the
     // queue and comes again. The relay's copy, if it holds one, goes back to the retry queue.
     // A stop that comes meanwhile (also while a resize drains) ends the drain by its deadline.
-    let drained = drain(&session, &mut flight, &mut leave, &mut deadline);
+    let drained = drain(&session, &mut flight, &mut leave, &mut deadline, &ctx.fence);
     relay.stop(deadline);
     let _ = relay_channel.close();
     drop(consumer);

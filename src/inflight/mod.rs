@@ -9,17 +9,18 @@ use std::time::{Duration, Instant};
 use amiquip::{AmqpProperties, AmqpValue, Channel, Delivery, FieldTable};
 use anyhow::{Context, Result};
 use crossbeam_channel::{after, never, Receiver, Sender};
-use log::warn;
+use log::{info, warn};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::broker::headers::{
-    attempts, ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, REASON_HEADER, RETRY_AT_HEADER,
+    attempts, replays, ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, REASON_HEADER, RETRY_AT_HEADER,
 };
 use crate::broker::Publisher;
 use crate::ids::TenantId;
 use crate::pool::{Batch, BatchDone, Item, Outcome, Poison, WorkerPool};
 use crate::stats::TenantStats;
+use crate::store::dead_letters::Ledger;
 use unacked::Unacked;
 
 mod unacked;
@@ -34,6 +35,8 @@ pub struct Book {
     pub batch_size: usize,
     pub retry_delays: Vec<Duration>,
     pub stats: Arc<TenantStats>,
+    /// Which messages are dead-lettered already.
+    pub ledger: Arc<Ledger>,
 }
 
 /// Deliveries between the broker and the database: which wait, which are in the pool, which are
@@ -44,6 +47,7 @@ pub struct InFlight {
     batch_size: usize,
     retry_delays: Vec<Duration>,
     stats: Arc<TenantStats>,
+    ledger: Arc<Ledger>,
     reply: Sender<BatchDone>,
     /// Publishes retry and dead-letter copies on this channel, confirmed.
     publisher: Publisher,
@@ -67,6 +71,7 @@ impl InFlight {
             batch_size: book.batch_size,
             retry_delays: book.retry_delays,
             stats: book.stats,
+            ledger: book.ledger,
             reply,
             publisher,
             waiting: VecDeque::new(),
@@ -195,48 +200,134 @@ impl InFlight {
             return Ok(());
         };
         let attempt = attempts(&delivery.properties) + 1;
-        let delay = self.retry_delays.get(attempt as usize - 1).copied();
         let properties = copy_properties(&delivery.properties, attempt, &poison);
-        let (queue, properties) = match delay {
-            Some(delay) => (
-                self.tenant.retry_name(),
-                with_time(properties, RETRY_AT_HEADER, delay),
-            ),
-            None => (
-                self.tenant.dlq_name(),
-                with_time(properties, DEAD_LETTERED_AT_HEADER, Duration::ZERO),
-            ),
+        match self.retry_delays.get(attempt as usize - 1).copied() {
+            Some(delay) => self.retry(channel, delivery, poison, properties, delay),
+            None => self.dead_letter(channel, delivery, poison, properties),
+        }
+    }
+
+    fn retry(
+        &mut self,
+        channel: &Channel,
+        delivery: Delivery,
+        poison: Poison,
+        properties: AmqpProperties,
+        delay: Duration,
+    ) -> Result<()> {
+        let attempt = attempts(&properties);
+        let properties = with_time(properties, RETRY_AT_HEADER, delay);
+        let queue = self.tenant.retry_name();
+        self.copy_then_ack(channel, delivery, &poison, properties, &queue)?;
+        self.stats.retried();
+        warn!(
+            tenant_id:% = self.tenant;
+            "message failed (attempt {attempt}), retrying in {delay:?}: {}",
+            poison.reason
+        );
+        Ok(())
+    }
+
+    /// Dead-letters a message once: its record in the ledger commits only after the broker
+    /// confirmed its letter, and a copy of a message already recorded is acked without a letter.
+    /// While the ledger cannot be reached the message waits, unacked, and is tried again.
+    fn dead_letter(
+        &mut self,
+        channel: &Channel,
+        delivery: Delivery,
+        poison: Poison,
+        properties: AmqpProperties,
+    ) -> Result<()> {
+        let attempt = attempts(&properties);
+        let id = properties.message_id().clone().unwrap_or_default();
+        let ledger = self.ledger.clone();
+        let pending = match ledger.begin(self.tenant, &id, replays(&properties)) {
+            Ok(Some(pending)) => pending,
+            Ok(None) => {
+                delivery.ack(channel)?;
+                info!(
+                    tenant_id:% = self.tenant;
+                    "message {id} is dead-lettered already: this copy is dropped"
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                self.put_back(delivery, poison, &e);
+                return Ok(());
+            }
         };
-        let published = self
-            .publisher
-            .publish(channel, &queue, &poison.body, properties)
-            .with_context(|| format!("copying a failed message to {queue}"));
-        if let Err(e) = published {
-            // The original stays unacked: the session ends, the queues are declared again on
-            // the next one, and the message comes back.
-            self.unacked.push(poison.tag, delivery);
-            return Err(e);
+        let properties = with_time(properties, DEAD_LETTERED_AT_HEADER, Duration::ZERO);
+        let queue = self.tenant.dlq_name();
+        let delivery = self.copy(channel, delivery, &poison, properties, &queue)?;
+        // Recorded before the ack: an ack lost with the connection leaves a redelivery that
+        // finds the record.
+        if let Err(e) = pending.commit() {
+            // The letter is in the DLQ: only a copy of it arriving later could be lettered again.
+            warn!(tenant_id:% = self.tenant; "message {id} is dead-lettered but not recorded: {e:#}");
         }
         delivery.ack(channel)?;
-        match delay {
-            Some(delay) => {
-                self.stats.retried();
-                warn!(
-                    tenant_id:% = self.tenant;
-                    "message failed (attempt {attempt}), retrying in {delay:?}: {}",
-                    poison.reason
-                );
-            }
-            None => {
-                self.stats.dead_lettered();
-                warn!(
-                    tenant_id:% = self.tenant;
-                    "message dead-lettered after {attempt} attempts: {}",
-                    poison.reason
-                );
+        self.stats.dead_lettered();
+        warn!(
+            tenant_id:% = self.tenant;
+            "message dead-lettered after {attempt} attempts: {}",
+            poison.reason
+        );
+        Ok(())
+    }
+
+    /// Publishes the copy (confirmed), then acks the original.
+    fn copy_then_ack(
+        &mut self,
+        channel: &Channel,
+        delivery: Delivery,
+        poison: &Poison,
+        properties: AmqpProperties,
+        queue: &str,
+    ) -> Result<()> {
+        let delivery = self.copy(channel, delivery, poison, properties, queue)?;
+        Ok(delivery.ack(channel)?)
+    }
+
+    /// Publishes the copy and waits for the broker's confirm; the original is given back, to
+    /// ack. A copy not confirmed leaves the original unacked: the session ends, the queues are
+    /// declared again on the next one, and the message comes back.
+    fn copy(
+        &mut self,
+        channel: &Channel,
+        delivery: Delivery,
+        poison: &Poison,
+        properties: AmqpProperties,
+        queue: &str,
+    ) -> Result<Delivery> {
+        let published = self
+            .publisher
+            .publish(channel, queue, &poison.body, properties)
+            .with_context(|| format!("copying a failed message to {queue}"));
+        match published {
+            Ok(()) => Ok(delivery),
+            Err(e) => {
+                self.unacked.push(poison.tag, delivery);
+                Err(e)
             }
         }
-        Ok(())
+    }
+
+    /// Keeps a message that could not be dead-lettered now: unacked, waiting for the pool again
+    /// after the database backoff (where it fails again and comes back here).
+    fn put_back(&mut self, delivery: Delivery, poison: Poison, error: &anyhow::Error) {
+        let delay = self.retry_backoff.next();
+        warn!(
+            tenant_id:% = self.tenant;
+            "dead-lettering waits {delay:?}: the ledger of dead letters is unavailable: {error:#}"
+        );
+        self.unacked.push(poison.tag, delivery);
+        self.waiting.push_front(Item {
+            tag: poison.tag,
+            id: poison.id,
+            body: poison.body,
+            accepted: Instant::now(),
+        });
+        self.retry_at = Some(Instant::now() + delay);
     }
 
     /// Acks, with one `ack_multiple`, the longest run of committed deliveries at the low end.

@@ -15,6 +15,8 @@ use crate::ids::TenantId;
 use crate::metrics::Metrics;
 use crate::pool::{BatchDone, Outcome, Poison};
 use crate::stats::TenantStats;
+use crate::store::dead_letters::Ledger;
+use crate::store::DbSettings;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -106,6 +108,16 @@ fn book(tenant: TenantId, publisher: Publisher) -> InFlight {
         batch_size: 1,
         retry_delays: vec![Duration::from_secs(60)],
         stats: Arc::new(TenantStats::new(tenant, &metrics)),
+        // Retries only: the ledger of dead letters is never reached.
+        ledger: Arc::new(Ledger::new(
+            DbSettings {
+                url: "postgres://127.0.0.1:1/unused".into(),
+                connect_timeout: Duration::from_secs(1),
+                statement_timeout: Duration::ZERO,
+                keepalive: Duration::from_secs(10),
+            },
+            1,
+        )),
     };
     InFlight::new(book, crossbeam_channel::unbounded().0, publisher)
 }

@@ -6,6 +6,7 @@
 mod dead_letters;
 mod error;
 mod operations;
+mod orphans;
 mod pages;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,9 +27,11 @@ use crate::manager::TenantManager;
 use crate::metrics::Metrics;
 use crate::model::{ConsumerInfo, Status, Tenant};
 use crate::stats::Counts;
+use crate::store::orphans as create_records;
 use crate::store::{self, replicas, tenants};
 
 pub use error::{ServiceError, ServiceResult};
+pub use orphans::ORPHAN_GRACE;
 pub use pages::PAGE_PAYLOAD_BYTES;
 
 /// Below this many rows a tenant's rows are counted; above, PostgreSQL's estimate is shown.
@@ -200,8 +203,10 @@ impl Service {
             .ok_or_else(|| ServiceError::tenant_not_found(id))
     }
 
-    /// Creates the queues, then the row and partition in one transaction, and waits for the
-    /// consumer of an active tenant to connect (or to say why it cannot; it keeps trying).
+    /// Records the create, creates the queues, then the row and partition in one transaction
+    /// (which deletes the record), and waits for the consumer of an active tenant to connect
+    /// (or to say why it cannot; it keeps trying). Queues a create leaves without a row are
+    /// removed by it, or by a later sweep (`orphans`).
     pub fn create_tenant(&self, new: NewTenant) -> ServiceResult<Tenant> {
         let now = now_micros();
         let tenant = Tenant {
@@ -216,6 +221,7 @@ impl Service {
             consumer: None,
         };
         let id = tenant.tenant_id();
+        self.with_db(|db| create_records::intend(db, id).map_err(ServiceError::database))?;
         self.admin
             .declare_queues(id)
             .map_err(ServiceError::broker)?;
@@ -231,10 +237,14 @@ impl Service {
         created
     }
 
+    /// Deletes the queues of a create that failed; when they could not be, its record stays
+    /// and a sweep removes them after the grace.
     fn delete_queues_quietly(&self, id: TenantId) {
         if let Err(e) = self.admin.delete_queues(id) {
             warn!(tenant_id:% = id; "could not delete its queues: {e:#}");
+            return;
         }
+        let _ = self.with_db(|db| create_records::abandon(db, id).map_err(ServiceError::database));
     }
 
     pub fn tenant_view(&self, id: TenantId) -> ServiceResult<TenantView> {

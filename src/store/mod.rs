@@ -4,8 +4,10 @@
 //! Names of tables come from `TenantId`; every value travels as a bind parameter, except the
 //! partition bound in DDL, which PostgreSQL cannot bind and which is printed from a parsed UUID.
 
+pub mod dead_letters;
 pub mod limits;
 pub mod messages;
+pub mod orphans;
 pub mod replicas;
 pub mod tenants;
 

@@ -71,6 +71,7 @@ pub fn create(client: &mut Client, tenant: &Tenant) -> Result<()> {
     let id = tenant.tenant_id();
     let mut tx = client.transaction()?;
     tx.batch_execute("SET LOCAL lock_timeout = '10s'")?;
+    super::orphans::fulfil(&mut tx, id)?;
     tx.execute(
         "INSERT INTO tenants (id, name, description, status, workers, version, created_at,
                               updated_at)

@@ -21,6 +21,8 @@ mod dead_letters;
 mod delivery;
 /// The compose file and the scripts as written: nothing published beyond this host.
 mod deploy;
+/// A drain under way ends at the fence, acking nothing uncommitted.
+mod drain_fence;
 /// The fence covers every consumer the replica starts, and hand-overs keep heartbeating.
 mod fencing;
 /// The HTTP front: token auth, request ids, media types.
@@ -29,12 +31,16 @@ mod front;
 mod ingest;
 /// The Debian package, its systemd unit, service-manager notifications, `tenantd check`.
 mod install;
+/// Each poison message is dead-lettered once, whatever copies of it come back.
+mod letters_once;
 /// Delete, pause, resume and resize while messages flow: nothing lost, nothing doubled.
 mod lifecycle;
 /// One client cannot starve the others: slow readers, trickled bodies, rates per credential.
 mod limits;
 /// `/metrics`: the series an operator scrapes, valid by `promtool check metrics`.
 mod metrics;
+/// The queues of an interrupted create are swept after a grace; a tenant's never are.
+mod orphans;
 /// Cursor pages: every row exactly once, in `(created_at, id)` order, ties included.
 mod pagination;
 /// Two requests on one tenant, raced: GET tells the truth after, a delete leaves nothing.

@@ -131,6 +131,17 @@ impl Amqp {
         Some(result)
     }
 
+    /// Declares a durable queue (as a create that went no further leaves them).
+    pub fn declare(&mut self, queue: &str) {
+        let options = amiquip::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        self.channel
+            .queue_declare(queue, options)
+            .expect("declaring a queue");
+    }
+
     pub fn delete_queue(&mut self, queue: &str) {
         self.channel
             .queue_delete(queue, QueueDeleteOptions::default())

@@ -1,0 +1,148 @@
+//! Each dead message is in its tenant's DLQ once: a copy of a message already dead-lettered
+//! (the original redelivered after its letter was confirmed, or a duplicated retry copy) is
+//! acked without a second letter, and a replayed letter that fails again is dead-lettered again.
+
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::dead_letters::{dlq_depth, peek_all};
+use crate::support::logs::lines_with;
+use crate::support::proxy::Proxy;
+use crate::support::{pg_host_port, queue_name, retry_name, wait_until, Amqp, TestApp};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// tenantd with these retry delays, its tenants consuming one batch at a time (what was
+/// published first is settled first).
+fn spawn(retry_delays: Vec<Duration>) -> TestApp {
+    TestApp::spawn_with(|c| {
+        c.retry_delays = retry_delays;
+        c.default_workers = 1;
+    })
+}
+
+/// Publishes `{"good": n}` and waits until the tenant holds `rows` rows: everything published
+/// before it has been settled.
+fn settle_behind(app: &TestApp, amqp: &mut Amqp, tenant: &str, rows: i64) {
+    let body = json!({ "good": rows }).to_string();
+    amqp.publish(&queue_name(tenant), body.as_bytes(), None);
+    amqp.wait_confirms();
+    app.wait_rows(tenant, rows);
+}
+
+fn ledger_rows(app: &TestApp, tenant: &str) -> i64 {
+    app.pg()
+        .query_one(
+            "SELECT count(*) FROM dead_letters WHERE tenant_id = $1::text::uuid",
+            &[&tenant],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn a_delivery_redelivered_after_its_letter_was_confirmed_yields_one_letter() {
+    let app = spawn(Vec::new());
+    let tenant = app.create_tenant("once");
+    let mut amqp = Amqp::connect();
+    let id = Uuid::new_v4().to_string();
+    amqp.publish(&queue_name(&tenant), b"not json", Some(&id));
+    amqp.wait_confirms();
+    wait_until(WAIT, "the letter", || dlq_depth(&mut amqp, &tenant) == 1);
+
+    // The same delivery again, as the broker redelivers it when the ack after its letter's
+    // confirm was lost (a crash, a cut connection); twice in one burst too.
+    for _ in 0..3 {
+        amqp.publish(&queue_name(&tenant), b"not json", Some(&id));
+    }
+    settle_behind(&app, &mut amqp, &tenant, 1);
+
+    assert_eq!(dlq_depth(&mut amqp, &tenant), 1, "one letter in the DLQ");
+    let letters = peek_all(&app.base(), &tenant);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["message_id"], id.as_str());
+    assert_eq!(ledger_rows(&app, &tenant), 1);
+    let dropped = lines_with(&[&tenant, &id, "dead-lettered already"]);
+    assert_eq!(dropped.len(), 3, "{dropped:?}");
+}
+
+#[test]
+fn duplicated_retry_copies_of_a_message_end_in_one_letter() {
+    let app = spawn(vec![Duration::from_millis(50); 2]);
+    let tenant = app.create_tenant("retried-twice");
+    let mut amqp = Amqp::connect();
+    let id = Uuid::new_v4().to_string();
+    // Two copies of one message going through their retries side by side, as a copy
+    // confirmed in the retry queue whose original's ack was lost leaves them.
+    amqp.publish(&queue_name(&tenant), b"poison", Some(&id));
+    amqp.publish(&queue_name(&tenant), b"poison", Some(&id));
+    amqp.wait_confirms();
+    wait_until(WAIT, "one letter, the other copy dropped", || {
+        !lines_with(&[&tenant, &id, "dead-lettered already"]).is_empty()
+    });
+    assert_eq!(dlq_depth(&mut amqp, &tenant), 1);
+    assert_eq!(amqp.queue_stats(&retry_name(&tenant)).unwrap().0, 0);
+    let letters = peek_all(&app.base(), &tenant);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["attempts"], 3);
+}
+
+#[test]
+fn a_replayed_letter_that_fails_again_is_dead_lettered_again() {
+    let app = spawn(Vec::new());
+    let tenant = app.create_tenant("replayed");
+    let mut amqp = Amqp::connect();
+    let id = Uuid::new_v4().to_string();
+    amqp.publish(&queue_name(&tenant), b"still not json", Some(&id));
+    amqp.wait_confirms();
+    wait_until(WAIT, "the letter", || dlq_depth(&mut amqp, &tenant) == 1);
+
+    let path = format!("/api/tenants/{tenant}/dead-letters/replay");
+    let reply = app.request("POST", &path, None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["moved"], 1);
+    wait_until(WAIT, "the replayed letter back in the DLQ", || {
+        dlq_depth(&mut amqp, &tenant) == 1 && ledger_rows(&app, &tenant) == 2
+    });
+    settle_behind(&app, &mut amqp, &tenant, 1);
+    assert_eq!(dlq_depth(&mut amqp, &tenant), 1);
+    assert!(lines_with(&[&tenant, &id, "dead-lettered already"]).is_empty());
+}
+
+#[test]
+fn a_message_waits_unacked_while_the_ledger_is_unreachable_then_is_dead_lettered_once() {
+    let proxy = Proxy::start(&pg_host_port());
+    let port = proxy.port();
+    let app = TestApp::spawn_with(|c| {
+        c.retry_delays = Vec::new();
+        c.default_workers = 1;
+        c.database_url = c
+            .database_url
+            .replace(&pg_host_port(), &format!("127.0.0.1:{port}"));
+    });
+    let tenant = app.create_tenant("ledger-down");
+    let mut amqp = Amqp::connect();
+    let id = Uuid::new_v4().to_string();
+    proxy.cut();
+    amqp.publish(&queue_name(&tenant), b"not json", Some(&id));
+    amqp.wait_confirms();
+    wait_until(WAIT, "the dead-lettering to wait for the ledger", || {
+        !lines_with(&[&tenant, "dead-lettering waits"]).is_empty()
+    });
+    assert_eq!(
+        dlq_depth(&mut amqp, &tenant),
+        0,
+        "no letter without its record"
+    );
+
+    proxy.restore();
+    wait_until(Duration::from_secs(60), "the letter", || {
+        dlq_depth(&mut amqp, &tenant) == 1
+    });
+    settle_behind(&app, &mut amqp, &tenant, 1);
+    assert_eq!(dlq_depth(&mut amqp, &tenant), 1);
+    assert_eq!(ledger_rows(&app, &tenant), 1);
+    assert_eq!(amqp.queue_stats(&queue_name(&tenant)).unwrap().0, 0);
+}
