@@ -269,7 +269,8 @@ impl InFlight {
         self.stats.dead_lettered();
         warn!(
             tenant_id:% = self.tenant;
-            "message dead-lettered after {attempt} attempts: {}",
+            "message dead-lettered after {attempt} attempt{}: {}",
+            if attempt == 1 { "" } else { "s" },
             poison.reason
         );
         Ok(())

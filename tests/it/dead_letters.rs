@@ -102,6 +102,8 @@ fn the_peek_shows_each_dead_letter_with_its_reason_and_leaves_them_in_place() {
     assert_eq!(a["size"], 8);
     assert!(a["reason"].as_str().unwrap().contains("not JSON"), "{a}");
     assert_eq!(a["attempts"], 1);
+    let said = lines_with(&["dead-lettered after 1 attempt:", &tenant]);
+    assert_eq!(said.len(), 3, "{said:?}");
     let b = by_id(&refused);
     assert_eq!(b["payload_encoding"], "json");
     assert_eq!(b["payload"], json!({"nul": "\u{0}"}));
