@@ -17,6 +17,7 @@
 
 mod fence;
 mod listener;
+mod probe;
 mod reconcile;
 mod state;
 
@@ -34,6 +35,7 @@ use crate::manager::TenantManager;
 use crate::store::{self, replicas, DbSettings};
 use fence::Fence;
 use listener::Listener;
+use probe::Probe;
 use state::Loop;
 
 /// How often the replica heartbeats and checks who is live.
@@ -124,8 +126,9 @@ impl Coordinator {
             manager.clone(),
             settings.failover_timeout / 2,
         )?;
+        let probe = Probe::start(manager.clone())?;
         let (shutdown, shutdown_rx) = bounded(1);
-        let mut state = Loop::new(settings, health, manager, session);
+        let mut state = Loop::new(settings, health, manager, session, probe);
         let thread = std::thread::Builder::new()
             .name("coordinator".into())
             .spawn(move || {
@@ -172,7 +175,12 @@ fn open_session(settings: &Settings) -> Result<Client> {
     };
     let mut client = store::connect(&db, &name)?;
     replicas::set_liveness_timeout(&mut client, settings.failover_timeout)?;
-    replicas::join(&mut client, &settings.replica_id, &settings.http_addr)?;
+    replicas::join(
+        &mut client,
+        &settings.replica_id,
+        &settings.http_addr,
+        settings.failover_timeout,
+    )?;
     replicas::forget_dead(&mut client)?;
     Ok(client)
 }

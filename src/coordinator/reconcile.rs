@@ -13,7 +13,7 @@ use super::state::Loop;
 use crate::assign::{self, Placed};
 use crate::ids::TenantId;
 use crate::model::Status;
-use crate::store::replicas::{self, Claimed, TenantState};
+use crate::store::replicas::{self, Claimed, Replica, TenantState};
 
 impl Loop {
     /// Plans and carries the plan out for this replica.
@@ -24,12 +24,22 @@ impl Loop {
         let live = replicas::live(session)?;
         let states = replicas::states(session)?;
         let read = t0.elapsed();
-        self.members = live.iter().map(|r| (r.id.clone(), r.leaving)).collect();
+        self.members = live
+            .iter()
+            .map(|r| (r.id.clone(), r.leaving, r.broker_down))
+            .collect();
         let me = self.settings.replica_id.clone();
         let live_ids: HashSet<&str> = live.iter().map(|r| r.id.as_str()).collect();
-        let taking: Vec<&str> = live
+        let staying: Vec<&Replica> = live
             .iter()
             .filter(|r| !(r.leaving || self.leaving && r.id == me))
+            .collect();
+        // Replicas cut from the broker take nothing, unless every one is (then none can
+        // consume, and the tenants stay where they are).
+        let reaching = staying.iter().any(|r| !r.broker_down);
+        let taking: Vec<&str> = staying
+            .iter()
+            .filter(|r| !(reaching && r.broker_down))
             .map(|r| r.id.as_str())
             .collect();
         let active: Vec<Placed> = states

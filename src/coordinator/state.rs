@@ -12,12 +12,13 @@ use log::{error, info, warn};
 use postgres::Client;
 
 use super::listener::Note;
+use super::probe::Probe;
 use super::{heartbeat_every, open_session, Health, Settings};
 use crate::backoff::Backoff;
 use crate::consumer::Event;
 use crate::ids::TenantId;
 use crate::manager::TenantManager;
-use crate::store::replicas::{self, Report};
+use crate::store::replicas::{self, Beat, Report};
 
 /// How often everything is reconciled even when nothing was announced.
 const FULL_EVERY: Duration = Duration::from_secs(10);
@@ -40,8 +41,11 @@ pub struct Loop {
     next_connect: Instant,
     next_tick: Instant,
     last_full: Instant,
-    /// The live replicas at the last look (id, leaving).
-    pub(super) members: Vec<(String, bool)>,
+    /// The live replicas at the last look (id, leaving, broker down).
+    pub(super) members: Vec<(String, bool, bool)>,
+    pub(super) probe: Probe,
+    /// Since when this replica has said it cannot reach the broker (and taken no tenants).
+    pub(super) broker_down: Option<Instant>,
     /// Something changed: plan again.
     pub(super) dirty: bool,
     pub(super) leaving: bool,
@@ -53,6 +57,7 @@ impl Loop {
         health: Arc<Health>,
         manager: Arc<TenantManager>,
         session: Client,
+        probe: Probe,
     ) -> Loop {
         let tick = heartbeat_every(settings.failover_timeout);
         Loop {
@@ -67,6 +72,8 @@ impl Loop {
             next_tick: Instant::now() + tick,
             last_full: Instant::now(),
             members: Vec::new(),
+            probe,
+            broker_down: None,
             dirty: true,
             leaving: false,
         }
@@ -141,14 +148,19 @@ impl Loop {
         if self.session.is_none() {
             return;
         }
-        let live = self.heartbeat().and_then(|()| {
-            let session = self.session.as_mut().expect("connected");
-            replicas::live(session)
-        });
+        let live = self
+            .heartbeat()
+            .and_then(|()| self.watch_broker())
+            .and_then(|()| {
+                let session = self.session.as_mut().expect("connected");
+                replicas::live(session)
+            });
         match live {
             Ok(live) => {
-                let members: Vec<(String, bool)> =
-                    live.into_iter().map(|r| (r.id, r.leaving)).collect();
+                let members: Vec<_> = live
+                    .into_iter()
+                    .map(|r| (r.id, r.leaving, r.broker_down))
+                    .collect();
                 if members != self.members {
                     self.dirty = true;
                 }
@@ -159,10 +171,24 @@ impl Loop {
 
     /// Records in `replicas.seen_at` that this replica answers, and tells the fence. The time
     /// the fence keeps is taken before the statement: never later than the database's.
+    ///
+    /// A replica whose last heartbeat is older than the fence's limit (its process was stopped,
+    /// its machine frozen) has lost its tenants, or may have: it stops every consumer first,
+    /// as the fence would, and only then heartbeats — it must not race the fence thread, which
+    /// woke at the same moment, and look alive with its consumers still running.
     pub(super) fn heartbeat(&mut self) -> Result<()> {
+        let silent = self.health.since_heartbeat();
+        if silent >= self.settings.failover_timeout / 2 && self.manager.any_running() {
+            warn!("no heartbeat for {silent:?}: stopping every consumer of this replica before it heartbeats again (others may have taken its tenants)");
+            self.manager.stop_all(Instant::now());
+        }
         let sent = Instant::now();
+        let beat = Beat {
+            failover: self.settings.failover_timeout,
+            broker_down: self.broker_down.is_some(),
+        };
         let session = self.session.as_mut().expect("connected");
-        replicas::heartbeat(session, &self.settings.replica_id)?;
+        replicas::heartbeat(session, &self.settings.replica_id, beat)?;
         *self.health.heartbeat.lock() = sent;
         Ok(())
     }
@@ -289,7 +315,7 @@ impl Loop {
         let others = self
             .members
             .iter()
-            .any(|(id, leaving)| *id != me && !leaving);
+            .any(|(id, leaving, _)| *id != me && !leaving);
         let mut ids = self.manager.ids();
         ids.sort_unstable();
         info!("stopping {} consumers", ids.len());
