@@ -166,7 +166,10 @@ impl Drop for Coordinator {
 }
 
 /// Connects the replica's session — one that notices a silent server within half the failover
-/// timeout, as the server notices it — and joins.
+/// timeout, as the server notices it — and joins. Then no statement of the coordinator waits on
+/// a row lock for longer than a heartbeat's interval (a claim behind an operator's
+/// transaction fails and is tried again), except the heartbeat itself, whose silence the fence
+/// is for.
 fn open_session(settings: &Settings) -> Result<Client> {
     let name = format!("tenantd replica {}", settings.replica_id);
     let db = DbSettings {
@@ -181,6 +184,7 @@ fn open_session(settings: &Settings) -> Result<Client> {
         &settings.http_addr,
         settings.failover_timeout,
     )?;
+    replicas::set_lock_timeout(&mut client, heartbeat_every(settings.failover_timeout))?;
     replicas::forget_dead(&mut client)?;
     Ok(client)
 }

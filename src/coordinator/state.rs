@@ -18,6 +18,7 @@ use crate::backoff::Backoff;
 use crate::consumer::Event;
 use crate::ids::TenantId;
 use crate::manager::TenantManager;
+use crate::store;
 use crate::store::replicas::{self, Beat, Report};
 
 /// How often everything is reconciled even when nothing was announced.
@@ -109,6 +110,9 @@ impl Loop {
                         self.on_event(event);
                     }
                     while let Ok(event) = events.try_recv() {
+                        // A burst (a thousand consumers starting) is written report by
+                        // report: it must not hold the heartbeat back past a tick.
+                        self.keep_alive_if_connected();
                         self.on_event(event);
                     }
                     self.flush_releases();
@@ -288,7 +292,14 @@ impl Loop {
     }
 
     /// The session failed: drop it (the server releases the liveness lock when it notices).
+    /// A statement that waited on a row lock past `lock_timeout` only failed: the session
+    /// stays, and the plan is carried out again at the next tick.
     pub(super) fn lost(&mut self, e: &anyhow::Error) {
+        if store::is_lock_timeout(e) {
+            info!("a coordinator statement waited too long on a lock; trying again: {e:#}");
+            self.dirty = true;
+            return;
+        }
         if self.session.take().is_some() {
             warn!(
                 "replica {} lost PostgreSQL: {e:#}",

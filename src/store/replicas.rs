@@ -48,6 +48,13 @@ pub fn set_liveness_timeout(client: &mut Client, timeout: Duration) -> Result<()
     Ok(())
 }
 
+/// Makes statements on this session fail after waiting `timeout` for a lock.
+pub fn set_lock_timeout(client: &mut Client, timeout: Duration) -> Result<()> {
+    let ms = timeout.as_millis().max(1);
+    client.batch_execute(&format!("SET lock_timeout = {ms}"))?;
+    Ok(())
+}
+
 /// Registers the replica (with its failover timeout) and takes its liveness lock on this
 /// session. Fails when a live replica already uses the id.
 pub fn join(client: &mut Client, id: &str, http_addr: &str, failover: Duration) -> Result<()> {
@@ -114,11 +121,13 @@ pub struct Beat {
 /// the broker; a change of the latter is announced (the plan changes).
 pub fn heartbeat(client: &mut Client, id: &str, beat: Beat) -> Result<()> {
     let mut tx = client.transaction()?;
+    // The heartbeat waits as long as it must: the fence acts on its silence.
+    tx.batch_execute("SET LOCAL lock_timeout = 0")?;
     let changed = tx
         .query_opt(
-            "UPDATE replicas r SET seen_at = now(), failover_ms = $2, broker_down = $3
-             FROM (SELECT broker_down FROM replicas WHERE id = $1) old
-             WHERE r.id = $1 RETURNING old.broker_down <> $3",
+            "UPDATE replicas SET seen_at = now(), failover_ms = $2, broker_down = $3
+             FROM (SELECT broker_down AS was FROM replicas WHERE id = $1) old
+             WHERE replicas.id = $1 RETURNING old.was <> $3",
             &[&id, &millis(beat.failover), &beat.broker_down],
         )?
         .is_some_and(|r| r.get(0));
