@@ -114,8 +114,7 @@ impl Loop {
             if seen.ok_at.is_some_and(|ok| ok > down_at) {
                 info!("the broker answers again: taking tenants again");
                 self.broker_down = None;
-                self.dirty = true;
-                self.heartbeat()?;
+                self.say_broker_down(false);
             }
             return Ok(());
         }
@@ -133,7 +132,15 @@ impl Loop {
              giving {running} tenants to other replicas until it does"
         );
         self.broker_down = Some(Instant::now());
-        self.dirty = true;
-        self.heartbeat()
+        self.say_broker_down(true);
+        Ok(())
+    }
+
+    /// Has the heart say it with its next heartbeat, which announces the change: the plans
+    /// (this replica's too) are made again then.
+    fn say_broker_down(&mut self, down: bool) {
+        if let Some(heart) = &self.heart {
+            heart.set_broker_down(down);
+        }
     }
 }

@@ -19,7 +19,6 @@ impl Loop {
     /// Plans and carries the plan out for this replica.
     pub(super) fn reconcile(&mut self) -> Result<()> {
         let t0 = Instant::now();
-        self.heartbeat()?;
         let session = self.session.as_mut().expect("connected");
         let live = replicas::live(session)?;
         let states = replicas::states(session)?;
@@ -126,12 +125,15 @@ impl Loop {
         let ids: Vec<TenantId> = due.iter().map(|s| s.id).collect();
         let session = self.session.as_mut().expect("connected");
         let claimed = replicas::claim(session, &ids, &me, grace(self.settings.failover_timeout))?;
-        // The claim may have waited (on a row lock, a slow server) past the fence: a consumer
-        // started now must stand behind a heartbeat newer than any fence, or the fence, having
-        // fired already since the last one, would let it run through the replica's silence
-        // while another replica takes the tenant. Without a heartbeat nothing starts; the
-        // claims stay this replica's and the next reconcile starts (or releases) them.
-        self.keep_alive()?;
+        // The heart may have gone silent meanwhile (its session stuck): a consumer started now
+        // must stand behind a heartbeat younger than the fence's limit, or the fence, having
+        // fired already, would let it run through the replica's silence while another replica
+        // takes the tenant. Without one nothing starts; the claims stay this replica's and a
+        // later reconcile starts (or releases) them.
+        if self.health.since_heartbeat() >= self.settings.failover_timeout / 2 {
+            self.dirty = true;
+            return Ok(0);
+        }
         // Owned elsewhere and not (yet) released: look again next tick.
         self.dirty |= claimed.len() < due.len();
         let mut started = 0;
@@ -140,6 +142,7 @@ impl Loop {
                 Ok(()) => started += 1,
                 Err(e) => {
                     error!(tenant_id:% = id; "cannot start its consumer: {e:#}");
+                    self.back_off(id);
                     self.released.push((id, claim.version));
                 }
             }

@@ -11,15 +11,16 @@ use crossbeam_channel::{at, never, Receiver};
 use log::{error, info, warn};
 use postgres::Client;
 
+use super::heart::Heart;
 use super::listener::Note;
 use super::probe::Probe;
-use super::{heartbeat_every, open_session, Health, Settings};
+use super::{heartbeat_every, open_coordinator_session, Health, Settings};
 use crate::backoff::Backoff;
 use crate::consumer::Event;
 use crate::ids::TenantId;
 use crate::manager::TenantManager;
 use crate::store;
-use crate::store::replicas::{self, Beat, Report};
+use crate::store::replicas::{self, Report};
 
 /// How often everything is reconciled even when nothing was announced.
 const FULL_EVERY: Duration = Duration::from_secs(10);
@@ -45,6 +46,8 @@ pub struct Loop {
     /// The live replicas at the last look (id, leaving, broker down).
     pub(super) members: Vec<(String, bool, bool)>,
     pub(super) probe: Probe,
+    /// Holds the liveness lock; dropped last on the way out.
+    pub(super) heart: Option<Heart>,
     /// Since when this replica has said it cannot reach the broker (and taken no tenants).
     pub(super) broker_down: Option<Instant>,
     /// Something changed: plan again.
@@ -59,6 +62,7 @@ impl Loop {
         manager: Arc<TenantManager>,
         session: Client,
         probe: Probe,
+        heart: Heart,
     ) -> Loop {
         let tick = heartbeat_every(settings.failover_timeout);
         Loop {
@@ -74,6 +78,7 @@ impl Loop {
             last_full: Instant::now(),
             members: Vec::new(),
             probe,
+            heart: Some(heart),
             broker_down: None,
             dirty: true,
             leaving: false,
@@ -110,9 +115,6 @@ impl Loop {
                         self.on_event(event);
                     }
                     while let Ok(event) = events.try_recv() {
-                        // A burst (a thousand consumers starting) is written report by
-                        // report: it must not hold the heartbeat back past a tick.
-                        self.keep_alive_if_connected();
                         self.on_event(event);
                     }
                     self.flush_releases();
@@ -152,13 +154,10 @@ impl Loop {
         if self.session.is_none() {
             return;
         }
-        let live = self
-            .heartbeat()
-            .and_then(|()| self.watch_broker())
-            .and_then(|()| {
-                let session = self.session.as_mut().expect("connected");
-                replicas::live(session)
-            });
+        let live = self.watch_broker().and_then(|()| {
+            let session = self.session.as_mut().expect("connected");
+            replicas::live(session)
+        });
         match live {
             Ok(live) => {
                 let members: Vec<_> = live
@@ -171,39 +170,6 @@ impl Loop {
             }
             Err(e) => self.lost(&e),
         }
-    }
-
-    /// Records in `replicas.seen_at` that this replica answers, and tells the fence. The time
-    /// the fence keeps is taken before the statement: never later than the database's.
-    ///
-    /// A replica whose last heartbeat is older than the fence's limit (its process was stopped,
-    /// its machine frozen) has lost its tenants, or may have: it stops every consumer first,
-    /// as the fence would, and only then heartbeats — it must not race the fence thread, which
-    /// woke at the same moment, and look alive with its consumers still running.
-    pub(super) fn heartbeat(&mut self) -> Result<()> {
-        let silent = self.health.since_heartbeat();
-        if silent >= self.settings.failover_timeout / 2 && self.manager.any_running() {
-            warn!("no heartbeat for {silent:?}: stopping every consumer of this replica before it heartbeats again (others may have taken its tenants)");
-            self.manager.stop_all(Instant::now());
-        }
-        let sent = Instant::now();
-        let beat = Beat {
-            failover: self.settings.failover_timeout,
-            broker_down: self.broker_down.is_some(),
-        };
-        let session = self.session.as_mut().expect("connected");
-        replicas::heartbeat(session, &self.settings.replica_id, beat)?;
-        *self.health.heartbeat.lock() = sent;
-        Ok(())
-    }
-
-    /// Heartbeats again when the last one is a tick old: long work (claiming thousands of
-    /// tenants) must not look like silence to the fence.
-    pub(super) fn keep_alive(&mut self) -> Result<()> {
-        if self.health.heartbeat.lock().elapsed() >= self.tick() {
-            self.heartbeat()?;
-        }
-        Ok(())
     }
 
     fn on_event(&mut self, event: Event) {
@@ -223,17 +189,23 @@ impl Loop {
             return;
         };
         if let Some(error) = error {
-            let (at, backoff) = self.restart_after.entry(id).or_insert_with(|| {
-                (
-                    Instant::now(),
-                    Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
-                )
-            });
-            *at = Instant::now() + backoff.next();
+            self.back_off(id);
             error!(tenant_id:% = id; "consumer ended: {error}");
         }
         self.released.push((id, version));
         self.dirty = true;
+    }
+
+    /// The tenant's consumer is started here again no sooner than its backoff allows: one that
+    /// ends on its own or fails to start is not released and claimed again in a tight loop.
+    pub(super) fn back_off(&mut self, id: TenantId) {
+        let (at, backoff) = self.restart_after.entry(id).or_insert_with(|| {
+            (
+                Instant::now(),
+                Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            )
+        });
+        *at = Instant::now() + backoff.next();
     }
 
     /// Writes the releases collected so far. Without a session they are dropped: the next
@@ -269,8 +241,7 @@ impl Loop {
         if Instant::now() < self.next_connect {
             return false;
         }
-        let sent = Instant::now();
-        match open_session(&self.settings) {
+        match open_coordinator_session(&self.settings) {
             Ok(session) => {
                 info!(
                     "replica {} is back in touch with PostgreSQL",
@@ -278,7 +249,6 @@ impl Loop {
                 );
                 self.session = Some(session);
                 *self.health.db_error.lock() = None;
-                *self.health.heartbeat.lock() = sent;
                 self.reconnect.reset();
                 self.dirty = true;
                 true
@@ -347,6 +317,7 @@ impl Loop {
         let all = self.manager.ids();
         self.await_ended(&all, deadline + Duration::from_secs(2), events);
         self.session = None;
+        self.heart = None;
         match self.manager.ids().len() {
             0 => Ok(()),
             n => anyhow::bail!("{n} consumers did not stop in time"),
@@ -357,8 +328,6 @@ impl Loop {
     /// none of `tenants` runs here any more, or `until`.
     fn await_ended(&mut self, tenants: &[TenantId], until: Instant, events: &Receiver<Event>) {
         while tenants.iter().any(|t| self.manager.status(*t).is_some()) && Instant::now() < until {
-            // A stream of events must not hold the heartbeat back either.
-            self.keep_alive_if_connected();
             if let Ok(event) = events.recv_deadline(until.min(Instant::now() + self.tick())) {
                 self.on_event(event);
                 while let Ok(event) = events.try_recv() {
@@ -369,21 +338,10 @@ impl Loop {
         }
     }
 
-    /// Heartbeats when the last one is a tick old and the session is up.
-    fn keep_alive_if_connected(&mut self) {
-        if self.session.is_some() {
-            if let Err(e) = self.keep_alive() {
-                self.lost(&e);
-            }
-        }
-    }
-
     /// Waits (polling the claims) until another replica runs each of `tenants` still active.
     fn await_taken(&mut self, tenants: &[TenantId], until: Instant) {
         let me = self.settings.replica_id.clone();
         while Instant::now() < until {
-            // Waves may wait longer than the fence allows between heartbeats.
-            self.keep_alive_if_connected();
             let Some(session) = self.session.as_mut() else {
                 return;
             };
