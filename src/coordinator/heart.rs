@@ -111,7 +111,7 @@ impl Beating {
     /// as the fence would, and only then heartbeats — it must not race the fence thread, which
     /// woke at the same moment, and look alive with its consumers still running.
     fn beat(&mut self) -> Result<()> {
-        let silent = self.health.since_heartbeat();
+        let silent = self.health.heartbeat_age();
         if silent >= self.settings.failover_timeout / 2 && self.manager.any_running() {
             warn!("no heartbeat for {silent:?}: stopping every consumer of this replica before it heartbeats again (others may have taken its tenants)");
             self.manager.stop_all(Instant::now());
@@ -134,7 +134,7 @@ impl Beating {
             return;
         }
         if self.manager.any_running()
-            && self.health.since_heartbeat() >= self.settings.failover_timeout / 2
+            && self.health.heartbeat_age() >= self.settings.failover_timeout / 2
         {
             self.manager.stop_all(Instant::now());
         }

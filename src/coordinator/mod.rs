@@ -81,6 +81,8 @@ pub struct Health {
     settled: Mutex<bool>,
     /// When the last heartbeat that succeeded was sent (a little before it was recorded).
     heartbeat: Mutex<Instant>,
+    /// When the coordinator's loop last came round (it does at least every tick).
+    progress: Mutex<Instant>,
 }
 
 impl Default for Health {
@@ -89,6 +91,7 @@ impl Default for Health {
             db_error: Mutex::new(None),
             settled: Mutex::new(false),
             heartbeat: Mutex::new(Instant::now()),
+            progress: Mutex::new(Instant::now()),
         }
     }
 }
@@ -105,9 +108,20 @@ impl Health {
         }
     }
 
-    /// How long ago the last heartbeat that succeeded was sent.
+    /// How long this replica has been silent or stuck: since its last heartbeat that
+    /// succeeded, or since its coordinator's loop last came round (a wedged coordinator, whose
+    /// heart still beats on its own thread, is a stuck replica too).
     pub fn since_heartbeat(&self) -> Duration {
+        self.heartbeat_age().max(self.progress.lock().elapsed())
+    }
+
+    /// How long ago the last heartbeat that succeeded was sent.
+    pub(crate) fn heartbeat_age(&self) -> Duration {
         self.heartbeat.lock().elapsed()
+    }
+
+    pub(crate) fn mark_progress(&self) {
+        *self.progress.lock() = Instant::now();
     }
 }
 

@@ -130,7 +130,7 @@ impl Loop {
         // fired already, would let it run through the replica's silence while another replica
         // takes the tenant. Without one nothing starts; the claims stay this replica's and a
         // later reconcile starts (or releases) them.
-        if self.health.since_heartbeat() >= self.settings.failover_timeout / 2 {
+        if self.health.heartbeat_age() >= self.settings.failover_timeout / 2 {
             self.dirty = true;
             return Ok(0);
         }

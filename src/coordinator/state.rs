@@ -93,6 +93,7 @@ impl Loop {
     ) -> Result<()> {
         let mut notes = notes.clone();
         loop {
+            self.health.mark_progress();
             self.step();
             // A fixed schedule: a stream of events never delays the tick.
             let tick = at(self.next_tick);
@@ -328,6 +329,7 @@ impl Loop {
     /// none of `tenants` runs here any more, or `until`.
     fn await_ended(&mut self, tenants: &[TenantId], until: Instant, events: &Receiver<Event>) {
         while tenants.iter().any(|t| self.manager.status(*t).is_some()) && Instant::now() < until {
+            self.health.mark_progress();
             if let Ok(event) = events.recv_deadline(until.min(Instant::now() + self.tick())) {
                 self.on_event(event);
                 while let Ok(event) = events.try_recv() {
@@ -342,6 +344,7 @@ impl Loop {
     fn await_taken(&mut self, tenants: &[TenantId], until: Instant) {
         let me = self.settings.replica_id.clone();
         while Instant::now() < until {
+            self.health.mark_progress();
             let Some(session) = self.session.as_mut() else {
                 return;
             };

@@ -10,7 +10,8 @@ use serde_json::json;
 
 use crate::support::child::Tenantd;
 use crate::support::proxy::Proxy;
-use crate::support::{amqp_host_port, amqp_url_via, queue_name, rabbitmq_url, wait_until};
+use crate::support::{amqp_host_port, amqp_url_via, pg_host_port, pg_url_via};
+use crate::support::{queue_name, rabbitmq_url, wait_until};
 use crate::support::{Amqp, TestDb};
 
 /// The failover timeout of these tests, and the goal: every tenant consumed again within F + 5 s.
@@ -34,13 +35,22 @@ impl Fleet {
     }
 
     fn start(&mut self, name: &'static str, broker_url: String) {
-        let env = [
+        self.start_with(name, &[("RABBITMQ_URL", broker_url)]);
+    }
+
+    /// Starts a replica with settings of its own (over the defaults here).
+    fn start_with(&mut self, name: &'static str, extra: &[(&str, String)]) {
+        let mut env = vec![
             ("DATABASE_URL", self.db.url()),
-            ("RABBITMQ_URL", broker_url),
+            ("RABBITMQ_URL", rabbitmq_url()),
             ("REPLICA_ID", name.to_string()),
             ("WORKER_POOL_SIZE", "2".to_string()),
             ("FAILOVER_TIMEOUT", F.to_string()),
         ];
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k, v.clone()));
+        }
         self.replicas.insert(name, Tenantd::start(&env));
     }
 
@@ -213,4 +223,45 @@ fn a_replica_cut_from_the_broker_gives_its_tenants_to_one_that_is_not() {
     });
     assert_eq!(fleet.stored(), published, "each message stored once");
     eprintln!("a cut replica's tenants ran elsewhere after {took:?}; then {owners:?}");
+}
+
+/// Replicas with different failover timeouts: a takeover waits the owner's (it fences at half
+/// of its own), not the taker's. Here the owner (F = 12 s) loses PostgreSQL — its session ends,
+/// and with it its lock — while its consumers run on until its fence, 6 s later: a taker with
+/// F = 4 s must not start them before, or two consumers share a queue.
+#[test]
+fn a_takeover_waits_the_failover_timeout_of_the_owner() {
+    let mut fleet = Fleet::new();
+    let db = Proxy::start(&pg_host_port());
+    let via = pg_url_via(db.port(), &fleet.db);
+    fleet.start_with(
+        "a",
+        &[("DATABASE_URL", via), ("FAILOVER_TIMEOUT", "12".into())],
+    );
+    fleet.start_with("b", &[("FAILOVER_TIMEOUT", "4".into())]);
+    fleet.create("b", 6);
+    let owners = fleet.settled(Duration::from_secs(30));
+    assert!(owners.values().any(|r| r == "a"), "a runs some: {owners:?}");
+
+    db.cut();
+    let cut = Instant::now();
+    let mut amqp = Amqp::connect();
+    let mut most = 0;
+    wait_until(Duration::from_secs(20), "b to run every tenant", || {
+        for t in &fleet.tenants {
+            most = most.max(amqp.consumers(&queue_name(t)));
+        }
+        let now = fleet.running();
+        fleet
+            .tenants
+            .iter()
+            .all(|t| now.get(t).is_some_and(|r| r == "b"))
+    });
+    let took = cut.elapsed();
+    db.restore();
+    assert_eq!(most, 1, "two consumers on a queue: b took before a fenced");
+    assert!(
+        took >= Duration::from_secs(6),
+        "b took a's tenants after {took:?}, before a's fence (6 s)"
+    );
 }
