@@ -213,7 +213,7 @@ fn open_session(settings: &Settings) -> Result<Client> {
 /// than a heartbeat's interval: a claim behind an operator's transaction fails and is tried
 /// again at the next tick.
 fn open_coordinator_session(settings: &Settings) -> Result<Client> {
-    let name = format!("tenantd replica {}", settings.replica_id);
+    let name = format!("tenantd coordinator {}", settings.replica_id);
     let mut client = store::connect(&settings.db, &name)?;
     replicas::set_lock_timeout(&mut client, heartbeat_every(settings.failover_timeout))?;
     Ok(client)

@@ -23,11 +23,17 @@ impl Loop {
         let live = replicas::live(session)?;
         let states = replicas::states(session)?;
         let read = t0.elapsed();
+        let me = self.settings.replica_id.clone();
+        if !live.iter().any(|r| r.id == me) {
+            // Not live (the heart is joining again): a plan made now would give this replica's
+            // own tenants away. The next tick looks again.
+            self.dirty = true;
+            return Ok(());
+        }
         self.members = live
             .iter()
             .map(|r| (r.id.clone(), r.leaving, r.broker_down))
             .collect();
-        let me = self.settings.replica_id.clone();
         let live_ids: HashSet<&str> = live.iter().map(|r| r.id.as_str()).collect();
         let staying: Vec<&Replica> = live
             .iter()

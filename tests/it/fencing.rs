@@ -23,18 +23,27 @@ fn second_replica(
     tenantd::start(config).expect("the second replica starts")
 }
 
-/// Whether the replica's coordinator session waits on a lock in a statement containing `what`.
+/// Whether one of the replica's sessions (its coordinator's, its heart's) waits on a lock in a
+/// statement containing `what`.
 fn coordinator_waits_in(pg: &mut Client, replica: &str, what: &str) -> bool {
-    let name = format!("tenantd replica {replica}");
+    let names = session_names(replica);
     let pattern = format!("%{what}%");
     pg.query_one(
         "SELECT count(*) FROM pg_stat_activity
-         WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE $2",
-        &[&name, &pattern],
+         WHERE application_name = ANY($1) AND wait_event_type = 'Lock' AND query LIKE $2",
+        &[&names, &pattern],
     )
     .unwrap()
     .get::<_, i64>(0)
         == 1
+}
+
+/// The application names of the replica's coordinator and heart sessions.
+fn session_names(replica: &str) -> Vec<String> {
+    vec![
+        format!("tenantd coordinator {replica}"),
+        format!("tenantd replica {replica}"),
+    ]
 }
 
 fn is_live(pg: &mut Client, replica: &str) -> bool {
@@ -128,10 +137,10 @@ fn a_claim_behind_a_locked_row_does_not_fence_the_replica() {
     wait_until(Duration::from_secs(5), "the next heartbeat to wait", || {
         coordinator_waits_in(&mut pg, &replica, "UPDATE replicas SET seen_at")
     });
-    let name = format!("tenantd replica {replica}");
     pg.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-        &[&name],
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = ANY($1)",
+        &[&session_names(&replica)],
     )
     .unwrap();
     wait_until(Duration::from_secs(5), "the replica to look dead", || {
@@ -262,13 +271,13 @@ fn block_heartbeats<'a>(pg: &'a mut Client, replica: &str) -> postgres::Transact
 /// Whether the replica's coordinator has been waiting on a lock in a statement containing
 /// `what` for longer than `at_least`.
 fn coordinator_waited_in(pg: &mut Client, replica: &str, what: &str, at_least: Duration) -> bool {
-    let name = format!("tenantd replica {replica}");
+    let names = session_names(replica);
     let pattern = format!("%{what}%");
     pg.query_one(
         "SELECT count(*) FROM pg_stat_activity
-         WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE $2
+         WHERE application_name = ANY($1) AND wait_event_type = 'Lock' AND query LIKE $2
            AND now() - query_start > make_interval(secs => $3)",
-        &[&name, &pattern, &at_least.as_secs_f64()],
+        &[&names, &pattern, &at_least.as_secs_f64()],
     )
     .unwrap()
     .get::<_, i64>(0)
