@@ -102,10 +102,16 @@ BEGIN
                      AND NOT attisdropped) THEN
         ALTER TABLE replicas ADD COLUMN broker_down boolean NOT NULL DEFAULT false;
     END IF;
+    -- Most tenants the replica runs (MAX_TENANTS), when capped: the plan gives it no more.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'replicas'::regclass AND attname = 'max_tenants'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE replicas ADD COLUMN max_tenants integer;
+    END IF;
     -- Live: the session holds the lock AND the heartbeat is younger than the replica's failover
     -- timeout (a stopped process keeps its session, not its heartbeats). Replaced when it is
     -- the older view, which knew only the lock.
-    IF coalesce(pg_get_viewdef(to_regclass('live_replicas')), '') NOT LIKE '%failover_ms%' THEN
+    IF coalesce(pg_get_viewdef(to_regclass('live_replicas')), '') NOT LIKE '%max_tenants%' THEN
         CREATE OR REPLACE VIEW live_replicas AS
             SELECT r.* FROM replicas r
             WHERE EXISTS (

@@ -46,6 +46,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "seconds within which a replica that died has its tenants running on another",
     },
     Setting {
+        name: "MAX_TENANTS",
+        default: "0",
+        help: "most tenants this replica runs, the others running the rest (0: no cap)",
+    },
+    Setting {
         name: "HTTP_ADDR",
         default: "127.0.0.1:8080",
         help: "address the HTTP API listens on (0.0.0.0:8080 to serve other hosts: set a credential below)",
@@ -185,6 +190,7 @@ pub const BOUNDS: &[(&str, &str)] = &[
     ("QUEUE_TYPE", "classic or quorum"),
     ("REPLICA_ID", "unique among the live replicas"),
     ("FAILOVER_TIMEOUT", "at least 2"),
+    ("MAX_TENANTS", "0 to 1000000; 0: no cap"),
     (
         "HTTP_ADDR",
         "host:port; beyond loopback only with a credential or ALLOW_INSECURE_OPEN_API=1",
@@ -253,6 +259,8 @@ pub struct Config {
     pub broker_heartbeat_secs: u16,
     pub replica_id: String,
     pub failover_timeout: Duration,
+    /// Most tenants this replica runs (0: no cap).
+    pub max_tenants: u32,
     pub http_addr: String,
     /// Starts open (no credential) on a non-loopback `http_addr` all the same.
     pub allow_insecure_open_api: bool,
@@ -308,6 +316,7 @@ impl Config {
                 .filter(|v| !v.trim().is_empty())
                 .unwrap_or_else(default_replica_id),
             failover_timeout: Duration::from_secs(number(&get, "FAILOVER_TIMEOUT")?),
+            max_tenants: number(&get, "MAX_TENANTS")?,
             http_addr: get("HTTP_ADDR"),
             allow_insecure_open_api: match get("ALLOW_INSECURE_OPEN_API").trim() {
                 "0" => false,
@@ -372,6 +381,9 @@ impl Config {
         }
         if usize::from(self.max_workers) * self.batch_size > usize::from(u16::MAX) {
             bail!("MAX_WORKERS x BATCH_SIZE must fit a prefetch count (at most 65535)");
+        }
+        if self.max_tenants > 1_000_000 {
+            bail!("MAX_TENANTS must be at most 1000000");
         }
         if self.failover_timeout < Duration::from_secs(2) {
             bail!("FAILOVER_TIMEOUT must be at least 2 seconds");

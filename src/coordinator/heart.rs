@@ -120,6 +120,7 @@ impl Beating {
         let beat = Beat {
             failover: self.settings.failover_timeout,
             broker_down: self.broker_down.load(Ordering::Relaxed),
+            max_tenants: self.settings.max_tenants,
         };
         let session = self.session.as_mut().expect("connected");
         replicas::heartbeat(session, &self.settings.replica_id, beat)?;

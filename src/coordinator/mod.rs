@@ -39,7 +39,8 @@ use postgres::Client;
 
 use crate::consumer::Event;
 use crate::manager::TenantManager;
-use crate::store::{self, replicas, DbSettings};
+use crate::store::replicas::{self, Beat};
+use crate::store::{self, DbSettings};
 use fence::Fence;
 use heart::Heart;
 use listener::Listener;
@@ -69,6 +70,8 @@ pub struct Settings {
     pub db: DbSettings,
     /// A replica that stops answering has its tenants running elsewhere within this.
     pub failover_timeout: Duration,
+    /// Most tenants this replica runs (0: no cap); said with every heartbeat.
+    pub max_tenants: u32,
     /// How long a stopping consumer may drain.
     pub drain_timeout: Duration,
 }
@@ -203,7 +206,11 @@ fn open_session(settings: &Settings) -> Result<Client> {
         &mut client,
         &settings.replica_id,
         &settings.http_addr,
-        settings.failover_timeout,
+        Beat {
+            failover: settings.failover_timeout,
+            broker_down: false,
+            max_tenants: settings.max_tenants,
+        },
     )?;
     replicas::forget_dead(&mut client)?;
     Ok(client)

@@ -3,7 +3,7 @@
 //! should, resizing what changed, and giving up claims no thread here stands behind.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use log::{error, info};
@@ -14,6 +14,13 @@ use crate::assign::{self, Placed};
 use crate::ids::TenantId;
 use crate::model::Status;
 use crate::store::replicas::{self, Claimed, Replica, TenantState};
+
+/// Tenants claimed at once: between two waves the plan is made again, so replicas that join
+/// meanwhile get their share before this one has taken everything.
+const CLAIM_WAVE: usize = 250;
+/// How long a replica that finds itself alone, where others ran lately (a fleet starting
+/// together), waits for them before it plans: else it takes every tenant, then sheds them.
+const PEER_GRACE: Duration = Duration::from_secs(2);
 
 impl Loop {
     /// Plans and carries the plan out for this replica.
@@ -30,6 +37,9 @@ impl Loop {
             self.dirty = true;
             return Ok(());
         }
+        if self.waits_for_peers(live.len())? {
+            return Ok(());
+        }
         self.members = live
             .iter()
             .map(|r| (r.id.clone(), r.leaving, r.broker_down))
@@ -42,11 +52,16 @@ impl Loop {
         // Replicas cut from the broker take nothing, unless every one is (then none can
         // consume, and the tenants stay where they are).
         let reaching = staying.iter().any(|r| !r.broker_down);
-        let taking: Vec<&str> = staying
+        let taking: Vec<&Replica> = staying
             .iter()
+            .copied()
             .filter(|r| !(reaching && r.broker_down))
-            .map(|r| r.id.as_str())
             .collect();
+        let caps: Vec<Option<usize>> = taking
+            .iter()
+            .map(|r| r.max_tenants.and_then(|m| usize::try_from(m).ok()))
+            .collect();
+        let taking: Vec<&str> = taking.iter().map(|r| r.id.as_str()).collect();
         let active: Vec<Placed> = states
             .iter()
             .filter(|s| s.status == Status::Active)
@@ -55,7 +70,7 @@ impl Loop {
                 owner: s.owner.as_deref().filter(|o| taking.contains(o)),
             })
             .collect();
-        let plan = assign::plan(&active, &taking);
+        let plan = assign::plan_capped(&active, &taking, &caps);
         let mine = |s: &TenantState| {
             s.status == Status::Active && plan.get(&s.id).is_some_and(|r| *r == me)
         };
@@ -125,6 +140,7 @@ impl Loop {
             })
             .collect();
         self.dirty |= due.len() < wanted.len();
+        let due = &due[..due.len().min(CLAIM_WAVE)];
         if due.is_empty() {
             return Ok(0);
         }
@@ -175,6 +191,22 @@ impl Loop {
             }
         }
         self.flush_releases();
+    }
+
+    /// Whether to wait (a heartbeat interval at a time) for peers before the first plan: this replica is
+    /// alone, started less than `PEER_GRACE` ago, and other replicas ran within the last
+    /// minute. A replica that runs alone for good pays nothing.
+    fn waits_for_peers(&mut self, live: usize) -> Result<bool> {
+        if *self.health.settled.lock() || live > 1 || self.started.elapsed() >= PEER_GRACE {
+            return Ok(false);
+        }
+        let me = self.settings.replica_id.clone();
+        let session = self.session.as_mut().expect("connected");
+        if !replicas::peers_seen_lately(session, &me)? {
+            return Ok(false);
+        }
+        self.dirty = true;
+        Ok(true)
     }
 
     fn settled(&mut self, replicas: usize, active: usize, started: usize) {

@@ -42,6 +42,8 @@ pub struct Loop {
     reconnect: Backoff,
     next_connect: Instant,
     next_tick: Instant,
+    /// When this replica started: it may wait a little for peers (`reconcile`).
+    pub(super) started: Instant,
     last_full: Instant,
     /// The live replicas at the last look (id, leaving, broker down).
     pub(super) members: Vec<(String, bool, bool)>,
@@ -75,6 +77,7 @@ impl Loop {
             reconnect: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             next_connect: Instant::now(),
             next_tick: Instant::now() + tick,
+            started: Instant::now(),
             last_full: Instant::now(),
             members: Vec::new(),
             probe,

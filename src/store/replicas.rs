@@ -30,6 +30,8 @@ pub struct Replica {
     pub leaving: bool,
     /// It cannot reach the broker while others can: it takes no tenants until it can.
     pub broker_down: bool,
+    /// Most tenants it runs (`MAX_TENANTS`), when capped.
+    pub max_tenants: Option<i32>,
     pub started_at: DateTime<Utc>,
     /// Tenants whose consumer it runs (claims it holds).
     pub tenants: i64,
@@ -57,7 +59,7 @@ pub fn set_lock_timeout(client: &mut Client, timeout: Duration) -> Result<()> {
 
 /// Registers the replica (with its failover timeout) and takes its liveness lock on this
 /// session. Fails when a live replica already uses the id.
-pub fn join(client: &mut Client, id: &str, http_addr: &str, failover: Duration) -> Result<()> {
+pub fn join(client: &mut Client, id: &str, http_addr: &str, beat: Beat) -> Result<()> {
     let mut tx = client.transaction()?;
     let existing = tx.query_opt(
         "SELECT lock_key FROM replicas WHERE id = $1 FOR UPDATE",
@@ -83,9 +85,14 @@ pub fn join(client: &mut Client, id: &str, http_addr: &str, failover: Duration) 
     }
     tx.execute(
         "UPDATE replicas SET http_addr = $2, leaving = false, started_at = now(), seen_at = now(),
-                             failover_ms = $3, broker_down = false
+                             failover_ms = $3, broker_down = false, max_tenants = $4
          WHERE id = $1",
-        &[&id, &http_addr, &millis(failover)],
+        &[
+            &id,
+            &http_addr,
+            &millis(beat.failover),
+            &cap(beat.max_tenants),
+        ],
     )?;
     notify(&mut tx, REPLICAS_CHANGED)?;
     tx.commit()?;
@@ -115,6 +122,8 @@ pub fn forget_dead(client: &mut Client) -> Result<u64> {
 pub struct Beat {
     pub failover: Duration,
     pub broker_down: bool,
+    /// Most tenants it runs (0: no cap).
+    pub max_tenants: u32,
 }
 
 /// Records that the replica answers now, with its failover timeout and whether it can reach
@@ -125,10 +134,16 @@ pub fn heartbeat(client: &mut Client, id: &str, beat: Beat) -> Result<()> {
     tx.batch_execute("SET LOCAL lock_timeout = 0")?;
     let changed = tx
         .query_opt(
-            "UPDATE replicas SET seen_at = now(), failover_ms = $2, broker_down = $3
+            "UPDATE replicas SET seen_at = now(), failover_ms = $2, broker_down = $3,
+                                 max_tenants = $4
              FROM (SELECT broker_down AS was FROM replicas WHERE id = $1) old
              WHERE replicas.id = $1 RETURNING old.was <> $3",
-            &[&id, &millis(beat.failover), &beat.broker_down],
+            &[
+                &id,
+                &millis(beat.failover),
+                &beat.broker_down,
+                &cap(beat.max_tenants),
+            ],
         )?
         .is_some_and(|r| r.get(0));
     if changed {
@@ -138,8 +153,24 @@ pub fn heartbeat(client: &mut Client, id: &str, beat: Beat) -> Result<()> {
     Ok(())
 }
 
+/// A cap as stored: none for 0.
+fn cap(max_tenants: u32) -> Option<i32> {
+    i32::try_from(max_tenants).ok().filter(|&m| m > 0)
+}
+
 fn millis(d: Duration) -> i32 {
     i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
+}
+
+/// Whether a replica other than `replica` heartbeated within the last minute (live or not):
+/// a fleet that is starting together.
+pub fn peers_seen_lately(client: &mut Client, replica: &str) -> Result<bool> {
+    let row = client.query_one(
+        "SELECT EXISTS (SELECT 1 FROM replicas
+                        WHERE id <> $1 AND seen_at > now() - interval '1 minute')",
+        &[&replica],
+    )?;
+    Ok(row.get(0))
 }
 
 /// Whether a live replica other than `replica`, not cut from the broker, runs a consumer: the
@@ -157,7 +188,8 @@ pub fn others_consume(client: &mut Client, replica: &str) -> Result<bool> {
 pub fn live(client: &mut Client) -> Result<Vec<Replica>> {
     let rows = client.query(
         "SELECT r.id, r.http_addr, r.leaving, r.started_at,
-                (SELECT count(*) FROM consumers c WHERE c.replica_id = r.id), r.broker_down
+                (SELECT count(*) FROM consumers c WHERE c.replica_id = r.id), r.broker_down,
+                r.max_tenants
          FROM live_replicas r ORDER BY r.id",
         &[],
     )?;
@@ -170,6 +202,7 @@ pub fn live(client: &mut Client) -> Result<Vec<Replica>> {
             started_at: r.get(3),
             tenants: r.get(4),
             broker_down: r.get(5),
+            max_tenants: r.get(6),
         })
         .collect())
 }

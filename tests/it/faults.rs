@@ -265,3 +265,50 @@ fn a_takeover_waits_the_failover_timeout_of_the_owner() {
         "b took a's tenants after {took:?}, before a's fence (6 s)"
     );
 }
+
+/// A fleet starting together: the first replica up finds itself alone where others ran a
+/// moment ago, and waits a little for them instead of taking every tenant and then shedding
+/// half; each takes its share once, and no consumer is stopped.
+#[test]
+fn a_fleet_starting_together_does_not_pile_every_tenant_on_the_first_replica() {
+    let mut fleet = Fleet::new();
+    fleet.start("a", rabbitmq_url());
+    fleet.start("b", rabbitmq_url());
+    fleet.create("a", 10);
+    fleet.settled(Duration::from_secs(30));
+    for name in ["a", "b"] {
+        let mut replica = fleet.replicas.remove(name).unwrap();
+        replica.stop_cleanly("-TERM");
+    }
+
+    fleet.start("a", rabbitmq_url());
+    fleet.start("b", rabbitmq_url());
+    let owners = fleet.settled(Duration::from_secs(30));
+    let on_a = owners.values().filter(|r| *r == "a").count();
+    let a = fleet.replicas["a"].lines();
+    let b = fleet.replicas["b"].lines();
+    assert!(
+        a.iter()
+            .any(|l| l.contains("took its share: 2 live replicas")),
+        "a planned alone: {a:#?}"
+    );
+    let stopped: Vec<&String> = a
+        .iter()
+        .chain(&b)
+        .filter(|l| l.contains("consumer stopped"))
+        .collect();
+    assert!(stopped.is_empty(), "tenants moved at start: {stopped:#?}");
+    assert_eq!(on_a, 5, "{owners:?}");
+}
+
+/// `MAX_TENANTS` caps what one replica runs; the others run the rest.
+#[test]
+fn a_replica_runs_no_more_tenants_than_its_cap() {
+    let mut fleet = Fleet::new();
+    fleet.start_with("a", &[("MAX_TENANTS", "2".into())]);
+    fleet.start("b", rabbitmq_url());
+    fleet.create("a", 8);
+    let owners = fleet.settled(Duration::from_secs(30));
+    let on_a = owners.values().filter(|r| *r == "a").count();
+    assert_eq!(on_a, 2, "{owners:?}");
+}
