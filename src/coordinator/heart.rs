@@ -21,7 +21,8 @@ use crate::store::replicas::{self, Beat};
 pub struct Heart {
     /// Whether this replica cannot reach the broker (said with every heartbeat).
     pub broker_down: Arc<AtomicBool>,
-    /// Dropped to stop the thread; its session ends with it, and the liveness lock.
+    /// A message: heartbeat now. Dropped to stop the thread; its session ends with it, and the
+    /// liveness lock.
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -45,7 +46,7 @@ impl Heart {
         session: Client,
     ) -> Result<Heart> {
         let broker_down = Arc::new(AtomicBool::new(false));
-        let (stop_tx, stop) = bounded(0);
+        let (stop_tx, stop) = bounded(1);
         let mut beating = Beating {
             settings,
             health,
@@ -66,8 +67,12 @@ impl Heart {
         })
     }
 
+    /// Says it with a heartbeat at once (which announces the change).
     pub fn set_broker_down(&self, down: bool) {
         self.broker_down.store(down, Ordering::Relaxed);
+        if let Some(stop) = &self.stop {
+            let _ = stop.try_send(());
+        }
     }
 }
 
@@ -86,11 +91,12 @@ impl Beating {
         let mut next = Instant::now() + every;
         loop {
             match stop.recv_deadline(next) {
-                Err(RecvTimeoutError::Timeout) => {}
-                _ => return,
+                // Asked for a beat now: the schedule stays.
+                Ok(()) => {}
+                // A fixed schedule: a slow beat does not push the next one back.
+                Err(RecvTimeoutError::Timeout) => next = (next + every).max(Instant::now()),
+                Err(RecvTimeoutError::Disconnected) => return,
             }
-            // A fixed schedule: a slow beat does not push the next one back.
-            next = (next + every).max(Instant::now());
             if self.session.is_none() {
                 self.connect();
             } else if let Err(e) = self.beat() {

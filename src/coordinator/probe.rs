@@ -57,7 +57,7 @@ impl Probe {
         })
     }
 
-    fn want(&self, on: bool) {
+    pub(super) fn want(&self, on: bool) {
         self.wanted.store(on, Ordering::Relaxed);
     }
 

@@ -180,6 +180,10 @@ impl Loop {
         if let Event::Ended { tenant, error } = &event {
             return self.on_ended(*tenant, error.as_deref());
         }
+        if matches!(event, Event::Failing { .. }) {
+            // The broker probe starts at once (see `probe`).
+            self.probe.want(true);
+        }
         if let Some((id, report)) = self.manager.on_event(&event) {
             self.write_report(id, &report);
         }
