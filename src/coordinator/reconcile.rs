@@ -139,7 +139,8 @@ impl Loop {
                     .is_none_or(|(at, _)| now >= *at)
             })
             .collect();
-        self.dirty |= due.len() < wanted.len();
+        // Due later, or in a later wave: plan again at the next wake.
+        self.dirty |= due.len() < wanted.len() || due.len() > CLAIM_WAVE;
         let due = &due[..due.len().min(CLAIM_WAVE)];
         if due.is_empty() {
             return Ok(0);
@@ -193,9 +194,9 @@ impl Loop {
         self.flush_releases();
     }
 
-    /// Whether to wait (a heartbeat interval at a time) for peers before the first plan: this replica is
-    /// alone, started less than `PEER_GRACE` ago, and other replicas ran within the last
-    /// minute. A replica that runs alone for good pays nothing.
+    /// Whether to wait (a heartbeat interval at a time) for peers before the first plan: this
+    /// replica is alone, started less than `PEER_GRACE` ago, and other replicas ran within the
+    /// last minute. A replica that runs alone for good pays nothing.
     fn waits_for_peers(&mut self, live: usize) -> Result<bool> {
         if *self.health.settled.lock() || live > 1 || self.started.elapsed() >= PEER_GRACE {
             return Ok(false);
