@@ -145,7 +145,9 @@ pub fn heartbeat(client: &mut Client, id: &str, beat: Beat) -> Result<()> {
                 &cap(beat.max_tenants),
             ],
         )?
-        .is_some_and(|r| r.get(0));
+        // Forgotten after an hour's silence (a process stopped that long): join again.
+        .ok_or_else(|| anyhow::anyhow!("the row of replica {id} is gone"))?
+        .get(0);
     if changed {
         notify(&mut tx, REPLICAS_CHANGED)?;
     }
