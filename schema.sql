@@ -89,8 +89,30 @@ BEGIN
                      AND NOT attisdropped) THEN
         ALTER TABLE replicas ADD COLUMN seen_at timestamptz NOT NULL DEFAULT now();
     END IF;
-    IF to_regclass('live_replicas') IS NULL THEN
-        CREATE VIEW live_replicas AS
+    -- The failover timeout the replica runs with (a takeover waits the owner's, not the
+    -- taker's), and whether it cannot reach the broker while others can (it then takes no
+    -- tenants). Both written with every heartbeat.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'replicas'::regclass AND attname = 'failover_ms'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE replicas ADD COLUMN failover_ms integer;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'replicas'::regclass AND attname = 'broker_down'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE replicas ADD COLUMN broker_down boolean NOT NULL DEFAULT false;
+    END IF;
+    -- Most tenants the replica runs (MAX_TENANTS), when capped: the plan gives it no more.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'replicas'::regclass AND attname = 'max_tenants'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE replicas ADD COLUMN max_tenants integer;
+    END IF;
+    -- Live: the session holds the lock AND the heartbeat is younger than the replica's failover
+    -- timeout (a stopped process keeps its session, not its heartbeats). Replaced when it is
+    -- the older view, which knew only the lock.
+    IF coalesce(pg_get_viewdef(to_regclass('live_replicas')), '') NOT LIKE '%max_tenants%' THEN
+        CREATE OR REPLACE VIEW live_replicas AS
             SELECT r.* FROM replicas r
             WHERE EXISTS (
                 SELECT 1 FROM pg_locks l
@@ -98,7 +120,8 @@ BEGIN
                   AND l.database = (SELECT oid FROM pg_database
                                     WHERE datname = current_database())
                   AND l.classid = 1953391730::oid AND l.objid = r.lock_key::oid
-                  AND l.objsubid = 2);
+                  AND l.objsubid = 2)
+              AND r.seen_at > now() - make_interval(secs => coalesce(r.failover_ms, 10000) / 1000.0);
     END IF;
 
     -- Consumers: which replica has claimed each tenant, and how its consumer is doing. A claim

@@ -1,7 +1,9 @@
 //! Which live replica runs which active tenant. Every replica computes the same plan from the
 //! same rows, so they agree without talking to each other:
 //!
-//! - no replica gets more than ⌈T/N⌉ tenants (T active tenants, N replicas taking tenants);
+//! - no replica gets more than ⌈T/N⌉ tenants (T active tenants, N replicas taking tenants),
+//!   nor more than its own cap (`MAX_TENANTS`): what a capped replica cannot take is shared
+//!   by the others, and tenants beyond every cap are placed nowhere;
 //! - a tenant stays where it runs while that replica is within the cap, so a replica that joins
 //!   takes only the excess of the others, and one that leaves gives away only its own;
 //! - the others go to the replica that scores highest for them (rendezvous hashing) among those
@@ -18,12 +20,22 @@ pub struct Placed<'a> {
 }
 
 /// Tenant → replica for every tenant in `tenants`, over `replicas` (those taking tenants).
+#[cfg(test)]
 pub fn plan<'r>(tenants: &[Placed], replicas: &[&'r str]) -> HashMap<TenantId, &'r str> {
+    plan_capped(tenants, replicas, &vec![None; replicas.len()])
+}
+
+/// As `plan`, each replica taking at most its cap (`caps[i]` for `replicas[i]`, `None`: no cap).
+pub fn plan_capped<'r>(
+    tenants: &[Placed],
+    replicas: &[&'r str],
+    caps: &[Option<usize>],
+) -> HashMap<TenantId, &'r str> {
     let mut plan = HashMap::with_capacity(tenants.len());
     if replicas.is_empty() {
         return plan;
     }
-    let cap = tenants.len().div_ceil(replicas.len());
+    let cap = shares(tenants.len(), caps);
     let mut load = vec![0usize; replicas.len()];
     let index = |name: &str| replicas.iter().position(|r| *r == name);
 
@@ -37,7 +49,7 @@ pub fn plan<'r>(tenants: &[Placed], replicas: &[&'r str]) -> HashMap<TenantId, &
         .collect();
     kept.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     for (_, tenant, r) in kept {
-        if load[r] < cap {
+        if load[r] < cap[r] {
             load[r] += 1;
             plan.insert(tenant, replicas[r]);
         }
@@ -52,7 +64,7 @@ pub fn plan<'r>(tenants: &[Placed], replicas: &[&'r str]) -> HashMap<TenantId, &
     rest.sort_unstable();
     for tenant in rest {
         let best = (0..replicas.len())
-            .filter(|&r| load[r] < cap)
+            .filter(|&r| load[r] < cap[r])
             .max_by_key(|&r| (score(replicas[r], tenant), std::cmp::Reverse(r)));
         if let Some(r) = best {
             load[r] += 1;
@@ -60,6 +72,34 @@ pub fn plan<'r>(tenants: &[Placed], replicas: &[&'r str]) -> HashMap<TenantId, &
         }
     }
     plan
+}
+
+/// How many of `total` tenants each replica may hold: ⌈T/N⌉ each, except that a replica
+/// whose own cap is lower holds only that, the rest shared alike by the others (in turns, so
+/// every replica computes the same from the same caps).
+fn shares(total: usize, caps: &[Option<usize>]) -> Vec<usize> {
+    let mut share = vec![0; caps.len()];
+    let mut open: Vec<usize> = (0..caps.len()).collect();
+    let mut left = total;
+    while !open.is_empty() {
+        let fair = left.div_ceil(open.len());
+        let (low, high): (Vec<usize>, Vec<usize>) = open
+            .iter()
+            .partition(|&&r| caps[r].is_some_and(|c| c < fair));
+        if low.is_empty() {
+            for r in high {
+                share[r] = fair;
+            }
+            break;
+        }
+        for r in low {
+            let c = caps[r].unwrap_or(0);
+            share[r] = c;
+            left = left.saturating_sub(c);
+        }
+        open = high;
+    }
+    share
 }
 
 /// How much `replica` wants `tenant`: a hash of both that is the same on every build and
@@ -148,6 +188,22 @@ mod tests {
             "only b's tenants move"
         );
         assert_eq!(loads(&left, &["a", "c"]), vec![150, 150]);
+    }
+
+    #[test]
+    fn a_capped_replica_takes_no_more_than_its_cap_and_the_others_share_the_rest() {
+        let ts = tenants(30);
+        let replicas = ["a", "b", "c"];
+        let plan = plan_capped(
+            &place(&ts, &HashMap::new()),
+            &replicas,
+            &[Some(4), None, None],
+        );
+        assert_eq!(plan.len(), 30);
+        assert_eq!(loads(&plan, &replicas), vec![4, 13, 13]);
+        // Every cap below what there is: the excess is placed nowhere.
+        let plan = plan_capped(&place(&ts, &HashMap::new()), &replicas, &[Some(5); 3]);
+        assert_eq!(loads(&plan, &replicas), vec![5, 5, 5]);
     }
 
     #[test]

@@ -162,6 +162,7 @@ pub fn start(config: Config) -> Result<App> {
         http_addr: http_addr.to_string(),
         db,
         failover_timeout: config.failover_timeout,
+        max_tenants: config.max_tenants,
         drain_timeout: config.shutdown_timeout,
     };
     app.coordinator = Some(Coordinator::start(settings, manager, events, health)?);

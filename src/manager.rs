@@ -68,6 +68,17 @@ impl TenantManager {
         }
     }
 
+    /// Opens and closes a connection to the brokers, as a consumer would: whether this replica
+    /// can reach one (within the connect timeout).
+    pub fn probe_broker(&self) -> Result<()> {
+        let connection = self
+            .ctx
+            .brokers
+            .connect(self.ctx.connect_timeout, "tenantd broker probe")?;
+        let _ = connection.close();
+        Ok(())
+    }
+
     /// Starts a consumer thread for the tenant (it connects in the background).
     pub fn start(&self, id: TenantId, want: Claimed) -> Result<()> {
         let stats = self

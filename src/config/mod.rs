@@ -82,6 +82,11 @@ settings! {
         accepts "at least 2",
         help "seconds within which a replica that died has its tenants running on another",
         parse |raw| parse::secs(raw, 2..=86_400);
+    max_tenants: u32 = "MAX_TENANTS",
+        default "0",
+        accepts "0 to 1000000; 0: no cap",
+        help "most tenants this replica runs, the others running the rest (0: no cap)",
+        parse |raw| parse::number(raw, 0..=1_000_000);
     http_addr: String = "HTTP_ADDR",
         default "127.0.0.1:8080",
         accepts "host:port; beyond loopback only with a credential or ALLOW_INSECURE_OPEN_API=1",

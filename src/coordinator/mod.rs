@@ -1,7 +1,8 @@
 //! The replica's coordinator: one thread that keeps this replica's consumers in step with the
 //! tenants' rows and with the other replicas, coordinating only through PostgreSQL.
 //!
-//! It holds the replica's session (and on it the replica's liveness lock), wakes on every
+//! It holds a session for claims and reports; the `heart` holds another, with the replica's
+//! liveness lock, and heartbeats on its own schedule. The coordinator wakes on every
 //! change announced on the tenantd channel, on its consumers' events and once a second, and
 //! then: plans which live replica runs which active tenant (`assign`), stops what should not
 //! run here (releasing each claim once drained), claims and starts what should, resizes what
@@ -9,14 +10,21 @@
 //! caller of the manager's start and resize; the `fence` may stop everything on its own.
 //!
 //! The timing contract between replicas, for a failover timeout F:
-//! - a replica heartbeats (`replicas.seen_at`) every tick while its session works;
+//! - a replica heartbeats (`replicas.seen_at`, with its F) every tick while its heart's
+//!   session works, whatever its coordinator waits on;
+//! - a replica whose heartbeat is older than its F is not live, whatever its session holds;
 //! - one that could not heartbeat for F/2 stops its consumers (`fence`), even if its own
 //!   thread is stuck in a call to a silent database;
 //! - a claim of a replica that is not live may be taken, and counts as stopped, only once that
-//!   replica has not heartbeated for `grace(F)` = F/2 + a tick: by then it has fenced.
+//!   replica has not heartbeated for `grace(F)` = F/2 + a tick of its own F: by then it has
+//!   fenced;
+//! - one that wakes after F/2 without a heartbeat (a stopped process) stops its consumers
+//!   before it heartbeats again.
 
 mod fence;
+mod heart;
 mod listener;
+mod probe;
 mod reconcile;
 mod state;
 
@@ -31,9 +39,12 @@ use postgres::Client;
 
 use crate::consumer::Event;
 use crate::manager::TenantManager;
-use crate::store::{self, replicas, DbSettings};
+use crate::store::replicas::{self, Beat};
+use crate::store::{self, DbSettings};
 use fence::Fence;
+use heart::Heart;
 use listener::Listener;
+use probe::Probe;
 use state::Loop;
 
 /// How often the replica heartbeats and checks who is live.
@@ -59,6 +70,8 @@ pub struct Settings {
     pub db: DbSettings,
     /// A replica that stops answering has its tenants running elsewhere within this.
     pub failover_timeout: Duration,
+    /// Most tenants this replica runs (0: no cap); said with every heartbeat.
+    pub max_tenants: u32,
     /// How long a stopping consumer may drain.
     pub drain_timeout: Duration,
 }
@@ -71,6 +84,8 @@ pub struct Health {
     settled: Mutex<bool>,
     /// When the last heartbeat that succeeded was sent (a little before it was recorded).
     heartbeat: Mutex<Instant>,
+    /// When the coordinator's loop last came round (it does at least every tick).
+    progress: Mutex<Instant>,
 }
 
 impl Default for Health {
@@ -79,6 +94,7 @@ impl Default for Health {
             db_error: Mutex::new(None),
             settled: Mutex::new(false),
             heartbeat: Mutex::new(Instant::now()),
+            progress: Mutex::new(Instant::now()),
         }
     }
 }
@@ -95,9 +111,20 @@ impl Health {
         }
     }
 
-    /// How long ago the last heartbeat that succeeded was sent.
+    /// How long this replica has been silent or stuck: since its last heartbeat that
+    /// succeeded, or since its coordinator's loop last came round (a wedged coordinator, whose
+    /// heart still beats on its own thread, is a stuck replica too).
     pub fn since_heartbeat(&self) -> Duration {
+        self.heartbeat_age().max(self.progress.lock().elapsed())
+    }
+
+    /// How long ago the last heartbeat that succeeded was sent.
+    pub(crate) fn heartbeat_age(&self) -> Duration {
         self.heartbeat.lock().elapsed()
+    }
+
+    pub(crate) fn mark_progress(&self) {
+        *self.progress.lock() = Instant::now();
     }
 }
 
@@ -115,8 +142,9 @@ impl Coordinator {
         events: Receiver<Event>,
         health: Arc<Health>,
     ) -> Result<Coordinator> {
-        let session = open_session(&settings)?;
+        let liveness = open_session(&settings)?;
         *health.heartbeat.lock() = Instant::now();
+        let session = open_coordinator_session(&settings)?;
         let (notes_tx, notes) = unbounded();
         let listener = Listener::start(settings.db.clone(), notes_tx)?;
         let fence = Fence::start(
@@ -124,8 +152,10 @@ impl Coordinator {
             manager.clone(),
             settings.failover_timeout / 2,
         )?;
+        let probe = Probe::start(manager.clone())?;
+        let heart = Heart::start(settings.clone(), health.clone(), manager.clone(), liveness)?;
         let (shutdown, shutdown_rx) = bounded(1);
-        let mut state = Loop::new(settings, health, manager, session);
+        let mut state = Loop::new(settings, health, manager, session, probe, heart);
         let thread = std::thread::Builder::new()
             .name("coordinator".into())
             .spawn(move || {
@@ -162,8 +192,8 @@ impl Drop for Coordinator {
     }
 }
 
-/// Connects the replica's session — one that notices a silent server within half the failover
-/// timeout, as the server notices it — and joins.
+/// Connects the heart's session — one that notices a silent server within half the failover
+/// timeout, as the server notices it — and joins (taking the liveness lock on it).
 fn open_session(settings: &Settings) -> Result<Client> {
     let name = format!("tenantd replica {}", settings.replica_id);
     let db = DbSettings {
@@ -172,8 +202,27 @@ fn open_session(settings: &Settings) -> Result<Client> {
     };
     let mut client = store::connect(&db, &name)?;
     replicas::set_liveness_timeout(&mut client, settings.failover_timeout)?;
-    replicas::join(&mut client, &settings.replica_id, &settings.http_addr)?;
+    replicas::join(
+        &mut client,
+        &settings.replica_id,
+        &settings.http_addr,
+        Beat {
+            failover: settings.failover_timeout,
+            broker_down: false,
+            max_tenants: settings.max_tenants,
+        },
+    )?;
     replicas::forget_dead(&mut client)?;
+    Ok(client)
+}
+
+/// Connects the coordinator's session, on which no statement waits on a row lock for longer
+/// than a heartbeat's interval: a claim behind an operator's transaction fails and is tried
+/// again at the next tick.
+fn open_coordinator_session(settings: &Settings) -> Result<Client> {
+    let name = format!("tenantd coordinator {}", settings.replica_id);
+    let mut client = store::connect(&settings.db, &name)?;
+    replicas::set_lock_timeout(&mut client, heartbeat_every(settings.failover_timeout))?;
     Ok(client)
 }
 

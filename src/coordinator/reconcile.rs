@@ -3,7 +3,7 @@
 //! should, resizing what changed, and giving up claims no thread here stands behind.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use log::{error, info};
@@ -13,25 +13,55 @@ use super::state::Loop;
 use crate::assign::{self, Placed};
 use crate::ids::TenantId;
 use crate::model::Status;
-use crate::store::replicas::{self, Claimed, TenantState};
+use crate::store::replicas::{self, Claimed, Replica, TenantState};
+
+/// Tenants claimed at once: between two waves the plan is made again, so replicas that join
+/// meanwhile get their share before this one has taken everything.
+const CLAIM_WAVE: usize = 250;
+/// How long a replica that finds itself alone, where others ran lately (a fleet starting
+/// together), waits for them before it plans: else it takes every tenant, then sheds them.
+const PEER_GRACE: Duration = Duration::from_secs(2);
 
 impl Loop {
     /// Plans and carries the plan out for this replica.
     pub(super) fn reconcile(&mut self) -> Result<()> {
         let t0 = Instant::now();
-        self.heartbeat()?;
         let session = self.session.as_mut().expect("connected");
         let live = replicas::live(session)?;
         let states = replicas::states(session)?;
         let read = t0.elapsed();
-        self.members = live.iter().map(|r| (r.id.clone(), r.leaving)).collect();
         let me = self.settings.replica_id.clone();
+        if !live.iter().any(|r| r.id == me) {
+            // Not live (the heart is joining again): a plan made now would give this replica's
+            // own tenants away. The next tick looks again.
+            self.dirty = true;
+            return Ok(());
+        }
+        if self.waits_for_peers(live.len())? {
+            return Ok(());
+        }
+        self.members = live
+            .iter()
+            .map(|r| (r.id.clone(), r.leaving, r.broker_down))
+            .collect();
         let live_ids: HashSet<&str> = live.iter().map(|r| r.id.as_str()).collect();
-        let taking: Vec<&str> = live
+        let staying: Vec<&Replica> = live
             .iter()
             .filter(|r| !(r.leaving || self.leaving && r.id == me))
-            .map(|r| r.id.as_str())
             .collect();
+        // Replicas cut from the broker take nothing, unless every one is (then none can
+        // consume, and the tenants stay where they are).
+        let reaching = staying.iter().any(|r| !r.broker_down);
+        let taking: Vec<&Replica> = staying
+            .iter()
+            .copied()
+            .filter(|r| !(reaching && r.broker_down))
+            .collect();
+        let caps: Vec<Option<usize>> = taking
+            .iter()
+            .map(|r| r.max_tenants.and_then(|m| usize::try_from(m).ok()))
+            .collect();
+        let taking: Vec<&str> = taking.iter().map(|r| r.id.as_str()).collect();
         let active: Vec<Placed> = states
             .iter()
             .filter(|s| s.status == Status::Active)
@@ -40,7 +70,7 @@ impl Loop {
                 owner: s.owner.as_deref().filter(|o| taking.contains(o)),
             })
             .collect();
-        let plan = assign::plan(&active, &taking);
+        let plan = assign::plan_capped(&active, &taking, &caps);
         let mine = |s: &TenantState| {
             s.status == Status::Active && plan.get(&s.id).is_some_and(|r| *r == me)
         };
@@ -109,19 +139,24 @@ impl Loop {
                     .is_none_or(|(at, _)| now >= *at)
             })
             .collect();
-        self.dirty |= due.len() < wanted.len();
+        // Due later, or in a later wave: plan again at the next wake.
+        self.dirty |= due.len() < wanted.len() || due.len() > CLAIM_WAVE;
+        let due = &due[..due.len().min(CLAIM_WAVE)];
         if due.is_empty() {
             return Ok(0);
         }
         let ids: Vec<TenantId> = due.iter().map(|s| s.id).collect();
         let session = self.session.as_mut().expect("connected");
         let claimed = replicas::claim(session, &ids, &me, grace(self.settings.failover_timeout))?;
-        // The claim may have waited (on a row lock, a slow server) past the fence: a consumer
-        // started now must stand behind a heartbeat newer than any fence, or the fence, having
-        // fired already since the last one, would let it run through the replica's silence
-        // while another replica takes the tenant. Without a heartbeat nothing starts; the
-        // claims stay this replica's and the next reconcile starts (or releases) them.
-        self.keep_alive()?;
+        // The heart may have gone silent meanwhile (its session stuck): a consumer started now
+        // must stand behind a heartbeat younger than the fence's limit, or the fence, having
+        // fired already, would let it run through the replica's silence while another replica
+        // takes the tenant. Without one nothing starts; the claims stay this replica's and a
+        // later reconcile starts (or releases) them.
+        if self.health.heartbeat_age() >= self.settings.failover_timeout / 2 {
+            self.dirty = true;
+            return Ok(0);
+        }
         // Owned elsewhere and not (yet) released: look again next tick.
         self.dirty |= claimed.len() < due.len();
         let mut started = 0;
@@ -130,6 +165,7 @@ impl Loop {
                 Ok(()) => started += 1,
                 Err(e) => {
                     error!(tenant_id:% = id; "cannot start its consumer: {e:#}");
+                    self.back_off(id);
                     self.released.push((id, claim.version));
                 }
             }
@@ -156,6 +192,22 @@ impl Loop {
             }
         }
         self.flush_releases();
+    }
+
+    /// Whether to wait (a heartbeat interval at a time) for peers before the first plan: this
+    /// replica is alone, started less than `PEER_GRACE` ago, and other replicas ran within the
+    /// last minute. A replica that runs alone for good pays nothing.
+    fn waits_for_peers(&mut self, live: usize) -> Result<bool> {
+        if *self.health.settled.lock() || live > 1 || self.started.elapsed() >= PEER_GRACE {
+            return Ok(false);
+        }
+        let me = self.settings.replica_id.clone();
+        let session = self.session.as_mut().expect("connected");
+        if !replicas::peers_seen_lately(session, &me)? {
+            return Ok(false);
+        }
+        self.dirty = true;
+        Ok(true)
     }
 
     fn settled(&mut self, replicas: usize, active: usize, started: usize) {

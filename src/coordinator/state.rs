@@ -11,12 +11,15 @@ use crossbeam_channel::{at, never, Receiver};
 use log::{error, info, warn};
 use postgres::Client;
 
+use super::heart::Heart;
 use super::listener::Note;
-use super::{heartbeat_every, open_session, Health, Settings};
+use super::probe::Probe;
+use super::{heartbeat_every, open_coordinator_session, Health, Settings};
 use crate::backoff::Backoff;
 use crate::consumer::Event;
 use crate::ids::TenantId;
 use crate::manager::TenantManager;
+use crate::store;
 use crate::store::replicas::{self, Report};
 
 /// How often everything is reconciled even when nothing was announced.
@@ -39,9 +42,16 @@ pub struct Loop {
     reconnect: Backoff,
     next_connect: Instant,
     next_tick: Instant,
+    /// When this replica started: it may wait a little for peers (`reconcile`).
+    pub(super) started: Instant,
     last_full: Instant,
-    /// The live replicas at the last look (id, leaving).
-    pub(super) members: Vec<(String, bool)>,
+    /// The live replicas at the last look (id, leaving, broker down).
+    pub(super) members: Vec<(String, bool, bool)>,
+    pub(super) probe: Probe,
+    /// Holds the liveness lock; dropped last on the way out.
+    pub(super) heart: Option<Heart>,
+    /// Since when this replica has said it cannot reach the broker (and taken no tenants).
+    pub(super) broker_down: Option<Instant>,
     /// Something changed: plan again.
     pub(super) dirty: bool,
     pub(super) leaving: bool,
@@ -53,6 +63,8 @@ impl Loop {
         health: Arc<Health>,
         manager: Arc<TenantManager>,
         session: Client,
+        probe: Probe,
+        heart: Heart,
     ) -> Loop {
         let tick = heartbeat_every(settings.failover_timeout);
         Loop {
@@ -65,8 +77,12 @@ impl Loop {
             reconnect: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             next_connect: Instant::now(),
             next_tick: Instant::now() + tick,
+            started: Instant::now(),
             last_full: Instant::now(),
             members: Vec::new(),
+            probe,
+            heart: Some(heart),
+            broker_down: None,
             dirty: true,
             leaving: false,
         }
@@ -80,6 +96,7 @@ impl Loop {
     ) -> Result<()> {
         let mut notes = notes.clone();
         loop {
+            self.health.mark_progress();
             self.step();
             // A fixed schedule: a stream of events never delays the tick.
             let tick = at(self.next_tick);
@@ -141,14 +158,16 @@ impl Loop {
         if self.session.is_none() {
             return;
         }
-        let live = self.heartbeat().and_then(|()| {
+        let live = self.watch_broker().and_then(|()| {
             let session = self.session.as_mut().expect("connected");
             replicas::live(session)
         });
         match live {
             Ok(live) => {
-                let members: Vec<(String, bool)> =
-                    live.into_iter().map(|r| (r.id, r.leaving)).collect();
+                let members: Vec<_> = live
+                    .into_iter()
+                    .map(|r| (r.id, r.leaving, r.broker_down))
+                    .collect();
                 if members != self.members {
                     self.dirty = true;
                 }
@@ -157,28 +176,13 @@ impl Loop {
         }
     }
 
-    /// Records in `replicas.seen_at` that this replica answers, and tells the fence. The time
-    /// the fence keeps is taken before the statement: never later than the database's.
-    pub(super) fn heartbeat(&mut self) -> Result<()> {
-        let sent = Instant::now();
-        let session = self.session.as_mut().expect("connected");
-        replicas::heartbeat(session, &self.settings.replica_id)?;
-        *self.health.heartbeat.lock() = sent;
-        Ok(())
-    }
-
-    /// Heartbeats again when the last one is a tick old: long work (claiming thousands of
-    /// tenants) must not look like silence to the fence.
-    pub(super) fn keep_alive(&mut self) -> Result<()> {
-        if self.health.heartbeat.lock().elapsed() >= self.tick() {
-            self.heartbeat()?;
-        }
-        Ok(())
-    }
-
     fn on_event(&mut self, event: Event) {
         if let Event::Ended { tenant, error } = &event {
             return self.on_ended(*tenant, error.as_deref());
+        }
+        if matches!(event, Event::Failing { .. }) {
+            // The broker probe starts at once (see `probe`).
+            self.probe.want(true);
         }
         if let Some((id, report)) = self.manager.on_event(&event) {
             self.write_report(id, &report);
@@ -193,17 +197,23 @@ impl Loop {
             return;
         };
         if let Some(error) = error {
-            let (at, backoff) = self.restart_after.entry(id).or_insert_with(|| {
-                (
-                    Instant::now(),
-                    Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
-                )
-            });
-            *at = Instant::now() + backoff.next();
+            self.back_off(id);
             error!(tenant_id:% = id; "consumer ended: {error}");
         }
         self.released.push((id, version));
         self.dirty = true;
+    }
+
+    /// The tenant's consumer is started here again no sooner than its backoff allows: one that
+    /// ends on its own or fails to start is not released and claimed again in a tight loop.
+    pub(super) fn back_off(&mut self, id: TenantId) {
+        let (at, backoff) = self.restart_after.entry(id).or_insert_with(|| {
+            (
+                Instant::now(),
+                Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            )
+        });
+        *at = Instant::now() + backoff.next();
     }
 
     /// Writes the releases collected so far. Without a session they are dropped: the next
@@ -239,8 +249,7 @@ impl Loop {
         if Instant::now() < self.next_connect {
             return false;
         }
-        let sent = Instant::now();
-        match open_session(&self.settings) {
+        match open_coordinator_session(&self.settings) {
             Ok(session) => {
                 info!(
                     "replica {} is back in touch with PostgreSQL",
@@ -248,7 +257,6 @@ impl Loop {
                 );
                 self.session = Some(session);
                 *self.health.db_error.lock() = None;
-                *self.health.heartbeat.lock() = sent;
                 self.reconnect.reset();
                 self.dirty = true;
                 true
@@ -262,7 +270,14 @@ impl Loop {
     }
 
     /// The session failed: drop it (the server releases the liveness lock when it notices).
+    /// A statement that waited on a row lock past `lock_timeout` only failed: the session
+    /// stays, and the plan is carried out again at the next tick.
     pub(super) fn lost(&mut self, e: &anyhow::Error) {
+        if store::is_lock_timeout(e) {
+            info!("a coordinator statement waited too long on a lock; trying again: {e:#}");
+            self.dirty = true;
+            return;
+        }
         if self.session.take().is_some() {
             warn!(
                 "replica {} lost PostgreSQL: {e:#}",
@@ -289,7 +304,7 @@ impl Loop {
         let others = self
             .members
             .iter()
-            .any(|(id, leaving)| *id != me && !leaving);
+            .any(|(id, leaving, _)| *id != me && !leaving);
         let mut ids = self.manager.ids();
         ids.sort_unstable();
         info!("stopping {} consumers", ids.len());
@@ -310,6 +325,7 @@ impl Loop {
         let all = self.manager.ids();
         self.await_ended(&all, deadline + Duration::from_secs(2), events);
         self.session = None;
+        self.heart = None;
         match self.manager.ids().len() {
             0 => Ok(()),
             n => anyhow::bail!("{n} consumers did not stop in time"),
@@ -320,8 +336,7 @@ impl Loop {
     /// none of `tenants` runs here any more, or `until`.
     fn await_ended(&mut self, tenants: &[TenantId], until: Instant, events: &Receiver<Event>) {
         while tenants.iter().any(|t| self.manager.status(*t).is_some()) && Instant::now() < until {
-            // A stream of events must not hold the heartbeat back either.
-            self.keep_alive_if_connected();
+            self.health.mark_progress();
             if let Ok(event) = events.recv_deadline(until.min(Instant::now() + self.tick())) {
                 self.on_event(event);
                 while let Ok(event) = events.try_recv() {
@@ -332,21 +347,11 @@ impl Loop {
         }
     }
 
-    /// Heartbeats when the last one is a tick old and the session is up.
-    fn keep_alive_if_connected(&mut self) {
-        if self.session.is_some() {
-            if let Err(e) = self.keep_alive() {
-                self.lost(&e);
-            }
-        }
-    }
-
     /// Waits (polling the claims) until another replica runs each of `tenants` still active.
     fn await_taken(&mut self, tenants: &[TenantId], until: Instant) {
         let me = self.settings.replica_id.clone();
         while Instant::now() < until {
-            // Waves may wait longer than the fence allows between heartbeats.
-            self.keep_alive_if_connected();
+            self.health.mark_progress();
             let Some(session) = self.session.as_mut() else {
                 return;
             };

@@ -1,6 +1,7 @@
 //! Replicas and their claims on tenants: which replicas are live (a session holding the
-//! replica's advisory lock, released by the server the moment that session ends), which replica
-//! consumes which tenant, and how that consumer is doing.
+//! replica's advisory lock, released by the server the moment that session ends, and a
+//! heartbeat younger than the replica's failover timeout), which replica consumes which tenant,
+//! and how that consumer is doing.
 
 use std::time::Duration;
 
@@ -27,6 +28,10 @@ pub struct Replica {
     pub http_addr: Option<String>,
     /// Draining its tenants before it stops: it takes no new ones.
     pub leaving: bool,
+    /// It cannot reach the broker while others can: it takes no tenants until it can.
+    pub broker_down: bool,
+    /// Most tenants it runs (`MAX_TENANTS`), when capped.
+    pub max_tenants: Option<i32>,
     pub started_at: DateTime<Utc>,
     /// Tenants whose consumer it runs (claims it holds).
     pub tenants: i64,
@@ -45,9 +50,16 @@ pub fn set_liveness_timeout(client: &mut Client, timeout: Duration) -> Result<()
     Ok(())
 }
 
-/// Registers the replica and takes its liveness lock on this session. Fails when a live
-/// replica already uses the id.
-pub fn join(client: &mut Client, id: &str, http_addr: &str) -> Result<()> {
+/// Makes statements on this session fail after waiting `timeout` for a lock.
+pub fn set_lock_timeout(client: &mut Client, timeout: Duration) -> Result<()> {
+    let ms = timeout.as_millis().max(1);
+    client.batch_execute(&format!("SET lock_timeout = {ms}"))?;
+    Ok(())
+}
+
+/// Registers the replica (with its failover timeout) and takes its liveness lock on this
+/// session. Fails when a live replica already uses the id.
+pub fn join(client: &mut Client, id: &str, http_addr: &str, beat: Beat) -> Result<()> {
     let mut tx = client.transaction()?;
     let existing = tx.query_opt(
         "SELECT lock_key FROM replicas WHERE id = $1 FOR UPDATE",
@@ -72,9 +84,15 @@ pub fn join(client: &mut Client, id: &str, http_addr: &str) -> Result<()> {
         bail!("REPLICA_ID={id:?} is in use by another running tenantd");
     }
     tx.execute(
-        "UPDATE replicas SET http_addr = $2, leaving = false, started_at = now(), seen_at = now()
+        "UPDATE replicas SET http_addr = $2, leaving = false, started_at = now(), seen_at = now(),
+                             failover_ms = $3, broker_down = false, max_tenants = $4
          WHERE id = $1",
-        &[&id, &http_addr],
+        &[
+            &id,
+            &http_addr,
+            &millis(beat.failover),
+            &cap(beat.max_tenants),
+        ],
     )?;
     notify(&mut tx, REPLICAS_CHANGED)?;
     tx.commit()?;
@@ -99,17 +117,81 @@ pub fn forget_dead(client: &mut Client) -> Result<u64> {
     )?)
 }
 
-/// Records that the replica answers now.
-pub fn heartbeat(client: &mut Client, id: &str) -> Result<()> {
-    client.execute("UPDATE replicas SET seen_at = now() WHERE id = $1", &[&id])?;
+/// What a replica says of itself with every heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Beat {
+    pub failover: Duration,
+    pub broker_down: bool,
+    /// Most tenants it runs (0: no cap).
+    pub max_tenants: u32,
+}
+
+/// Records that the replica answers now, with its failover timeout and whether it can reach
+/// the broker; a change of the latter is announced (the plan changes).
+pub fn heartbeat(client: &mut Client, id: &str, beat: Beat) -> Result<()> {
+    let mut tx = client.transaction()?;
+    // The heartbeat waits as long as it must: the fence acts on its silence.
+    tx.batch_execute("SET LOCAL lock_timeout = 0")?;
+    let changed = tx
+        .query_opt(
+            "UPDATE replicas SET seen_at = now(), failover_ms = $2, broker_down = $3,
+                                 max_tenants = $4
+             FROM (SELECT broker_down AS was FROM replicas WHERE id = $1) old
+             WHERE replicas.id = $1 RETURNING old.was <> $3",
+            &[
+                &id,
+                &millis(beat.failover),
+                &beat.broker_down,
+                &cap(beat.max_tenants),
+            ],
+        )?
+        // Forgotten after an hour's silence (a process stopped that long): join again.
+        .ok_or_else(|| anyhow::anyhow!("the row of replica {id} is gone"))?
+        .get(0);
+    if changed {
+        notify(&mut tx, REPLICAS_CHANGED)?;
+    }
+    tx.commit()?;
     Ok(())
+}
+
+/// A cap as stored: none for 0.
+fn cap(max_tenants: u32) -> Option<i32> {
+    i32::try_from(max_tenants).ok().filter(|&m| m > 0)
+}
+
+fn millis(d: Duration) -> i32 {
+    i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
+}
+
+/// Whether a replica other than `replica` heartbeated within the last minute (live or not):
+/// a fleet that is starting together.
+pub fn peers_seen_lately(client: &mut Client, replica: &str) -> Result<bool> {
+    let row = client.query_one(
+        "SELECT EXISTS (SELECT 1 FROM replicas
+                        WHERE id <> $1 AND seen_at > now() - interval '1 minute')",
+        &[&replica],
+    )?;
+    Ok(row.get(0))
+}
+
+/// Whether a live replica other than `replica`, not cut from the broker, runs a consumer: the
+/// broker answers others.
+pub fn others_consume(client: &mut Client, replica: &str) -> Result<bool> {
+    let row = client.query_one(
+        "SELECT EXISTS (SELECT 1 FROM consumers c JOIN live_replicas r ON r.id = c.replica_id
+                        WHERE c.state = 'running' AND r.id <> $1 AND NOT r.broker_down)",
+        &[&replica],
+    )?;
+    Ok(row.get(0))
 }
 
 /// The live replicas in id order, with the number of tenants each runs.
 pub fn live(client: &mut Client) -> Result<Vec<Replica>> {
     let rows = client.query(
         "SELECT r.id, r.http_addr, r.leaving, r.started_at,
-                (SELECT count(*) FROM consumers c WHERE c.replica_id = r.id)
+                (SELECT count(*) FROM consumers c WHERE c.replica_id = r.id), r.broker_down,
+                r.max_tenants
          FROM live_replicas r ORDER BY r.id",
         &[],
     )?;
@@ -121,6 +203,8 @@ pub fn live(client: &mut Client) -> Result<Vec<Replica>> {
             leaving: r.get(2),
             started_at: r.get(3),
             tenants: r.get(4),
+            broker_down: r.get(5),
+            max_tenants: r.get(6),
         })
         .collect())
 }
@@ -166,8 +250,9 @@ pub struct Claimed {
 }
 
 /// Claims, for `replica`, each of the tenants that is active and unclaimed, claimed by
-/// `replica` itself, or claimed by a replica that is not live and has not heartbeated for
-/// `grace` (by then it has stopped its consumers: a blip of its session moves nothing). One
+/// `replica` itself, or claimed by a replica that is not live and has not heartbeated for its
+/// own grace — half its failover timeout and a tick, or `grace` when it never said its timeout
+/// (by then it has stopped its consumers: a blip of its session moves nothing). One
 /// statement for them all; rows are locked in id order, so replicas claiming at once wait for
 /// each other instead of deadlocking. The tenants' rows are share-locked while claiming, so a
 /// concurrent change of a status is seen by one side or the other. Returns what was claimed.
@@ -188,9 +273,10 @@ pub fn claim(
                 workers = EXCLUDED.workers, version = EXCLUDED.version, updated_at = now()
             WHERE consumers.replica_id IS NULL OR consumers.replica_id = EXCLUDED.replica_id
                OR (consumers.replica_id NOT IN (SELECT id FROM live_replicas)
-                   AND coalesce((SELECT r.seen_at FROM replicas r
-                                 WHERE r.id = consumers.replica_id), '-infinity')
-                       < now() - make_interval(secs => $3))
+                   AND coalesce((SELECT r.seen_at + make_interval(secs => coalesce(
+                                            r.failover_ms / 2000.0 + 1, $3::float8))
+                                 FROM replicas r WHERE r.id = consumers.replica_id),
+                                '-infinity') < now())
          RETURNING tenant_id, workers, version",
         &[&ids, &replica, &grace.as_secs_f64()],
     )?;
@@ -258,14 +344,16 @@ pub fn release(client: &mut Client, released: &[(TenantId, i64)], replica: &str)
 }
 
 /// Whether no replica can still be running the tenant's consumer: no claim, or a claim by a
-/// replica that is not live and has not answered for `grace` (by then it has stopped its
-/// consumers on its own, if it still runs at all).
+/// replica that is not live and has not answered for its own grace (as in `claim`; by then it
+/// has stopped its consumers on its own, if it still runs at all).
 pub fn surely_stopped(client: &mut Client, tenant: TenantId, grace: Duration) -> Result<bool> {
     let row = client.query_opt(
         "SELECT c.replica_id IS NULL
              OR (c.replica_id NOT IN (SELECT id FROM live_replicas)
-                 AND coalesce((SELECT r.seen_at FROM replicas r WHERE r.id = c.replica_id),
-                              '-infinity') < now() - make_interval(secs => $2))
+                 AND coalesce((SELECT r.seen_at + make_interval(secs => coalesce(
+                                          r.failover_ms / 2000.0 + 1, $2::float8))
+                               FROM replicas r WHERE r.id = c.replica_id),
+                              '-infinity') < now())
          FROM consumers c WHERE c.tenant_id = $1",
         &[&tenant.uuid(), &grace.as_secs_f64()],
     )?;

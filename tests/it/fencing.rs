@@ -23,18 +23,27 @@ fn second_replica(
     tenantd::start(config).expect("the second replica starts")
 }
 
-/// Whether the replica's coordinator session waits on a lock in a statement containing `what`.
+/// Whether one of the replica's sessions (its coordinator's, its heart's) waits on a lock in a
+/// statement containing `what`.
 fn coordinator_waits_in(pg: &mut Client, replica: &str, what: &str) -> bool {
-    let name = format!("tenantd replica {replica}");
+    let names = session_names(replica);
     let pattern = format!("%{what}%");
     pg.query_one(
         "SELECT count(*) FROM pg_stat_activity
-         WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE $2",
-        &[&name, &pattern],
+         WHERE application_name = ANY($1) AND wait_event_type = 'Lock' AND query LIKE $2",
+        &[&names, &pattern],
     )
     .unwrap()
     .get::<_, i64>(0)
         == 1
+}
+
+/// The application names of the replica's coordinator and heart sessions.
+fn session_names(replica: &str) -> Vec<String> {
+    vec![
+        format!("tenantd coordinator {replica}"),
+        format!("tenantd replica {replica}"),
+    ]
 }
 
 fn is_live(pg: &mut Client, replica: &str) -> bool {
@@ -57,13 +66,13 @@ fn claim_of(pg: &mut Client, tenant: &str) -> (Option<String>, String) {
     (row.get(0), row.get(1))
 }
 
-/// The coordinator claims a tenant in a reconcile that started (and heartbeated) before the
-/// fence fired, and starts its consumer after the fence: that consumer must not outlive the
-/// replica's silence. Here the claim waits on a row lock past F/2 (the fence stops the other
-/// consumer), then the replica's heartbeats block and its session ends: another replica takes
-/// the tenant at once (the last heartbeat is old), and the first must not still consume it.
+/// A claim that waits on a locked row must not stop the replica: its wait is cut at
+/// `lock_timeout` and tried again each tick, heartbeats go on, and the fence leaves the other
+/// consumer running. Once the row is free the tenant runs; when then the replica's heartbeats
+/// block and its session ends, another replica takes the tenant (the last heartbeat is old),
+/// and the first must not still consume it.
 #[test]
-fn a_consumer_started_after_the_fence_fired_is_fenced_too() {
+fn a_claim_behind_a_locked_row_does_not_fence_the_replica() {
     let app = TestApp::spawn_with(|c| {
         c.failover_timeout = Duration::from_secs(2);
         c.shutdown_timeout = Duration::from_secs(3);
@@ -98,23 +107,40 @@ fn a_consumer_started_after_the_fence_fired_is_fenced_too() {
     wait_until(Duration::from_secs(5), "the claim to wait", || {
         coordinator_waits_in(&mut pg, &replica, "INSERT INTO consumers")
     });
-    wait_until(
-        Duration::from_secs(5),
-        "the fence to stop the running consumer",
-        || threads_named(&tenant_thread(&fenced)) == 0,
+    let seen = |pg: &mut Client| -> f64 {
+        pg.query_one(
+            "SELECT extract(epoch FROM seen_at)::float8 FROM replicas WHERE id = $1",
+            &[&replica],
+        )
+        .unwrap()
+        .get(0)
+    };
+    // Heartbeats go on past the fence's limit (F/2), the claim retried meanwhile.
+    let before = seen(&mut pg);
+    wait_until(Duration::from_secs(5), "heartbeats past F/2", || {
+        seen(&mut pg) > before + 1.5
+    });
+    assert_ne!(threads_named(&tenant_thread(&fenced)), 0, "the fence fired");
+    assert!(
+        coordinator_waits_in(&mut pg, &replica, "INSERT INTO consumers")
+            || claim_of(&mut pg, &late).0.is_none(),
+        "the claim is still tried, not given up"
     );
 
+    claim_lock.commit().unwrap();
+    wait_until(Duration::from_secs(5), "the claim to succeed", || {
+        claim_of(&mut pg, &late) == (Some(replica.clone()), "running".into())
+    });
     // From here the replica's heartbeats (and its rejoining) wait on its row of `replicas`.
     let mut heartbeat_blocker = app.pg();
     let heartbeat_lock = block_heartbeats(&mut heartbeat_blocker, &replica);
-    claim_lock.commit().unwrap();
     wait_until(Duration::from_secs(5), "the next heartbeat to wait", || {
         coordinator_waits_in(&mut pg, &replica, "UPDATE replicas SET seen_at")
     });
-    let name = format!("tenantd replica {replica}");
     pg.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-        &[&name],
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = ANY($1)",
+        &[&session_names(&replica)],
     )
     .unwrap();
     wait_until(Duration::from_secs(5), "the replica to look dead", || {
@@ -245,13 +271,13 @@ fn block_heartbeats<'a>(pg: &'a mut Client, replica: &str) -> postgres::Transact
 /// Whether the replica's coordinator has been waiting on a lock in a statement containing
 /// `what` for longer than `at_least`.
 fn coordinator_waited_in(pg: &mut Client, replica: &str, what: &str, at_least: Duration) -> bool {
-    let name = format!("tenantd replica {replica}");
+    let names = session_names(replica);
     let pattern = format!("%{what}%");
     pg.query_one(
         "SELECT count(*) FROM pg_stat_activity
-         WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE $2
+         WHERE application_name = ANY($1) AND wait_event_type = 'Lock' AND query LIKE $2
            AND now() - query_start > make_interval(secs => $3)",
-        &[&name, &pattern, &at_least.as_secs_f64()],
+        &[&names, &pattern, &at_least.as_secs_f64()],
     )
     .unwrap()
     .get::<_, i64>(0)

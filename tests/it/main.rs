@@ -23,6 +23,9 @@ mod delivery;
 mod deploy;
 /// A drain under way ends at the fence, acking nothing uncommitted.
 mod drain_fence;
+/// Gray failures of a replica (stopped, cut from the broker, mixed timeouts, a cold start):
+/// no tenant stranded, nothing stored twice.
+mod faults;
 /// The fence covers every consumer the replica starts, and hand-overs keep heartbeating.
 mod fencing;
 /// The HTTP front: token auth, request ids, media types.

@@ -174,8 +174,8 @@ fn a_statement_that_hangs_is_cancelled_and_its_batch_retried() {
 /// The replicas' liveness lock class (`REPLICA_LOCK` in store/replicas.rs).
 const REPLICA_LOCK: i32 = 0x746e_6472;
 
-/// Ends the coordinator's PostgreSQL session (a backend killed, an idle-session killer, a reset)
-/// and waits until the server has released its liveness lock.
+/// Ends the replica's liveness session, its heart's (a backend killed, an idle-session killer,
+/// a reset), and waits until the server has released its liveness lock.
 fn kill_coordinator_session(pg: &mut postgres::Client, replica: &str) {
     let name = format!("tenantd replica {replica}");
     let n: i64 = pg
@@ -186,7 +186,7 @@ fn kill_coordinator_session(pg: &mut postgres::Client, replica: &str) {
         )
         .unwrap()
         .get(0);
-    assert_eq!(n, 1, "one coordinator session");
+    assert_eq!(n, 1, "one liveness session");
     wait_until(Duration::from_secs(5), "the replica to look dead", || {
         live_replicas(pg) == 0
     });

@@ -377,11 +377,16 @@ fn a_replica_stopped_with_sigterm_hands_its_tenants_over_with_short_gaps() {
     replicas.settled("a", &["a"], Duration::from_secs(10));
 }
 
-/// Ends the coordinator sessions of these replicas, as a PostgreSQL restart does.
+/// Ends the coordinator and heart sessions of these replicas, as a PostgreSQL restart does.
 fn end_sessions(db: &TestDb, replicas: &[&str]) -> i64 {
     let names: Vec<String> = replicas
         .iter()
-        .map(|r| format!("tenantd replica {r}"))
+        .flat_map(|r| {
+            [
+                format!("tenantd replica {r}"),
+                format!("tenantd coordinator {r}"),
+            ]
+        })
         .collect();
     db.client()
         .query_one(

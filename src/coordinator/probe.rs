@@ -1,0 +1,146 @@
+//! A replica cut off from the broker but not from PostgreSQL would keep its claims while its
+//! consumers retry for ever. While any consumer here cannot connect, a thread of its own probes
+//! the broker; once the probe has failed for half the failover timeout and another replica's
+//! consumers run, the replica says `broker_down` with its heartbeat: the plan then gives it no
+//! tenant, so its consumers stop and their claims go to the others. It takes tenants again
+//! once a probe succeeds.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use log::{info, warn};
+use parking_lot::Mutex;
+
+use super::state::Loop;
+use crate::manager::TenantManager;
+use crate::store::replicas;
+
+/// How often the probe connects while it is wanted.
+const EVERY: Duration = Duration::from_millis(500);
+
+/// What the probe has seen since it was last wanted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Seen {
+    /// Every probe since then failed.
+    pub failing_since: Option<Instant>,
+    /// The last probe that succeeded.
+    pub ok_at: Option<Instant>,
+}
+
+pub struct Probe {
+    wanted: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+    /// Dropped to stop the thread.
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Probe {
+    pub fn start(manager: Arc<TenantManager>) -> Result<Probe> {
+        let wanted = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (stop_tx, stop) = bounded(0);
+        let (w, s) = (wanted.clone(), seen.clone());
+        let thread = std::thread::Builder::new()
+            .name("broker-probe".into())
+            .spawn(move || run(&manager, &w, &s, &stop))
+            .context("spawning the broker probe thread")?;
+        Ok(Probe {
+            wanted,
+            seen,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub(super) fn want(&self, on: bool) {
+        self.wanted.store(on, Ordering::Relaxed);
+    }
+
+    fn seen(&self) -> Seen {
+        *self.seen.lock()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(manager: &TenantManager, wanted: &AtomicBool, seen: &Mutex<Seen>, stop: &Receiver<()>) {
+    loop {
+        match stop.recv_timeout(EVERY) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        if !wanted.load(Ordering::Relaxed) {
+            seen.lock().failing_since = None;
+            continue;
+        }
+        let result = manager.probe_broker();
+        let now = Instant::now();
+        let mut seen = seen.lock();
+        match result {
+            Ok(()) => {
+                seen.failing_since = None;
+                seen.ok_at = Some(now);
+            }
+            Err(e) => {
+                if seen.failing_since.is_none() {
+                    warn!("the broker probe failed: {e:#}");
+                }
+                seen.failing_since.get_or_insert(now);
+            }
+        }
+    }
+}
+
+impl Loop {
+    /// Gives the tenants up when this replica alone cannot reach the broker, and takes tenants
+    /// again when it can (see the module's header).
+    pub(super) fn watch_broker(&mut self) -> Result<()> {
+        let (running, failing) = self.manager.running_and_failing();
+        self.probe.want(self.broker_down.is_some() || failing > 0);
+        let seen = self.probe.seen();
+        if let Some(down_at) = self.broker_down {
+            if seen.ok_at.is_some_and(|ok| ok > down_at) {
+                info!("the broker answers again: taking tenants again");
+                self.broker_down = None;
+                self.say_broker_down(false);
+            }
+            return Ok(());
+        }
+        let cut_for = seen.failing_since.map_or(Duration::ZERO, |t| t.elapsed());
+        if running == 0 || cut_for < self.settings.failover_timeout / 2 {
+            return Ok(());
+        }
+        let me = self.settings.replica_id.clone();
+        let session = self.session.as_mut().expect("connected");
+        if !replicas::others_consume(session, &me)? {
+            return Ok(());
+        }
+        warn!(
+            "the broker has not answered this replica for {cut_for:?} while it answers others: \
+             giving {running} tenants to other replicas until it does"
+        );
+        self.broker_down = Some(Instant::now());
+        self.say_broker_down(true);
+        Ok(())
+    }
+
+    /// Has the heart say it with its next heartbeat, which announces the change: the plans
+    /// (this replica's too) are made again then.
+    fn say_broker_down(&mut self, down: bool) {
+        if let Some(heart) = &self.heart {
+            heart.set_broker_down(down);
+        }
+    }
+}
