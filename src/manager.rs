@@ -12,8 +12,8 @@ use parking_lot::Mutex;
 
 use crate::consumer::{self, ConsumerContext, ConsumerHandle, Event, TenantSpec};
 use crate::ids::TenantId;
+use crate::model::{Claimed, Report};
 use crate::stats::{Counts, TenantStats};
-use crate::store::replicas::{Claimed, Report};
 
 pub struct TenantManager {
     ctx: Arc<ConsumerContext>,

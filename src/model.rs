@@ -87,3 +87,19 @@ pub struct StoredMessage {
     pub payload_size: Option<i64>,
     pub created_at: DateTime<Utc>,
 }
+
+/// What a replica is to run after claiming a tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    pub workers: u16,
+    pub version: i64,
+}
+
+/// How a claimed consumer is doing, as its replica reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub state: &'static str,
+    pub workers: Option<u16>,
+    pub version: i64,
+    pub error: Option<String>,
+}

@@ -12,8 +12,9 @@ use super::grace;
 use super::state::Loop;
 use crate::assign::{self, Placed};
 use crate::ids::TenantId;
+use crate::model::Claimed;
 use crate::model::Status;
-use crate::store::replicas::{self, Claimed, Replica, TenantState};
+use crate::store::replicas::{self, Replica, TenantState};
 
 /// Tenants claimed at once: between two waves the plan is made again, so replicas that join
 /// meanwhile get their share before this one has taken everything.

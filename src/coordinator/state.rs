@@ -19,8 +19,9 @@ use crate::backoff::Backoff;
 use crate::consumer::Event;
 use crate::ids::TenantId;
 use crate::manager::TenantManager;
+use crate::model::Report;
 use crate::store;
-use crate::store::replicas::{self, Report};
+use crate::store::replicas;
 
 /// How often everything is reconciled even when nothing was announced.
 const FULL_EVERY: Duration = Duration::from_secs(10);

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::notify;
 use crate::ids::TenantId;
-use crate::model::{ConsumerInfo, Status};
+use crate::model::{Claimed, ConsumerInfo, Report, Status};
 
 /// The first key of every replica's liveness lock (`'tndr'`); the view `live_replicas` names it.
 const REPLICA_LOCK: i32 = 0x746e_6472;
@@ -242,13 +242,6 @@ pub fn states(client: &mut Client) -> Result<Vec<TenantState>> {
         .collect())
 }
 
-/// What a replica is to run after claiming a tenant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Claimed {
-    pub workers: u16,
-    pub version: i64,
-}
-
 /// Claims, for `replica`, each of the tenants that is active and unclaimed, claimed by
 /// `replica` itself, or claimed by a replica that is not live and has not heartbeated for its
 /// own grace — half its failover timeout and a tick, or `grace` when it never said its timeout
@@ -291,15 +284,6 @@ pub fn claim(
             (id.into(), claimed)
         })
         .collect())
-}
-
-/// How a claimed consumer is doing, as its replica reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Report {
-    pub state: &'static str,
-    pub workers: Option<u16>,
-    pub version: i64,
-    pub error: Option<String>,
 }
 
 /// Records the report; false when the claim is no longer `replica`'s (another replica took it,
