@@ -6,6 +6,7 @@
 
 pub mod dead_letters;
 pub mod limits;
+mod locks;
 pub mod messages;
 pub mod orphans;
 pub mod replicas;
@@ -145,8 +146,8 @@ impl Drop for Pooled<'_> {
 pub fn apply_schema(client: &mut Client) -> Result<()> {
     let mut tx = client.transaction()?;
     tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('tenantd.schema'))",
-        &[],
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&locks::SCHEMA],
     )?;
     tx.batch_execute(SCHEMA).context("applying schema.sql")?;
     tx.commit()?;

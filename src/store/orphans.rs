@@ -8,15 +8,13 @@
 //! (skipping one a create holds), and the create's transaction deletes the record before it
 //! inserts the row, waiting for a sweep that holds it and failing if it is gone.
 
+use super::locks;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use postgres::{Client, Transaction};
 
 use crate::ids::TenantId;
-
-/// The first key of the sweep's advisory lock (`'tnds'`): one replica sweeps at a time.
-const SWEEP_LOCK: i32 = 0x746e_6473;
 
 /// The most records one sweep takes.
 const SWEEP_BATCH: i64 = 100;
@@ -63,7 +61,7 @@ pub fn sweep(
     mut remove: impl FnMut(TenantId) -> Result<()>,
 ) -> Result<Vec<TenantId>> {
     let mut tx = client.transaction()?;
-    let row = tx.query_one("SELECT pg_try_advisory_xact_lock($1, 0)", &[&SWEEP_LOCK])?;
+    let row = tx.query_one("SELECT pg_try_advisory_xact_lock($1, 0)", &[&locks::SWEEP])?;
     if !row.get::<_, bool>(0) {
         return Ok(Vec::new());
     }

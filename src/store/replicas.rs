@@ -3,6 +3,7 @@
 //! heartbeat younger than the replica's failover timeout), which replica consumes which tenant,
 //! and how that consumer is doing.
 
+use super::locks;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -13,9 +14,6 @@ use serde::Serialize;
 use super::notify;
 use crate::ids::TenantId;
 use crate::model::{Claimed, ConsumerInfo, Report, Status};
-
-/// The first key of every replica's liveness lock (`'tndr'`); the view `live_replicas` names it.
-const REPLICA_LOCK: i32 = 0x746e_6472;
 
 /// The payload announcing a change in the set of replicas.
 pub const REPLICAS_CHANGED: &str = "replicas";
@@ -77,7 +75,7 @@ pub fn join(client: &mut Client, id: &str, http_addr: &str, beat: Beat) -> Resul
     let locked: bool = tx
         .query_one(
             "SELECT pg_try_advisory_lock($1, $2)",
-            &[&REPLICA_LOCK, &key],
+            &[&locks::REPLICA, &key],
         )?
         .get(0);
     if !locked {

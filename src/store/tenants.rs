@@ -1,6 +1,7 @@
 //! Tenant rows, their partitions, the per-tenant lock every lifecycle operation holds, and the
 //! lock of a tenant's dead letters.
 
+use super::locks;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -13,9 +14,6 @@ use super::notify;
 use crate::ids::TenantId;
 use crate::model::{ConsumerInfo, Status, Tenant};
 
-/// The first key of every tenant's advisory lock (`'tndt'`); the second is `TenantId::lock_key`.
-const TENANT_LOCK: i32 = 0x746e_6474;
-
 /// Takes the tenant's lock on this session, waiting at most `timeout`. Every operation that
 /// changes a tenant holds it from its first read to its last write, on whichever replica it
 /// runs, so two operations on one tenant never interleave. The server releases it if the
@@ -26,7 +24,7 @@ pub fn lock(client: &mut Client, id: TenantId, timeout: Duration) -> Result<()> 
     tx.batch_execute(&format!("SET LOCAL lock_timeout = {ms}"))?;
     tx.execute(
         "SELECT pg_advisory_lock($1, $2)",
-        &[&TENANT_LOCK, &id.lock_key()],
+        &[&locks::TENANT, &id.lock_key()],
     )?;
     tx.commit()?;
     Ok(())
@@ -35,13 +33,10 @@ pub fn lock(client: &mut Client, id: TenantId, timeout: Duration) -> Result<()> 
 pub fn unlock(client: &mut Client, id: TenantId) -> Result<()> {
     client.execute(
         "SELECT pg_advisory_unlock($1, $2)",
-        &[&TENANT_LOCK, &id.lock_key()],
+        &[&locks::TENANT, &id.lock_key()],
     )?;
     Ok(())
 }
-
-/// The first key of the lock held by a replay or a drop of a tenant's dead letters (`'tndl'`).
-const DEAD_LETTER_LOCK: i32 = 0x746e_646c;
 
 /// Takes the lock of the tenant's dead letters on this session if no session holds it: one
 /// replay or drop per tenant at a time, on whichever replica each arrives. Another lock than
@@ -50,7 +45,7 @@ const DEAD_LETTER_LOCK: i32 = 0x746e_646c;
 pub fn try_lock_dead_letters(client: &mut Client, id: TenantId) -> Result<bool> {
     let row = client.query_one(
         "SELECT pg_try_advisory_lock($1, $2)",
-        &[&DEAD_LETTER_LOCK, &id.lock_key()],
+        &[&locks::DEAD_LETTERS, &id.lock_key()],
     )?;
     Ok(row.get(0))
 }
@@ -58,7 +53,7 @@ pub fn try_lock_dead_letters(client: &mut Client, id: TenantId) -> Result<bool> 
 pub fn unlock_dead_letters(client: &mut Client, id: TenantId) -> Result<()> {
     client.execute(
         "SELECT pg_advisory_unlock($1, $2)",
-        &[&DEAD_LETTER_LOCK, &id.lock_key()],
+        &[&locks::DEAD_LETTERS, &id.lock_key()],
     )?;
     Ok(())
 }
