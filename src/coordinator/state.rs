@@ -274,7 +274,7 @@ impl Loop {
     /// A statement that waited on a row lock past `lock_timeout` only failed: the session
     /// stays, and the plan is carried out again at the next tick.
     pub(super) fn lost(&mut self, e: &anyhow::Error) {
-        if store::is_lock_timeout(e) {
+        if store::Failure::of(e) == store::Failure::LockTimeout {
             info!("a coordinator statement waited too long on a lock; trying again: {e:#}");
             self.dirty = true;
             return;

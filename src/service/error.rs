@@ -24,7 +24,7 @@ pub type ServiceResult<T> = Result<T, ServiceError>;
 impl ServiceError {
     /// A database failure: the server being unreachable is `Unavailable`, anything else a bug.
     pub fn database(e: anyhow::Error) -> ServiceError {
-        if store::is_unreachable(&e) {
+        if store::Failure::of(&e) == store::Failure::Unreachable {
             ServiceError::Unavailable(format!("database unavailable: {e:#}"))
         } else {
             ServiceError::Internal(e)

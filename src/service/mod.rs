@@ -181,7 +181,9 @@ impl Service {
                 .min(Duration::from_secs(1));
             match tenants::lock(db, id, slice) {
                 Ok(()) => return Ok(()),
-                Err(e) if !store::is_lock_timeout(&e) => return Err(ServiceError::database(e)),
+                Err(e) if store::Failure::of(&e) != store::Failure::LockTimeout => {
+                    return Err(ServiceError::database(e))
+                }
                 Err(_) if self.is_stopping() => {
                     return Err(ServiceError::Unavailable(
                         "this replica is shutting down; try again on another".into(),

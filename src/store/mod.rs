@@ -172,19 +172,28 @@ fn notify(client: &mut impl postgres::GenericClient, payload: &str) -> Result<()
     Ok(())
 }
 
-/// Whether an error means the database could not be reached (as opposed to a refusal).
-pub fn is_unreachable(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<postgres::Error>()
-            .is_some_and(|pg| pg.is_closed() || pg.code().is_none())
-    })
+/// What a failed database call means to its caller: what to do next depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The server could not be reached or the session was lost: nothing was done; try again
+    /// when it is back.
+    Unreachable,
+    /// A lock wait ran out of time (`lock_timeout`): someone else holds it; the session is fine.
+    LockTimeout,
+    /// The server refused the statement: a bug, or a state the caller must explain.
+    Other,
 }
 
-/// Whether an error is a lock wait that ran out of time (`lock_timeout`).
-pub fn is_lock_timeout(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<postgres::Error>()
-            .and_then(postgres::Error::code)
-            .is_some_and(|code| *code == postgres::error::SqlState::LOCK_NOT_AVAILABLE)
-    })
+impl Failure {
+    /// Reads what an error of this module means (the one place that looks into its causes).
+    pub fn of(e: &anyhow::Error) -> Failure {
+        let pg = e.chain().find_map(|c| c.downcast_ref::<postgres::Error>());
+        match pg {
+            Some(pg) if pg.is_closed() || pg.code().is_none() => Failure::Unreachable,
+            Some(pg) if pg.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                Failure::LockTimeout
+            }
+            _ => Failure::Other,
+        }
+    }
 }
