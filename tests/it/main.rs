@@ -8,6 +8,7 @@ mod contract;
 mod dead_letters;
 mod delivery;
 mod deploy;
+mod fairness;
 mod fencing;
 mod front;
 mod ingest;
