@@ -4,6 +4,7 @@
 //! `cargo build --release && target/release/tenantd-bench`.
 
 mod edge;
+mod fairness;
 mod ingest;
 mod latency;
 mod load;
@@ -33,8 +34,8 @@ pub struct Args {
     soak_seed: u64,
 }
 
-const PHASES: [&str; 7] = [
-    "ingest", "store", "latency", "tenants", "replicas", "edge", "soak",
+const PHASES: [&str; 8] = [
+    "ingest", "store", "latency", "tenants", "replicas", "edge", "soak", "fairness",
 ];
 
 impl Args {
@@ -95,7 +96,7 @@ impl Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tenantd-bench [--phases ingest,store,latency,tenants,replicas,edge,soak] \
+        "usage: tenantd-bench [--phases ingest,store,latency,tenants,replicas,edge,soak,fairness] \
          [--messages 100000] [--tenants 10] [--no-one-per-tx] [--rate 1000] [--seconds 10] \
          [--create 1000] [--idle-seconds 30] [--payload-bytes 240] [--replica-tenants 1000] \
          [--rounds 3] [--soak-seconds 240] [--soak-rate 10] [--soak-seed 1]\n\
@@ -153,6 +154,7 @@ fn main() {
             "tenants" => tenants::run(&mut stack, &args, &mut report),
             "replicas" => replicas::run(&mut stack, &args, &mut report),
             "edge" => edge::run(&mut stack, &args, &mut report),
+            "fairness" => fairness::run(&mut stack, &args, &mut report),
             _ => unreachable!("checked when parsed"),
         }
         stack.stop();
