@@ -1,0 +1,139 @@
+//! Many consumers starting at once (a replica starting on a thousand tenants with backlogs, a
+//! broker failing over): the first to consume would flood the pool and the CPU with their
+//! backlogs while the others still handshake, and the last would start tens of seconds after
+//! the first. So at most `MAX_OPENING` consumers open their connection and channel at once, and
+//! one ready to consume waits, for at most `HOLD`, until none of those starting with it is
+//! still opening: they then consume together, and the pool serves them in turn.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+/// Connections and channels being opened at once.
+const MAX_OPENING: usize = 64;
+/// The longest a ready consumer waits for the others: one that cannot connect does not hold
+/// the others back for long.
+const HOLD: Duration = Duration::from_secs(3);
+
+#[derive(Default)]
+pub struct StartGate {
+    state: Mutex<Starting>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Starting {
+    /// Announced, waiting for a place to open.
+    queued: usize,
+    /// Opening their connection and channel.
+    opening: usize,
+}
+
+impl StartGate {
+    /// Counts a consumer about to start (before its thread runs, so that those already ready
+    /// wait for it too).
+    pub fn announce(self: &Arc<Self>) -> Announced {
+        self.state.lock().queued += 1;
+        Announced {
+            gate: Some(self.clone()),
+        }
+    }
+}
+
+/// A consumer counted as starting that has not begun to open.
+pub struct Announced {
+    gate: Option<Arc<StartGate>>,
+}
+
+impl Announced {
+    /// Waits for a place among those opening and takes it.
+    pub fn open(mut self) -> Opening {
+        let gate = self.gate.take().expect("announced once");
+        {
+            let mut state = gate.state.lock();
+            while state.opening >= MAX_OPENING {
+                gate.changed.wait(&mut state);
+            }
+            state.queued -= 1;
+            state.opening += 1;
+        }
+        Opening { gate: Some(gate) }
+    }
+}
+
+impl Drop for Announced {
+    fn drop(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            gate.state.lock().queued -= 1;
+            gate.changed.notify_all();
+        }
+    }
+}
+
+/// A consumer opening its connection and channel. Dropped without `ready` (the open failed),
+/// it gives its place up.
+pub struct Opening {
+    gate: Option<Arc<StartGate>>,
+}
+
+impl Opening {
+    /// Opened: gives the place up, then waits until no other consumer is opening or waiting to
+    /// open, or `HOLD` passed.
+    pub fn ready(mut self) {
+        let Some(gate) = self.gate.take() else {
+            return;
+        };
+        let deadline = Instant::now() + HOLD;
+        let mut state = gate.state.lock();
+        state.opening -= 1;
+        gate.changed.notify_all();
+        while state.opening + state.queued > 0 {
+            if gate.changed.wait_until(&mut state, deadline).timed_out() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            gate.state.lock().opening -= 1;
+            gate.changed.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ready_consumer_waits_for_the_others_still_opening_but_not_for_ever() {
+        let gate = Arc::new(StartGate::default());
+        let first = gate.announce();
+        let second = gate.announce();
+        let first = first.open();
+        let started = Instant::now();
+        let waiter = std::thread::spawn(move || {
+            first.ready();
+            Instant::now()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let second_ready = Instant::now();
+        second.open().ready();
+        let first_ran = waiter.join().expect("the first consumer");
+        assert!(first_ran >= second_ready, "the first waited for the second");
+        assert!(started.elapsed() < HOLD);
+    }
+
+    #[test]
+    fn a_consumer_alone_consumes_at_once_and_a_failed_open_holds_nobody() {
+        let gate = Arc::new(StartGate::default());
+        drop(gate.announce().open());
+        let started = Instant::now();
+        gate.announce().open().ready();
+        assert!(started.elapsed() < Duration::from_millis(100));
+    }
+}
