@@ -3,7 +3,8 @@
 //! backlogs while the others still handshake, and the last would start tens of seconds after
 //! the first. So at most `MAX_OPENING` consumers open their connection and channel at once, and
 //! one ready to consume waits, for at most `HOLD`, until none of those starting with it is
-//! still opening: they then consume together, and the pool serves them in turn.
+//! still opening: they then consume together, and the pool serves them in turn. Both waits are
+//! bounded, so a broker that does not answer, or a stop, is not held up for long.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,13 +48,17 @@ pub struct Announced {
 }
 
 impl Announced {
-    /// Waits for a place among those opening and takes it.
+    /// Waits for a place among those opening and takes it; after `HOLD` takes one anyway, so
+    /// connects that hang (a broker not answering) delay the others by seconds, not minutes.
     pub fn open(mut self) -> Opening {
         let gate = self.gate.take().expect("announced once");
         {
+            let deadline = Instant::now() + HOLD;
             let mut state = gate.state.lock();
             while state.opening >= MAX_OPENING {
-                gate.changed.wait(&mut state);
+                if gate.changed.wait_until(&mut state, deadline).timed_out() {
+                    break;
+                }
             }
             state.queued -= 1;
             state.opening += 1;
