@@ -2,8 +2,8 @@
 //! broker failing over): the first to consume would flood the pool and the CPU with their
 //! backlogs while the others still handshake, and the last would start tens of seconds after
 //! the first. So at most `MAX_OPENING` consumers open their connection and channel at once, and
-//! one ready to consume waits, for at most `HOLD`, until none of those starting with it is
-//! still opening: they then consume together, and the pool serves them in turn. Both waits are
+//! one ready to consume while many others start waits, for at most `HOLD`, until none of
+//! those starting with it is still opening: they then consume together, and the pool serves them in turn. Both waits are
 //! bounded, so a broker that does not answer, or a stop, is not held up for long.
 
 use std::sync::Arc;
@@ -13,6 +13,9 @@ use parking_lot::{Condvar, Mutex};
 
 /// Connections and channels being opened at once.
 const MAX_OPENING: usize = 64;
+/// A ready consumer waits only when at least this many others are still starting: a few
+/// cannot flood anything, and a failover or a reconnect of a few tenants is not slowed at all.
+const HOLD_FROM: usize = 32;
 /// The longest a ready consumer waits for the others: one that cannot connect does not hold
 /// the others back for long.
 const HOLD: Duration = Duration::from_secs(3);
@@ -83,8 +86,8 @@ pub struct Opening {
 }
 
 impl Opening {
-    /// Opened: gives the place up, then waits until no other consumer is opening or waiting to
-    /// open, or `HOLD` passed.
+    /// Opened: gives the place up; when many others are starting, waits until none of them is
+    /// opening or waiting to open, or `HOLD` passed.
     pub fn ready(mut self) {
         let Some(gate) = self.gate.take() else {
             return;
@@ -93,6 +96,9 @@ impl Opening {
         let mut state = gate.state.lock();
         state.opening -= 1;
         gate.changed.notify_all();
+        if state.opening + state.queued < HOLD_FROM {
+            return;
+        }
         while state.opening + state.queued > 0 {
             if gate.changed.wait_until(&mut state, deadline).timed_out() {
                 return;
@@ -115,10 +121,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_ready_consumer_waits_for_the_others_still_opening_but_not_for_ever() {
+    fn a_ready_consumer_waits_for_the_many_others_still_opening_but_not_for_ever() {
         let gate = Arc::new(StartGate::default());
         let first = gate.announce();
-        let second = gate.announce();
+        let others: Vec<Announced> = (0..HOLD_FROM).map(|_| gate.announce()).collect();
         let first = first.open();
         let started = Instant::now();
         let waiter = std::thread::spawn(move || {
@@ -126,11 +132,23 @@ mod tests {
             Instant::now()
         });
         std::thread::sleep(Duration::from_millis(100));
-        let second_ready = Instant::now();
-        second.open().ready();
+        let others_ready = Instant::now();
+        for other in others {
+            other.open().ready();
+        }
         let first_ran = waiter.join().expect("the first consumer");
-        assert!(first_ran >= second_ready, "the first waited for the second");
+        assert!(first_ran >= others_ready, "the first waited for the others");
         assert!(started.elapsed() < HOLD);
+    }
+
+    #[test]
+    fn a_few_consumers_starting_together_do_not_wait_for_each_other() {
+        let gate = Arc::new(StartGate::default());
+        let others: Vec<Announced> = (0..HOLD_FROM - 2).map(|_| gate.announce()).collect();
+        let started = Instant::now();
+        gate.announce().open().ready();
+        assert!(started.elapsed() < Duration::from_millis(100));
+        drop(others);
     }
 
     #[test]
