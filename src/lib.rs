@@ -112,7 +112,6 @@ pub fn start(config: Config) -> Result<App> {
         events: events_tx,
         metrics: metrics.clone(),
         drain_timeout: config.shutdown_timeout,
-        start: Arc::default(),
     };
     let manager = Arc::new(TenantManager::new(Arc::new(ctx)));
     let health = Arc::new(Health::default());

@@ -24,10 +24,7 @@ use crate::relay::Relay;
 use crate::stats::TenantStats;
 
 mod drain;
-mod start;
 use drain::drain;
-pub use start::StartGate;
-use start::{Announced, Opening};
 
 /// What every tenant thread shares.
 pub struct ConsumerContext {
@@ -41,8 +38,6 @@ pub struct ConsumerContext {
     pub metrics: Arc<Metrics>,
     /// How long a resize waits for the batches in flight before the channel is reopened.
     pub drain_timeout: Duration,
-    /// Paces consumers starting together, and lets them begin consuming together.
-    pub start: Arc<StartGate>,
 }
 
 impl ConsumerContext {
@@ -103,14 +98,13 @@ pub struct TenantSpec {
 
 pub fn spawn(ctx: Arc<ConsumerContext>, spec: TenantSpec) -> Result<ConsumerHandle> {
     let (control_tx, control_rx) = unbounded();
-    let announced = ctx.start.announce();
     let thread = std::thread::Builder::new()
         .name(spec.id.thread_name())
         .spawn(move || {
             let id = spec.id;
             // A panic ends the thread like an error does: the coordinator hears of it.
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run(&ctx, spec, &control_rx, announced)
+                run(&ctx, spec, &control_rx)
             }));
             let error = match ran {
                 Ok(result) => result.err().map(|e| format!("{e:#}")),
@@ -163,20 +157,13 @@ impl std::fmt::Display for MainQueueMissing {
 /// The thread's body: sessions, one per broker connection, until told to stop. Ends with an
 /// error only when the tenant's queue is gone after it consumed from it (it is never declared
 /// again from here: the coordinator decides whether the tenant still exists).
-fn run(
-    ctx: &ConsumerContext,
-    mut spec: TenantSpec,
-    control: &Receiver<Control>,
-    announced: Announced,
-) -> Result<()> {
+fn run(ctx: &ConsumerContext, mut spec: TenantSpec, control: &Receiver<Control>) -> Result<()> {
     let id = spec.id;
-    let mut announced = Some(announced);
     let mut queues = Queues::default();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     loop {
         let started = Instant::now();
-        let announced = announced.take().unwrap_or_else(|| ctx.start.announce());
-        let session = run_session(ctx, &mut spec, control, &mut queues, announced);
+        let session = run_session(ctx, &mut spec, control, &mut queues);
         // Only a session that lasted starts the backoff over: one that fails right after it
         // connected (a queue refusing what is published to it, say) backs off like a refused
         // connect, instead of reconnecting ten times a second.
@@ -228,13 +215,11 @@ fn run_session(
     spec: &mut TenantSpec,
     control: &Receiver<Control>,
     queues: &mut Queues,
-    announced: Announced,
 ) -> Result<()> {
     let label = format!("tenantd tenant {}", spec.id);
-    let mut opening = Some(announced.open());
     let mut connection = ctx.brokers.connect(ctx.connect_timeout, &label)?;
     let result = loop {
-        match consume(ctx, spec, &mut connection, control, queues, &mut opening) {
+        match consume(ctx, spec, &mut connection, control, queues) {
             Ok(ChannelEnd::Stopped) => break Ok(()),
             Ok(ChannelEnd::Resized(n)) => spec.workers = n,
             Err(e) => break Err(e),
@@ -280,7 +265,6 @@ fn consume(
     connection: &mut Connection,
     control: &Receiver<Control>,
     queues: &mut Queues,
-    opening: &mut Option<Opening>,
 ) -> Result<ChannelEnd> {
     let id = spec.id;
     let channel = connection.open_channel(None)?;
@@ -292,10 +276,6 @@ fn consume(
     let queue = open_queue(ctx, connection, &channel, id, queues)?;
     let relay_channel = connection.open_channel(None)?;
     let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout)?;
-    // Everything on the channels is set up: only the deliveries are left to start.
-    if let Some(opening) = opening.take() {
-        opening.ready();
-    }
     let consumer = queue.consume(ConsumerOptions::default())?;
     queues.started = true;
     info!(

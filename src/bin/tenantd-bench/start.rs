@@ -41,8 +41,9 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
         .get(0);
     let started = Instant::now();
     stack.start(&[]);
+    report.add("start_http_up_s", started.elapsed().as_secs_f64(), "s");
     let pid = stack.pid();
-    let (last_start, cpu_at_last) = wait_all_running(stack, count, started);
+    let (last_start, cpu_at_last) = wait_all_running(stack, &backlog.queues, started);
     report.add(
         "start_last_consumer_s",
         last_start.as_secs_f64(),
@@ -103,22 +104,25 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
     report.add("bare_open_consumers_cpu_s", cpu.as_secs_f64(), "s of CPU");
 }
 
-/// Polls tenantd's count of running consumers until `count` run: when (since `started`) and
-/// tenantd's CPU by then.
-fn wait_all_running(stack: &Stack, count: u64, started: Instant) -> (Duration, Duration) {
+/// Polls the broker until every queue has a consumer (a passive declare counts them): when
+/// (since `started`) and tenantd's CPU by then. The broker's count, not tenantd's gauge, which
+/// the coordinator updates only as it gets to each consumer's event.
+fn wait_all_running(stack: &Stack, queues: &[String], started: Instant) -> (Duration, Duration) {
+    let mut broker = load::connect(&stack.amqp_url);
+    let channel = broker.open_channel(None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let text = stack.request("GET", "/metrics", None).text();
-        let running: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("tenantd_consumers_running ")?.parse().ok())
-            .unwrap_or(0.0);
-        if running >= count as f64 {
-            return (started.elapsed(), procstat::cpu_time(stack.pid()));
-        }
+    let mut waiting: Vec<&String> = queues.iter().collect();
+    while !waiting.is_empty() {
+        waiting.retain(|q| {
+            channel
+                .queue_declare_passive(q.as_str())
+                .map_or(true, |q| q.declared_consumer_count().unwrap_or(0) == 0)
+        });
         assert!(Instant::now() < deadline, "the consumers did not all start");
-        std::thread::sleep(Duration::from_millis(50));
     }
+    let found = (started.elapsed(), procstat::cpu_time(stack.pid()));
+    let _ = broker.close();
+    found
 }
 
 /// Opens a consumer on each (empty) queue as tenantd does, all at once, one connection each;
