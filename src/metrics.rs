@@ -5,10 +5,11 @@
 //! names a tenant for anyone else.
 
 use prometheus::{
-    register_histogram_vec_with_registry, register_histogram_with_registry,
-    register_int_counter_vec_with_registry, register_int_counter_with_registry,
-    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, Histogram,
-    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
+    register_counter_vec_with_registry, register_histogram_vec_with_registry,
+    register_histogram_with_registry, register_int_counter_vec_with_registry,
+    register_int_counter_with_registry, register_int_gauge_vec_with_registry,
+    register_int_gauge_with_registry, CounterVec, Encoder, Histogram, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -26,6 +27,9 @@ pub struct Metrics {
     pub dead_letters_dropped: IntCounterVec,
     pub commit_seconds: Histogram,
     pub batch_messages: Histogram,
+    pub batch_wait_seconds: Histogram,
+    pub batches_waiting: IntGauge,
+    pub pool_wait: CounterVec,
     pub tenants_running: IntGauge,
     pub consumers_failing: IntGauge,
     pub http_requests: IntCounterVec,
@@ -113,6 +117,29 @@ impl Metrics {
                 r
             )
             .expect(VALID),
+            batch_wait_seconds: register_histogram_with_registry!(
+                "tenantd_batch_wait_seconds",
+                "from a batch handed to the pool to a worker taking it",
+                [0.0001, 0.00025, 0.0005]
+                    .into_iter()
+                    .chain(SECONDS)
+                    .collect(),
+                r
+            )
+            .expect(VALID),
+            batches_waiting: register_int_gauge_with_registry!(
+                "tenantd_batches_waiting",
+                "batches handed to the pool that no worker has taken yet",
+                r
+            )
+            .expect(VALID),
+            pool_wait: register_counter_vec_with_registry!(
+                "tenantd_messages_pool_wait_seconds_total",
+                "time the tenant's messages waited for a worker, summed over its messages",
+                &["tenant_id"],
+                r
+            )
+            .expect(VALID),
             tenants_running: register_int_gauge_with_registry!(
                 "tenantd_consumers_running",
                 "tenants whose consumer runs on this replica",
@@ -177,6 +204,7 @@ impl Metrics {
         ] {
             let _ = counter.remove_label_values(&[tenant]);
         }
+        let _ = self.pool_wait.remove_label_values(&[tenant]);
         let gauges = [
             &self.workers,
             &self.queue_messages,

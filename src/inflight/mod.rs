@@ -142,6 +142,7 @@ impl InFlight {
             let n = self.waiting.len().min(self.batch_size);
             pool.submit(Batch {
                 tenant: self.tenant,
+                workers: self.workers,
                 items: self.waiting.drain(..n).collect(),
                 reply: self.reply.clone(),
             });

@@ -23,6 +23,8 @@ mod delivery;
 mod deploy;
 /// A drain under way ends at the fence, acking nothing uncommitted.
 mod drain_fence;
+/// A batch submitted while the pool is busy runs before the busy tenant's queued ones.
+mod fairness;
 /// Gray failures of a replica (stopped, cut from the broker, mixed timeouts, a cold start):
 /// no tenant stranded, nothing stored twice.
 mod faults;

@@ -327,7 +327,7 @@ fn set_status_all(stack: &Stack, tenants: &[String], status: &str) {
 /// so polling it would take PostgreSQL's CPU from the ingest being measured: while the broker
 /// still holds ready messages for the queues (a passive declare, nearly free, says so), the
 /// ingest is not over and the rows are not counted.
-fn wait_for_rows(stack: &Stack, pg: &mut postgres::Client, queues: &[String], target: i64) {
+pub fn wait_for_rows(stack: &Stack, pg: &mut postgres::Client, queues: &[String], target: i64) {
     let mut broker = load::connect(&stack.amqp_url);
     let channel = broker.open_channel(None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(900);

@@ -4,6 +4,7 @@
 //! `cargo build --release && target/release/tenantd-bench`.
 
 mod edge;
+mod fairness;
 mod ingest;
 mod latency;
 mod load;
@@ -11,6 +12,7 @@ mod procstat;
 mod replicas;
 mod soak;
 mod stack;
+mod start;
 mod store;
 mod tenants;
 
@@ -31,10 +33,12 @@ pub struct Args {
     soak_seconds: u64,
     soak_rate: u64,
     soak_seed: u64,
+    start_tenants: u64,
+    start_per_tenant: u64,
 }
 
-const PHASES: [&str; 7] = [
-    "ingest", "store", "latency", "tenants", "replicas", "edge", "soak",
+const PHASES: [&str; 9] = [
+    "ingest", "store", "latency", "tenants", "replicas", "edge", "soak", "fairness", "start",
 ];
 
 impl Args {
@@ -56,6 +60,8 @@ impl Args {
             soak_seconds: 240,
             soak_rate: 10,
             soak_seed: 1,
+            start_tenants: 1000,
+            start_per_tenant: 1000,
         };
         let raw: Vec<String> = std::env::args().skip(1).collect();
         let mut raw = raw.iter();
@@ -86,6 +92,8 @@ impl Args {
                 "--soak-seconds" => args.soak_seconds = n,
                 "--soak-rate" => args.soak_rate = n.max(1),
                 "--soak-seed" => args.soak_seed = n,
+                "--start-tenants" => args.start_tenants = n.max(1),
+                "--start-per-tenant" => args.start_per_tenant = n,
                 _ => usage(),
             }
         }
@@ -95,10 +103,11 @@ impl Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tenantd-bench [--phases ingest,store,latency,tenants,replicas,edge,soak] \
+        "usage: tenantd-bench [--phases ingest,store,latency,tenants,replicas,edge,soak,fairness,start] \
          [--messages 100000] [--tenants 10] [--no-one-per-tx] [--rate 1000] [--seconds 10] \
          [--create 1000] [--idle-seconds 30] [--payload-bytes 240] [--replica-tenants 1000] \
-         [--rounds 3] [--soak-seconds 240] [--soak-rate 10] [--soak-seed 1]\n\
+         [--rounds 3] [--soak-seconds 240] [--soak-rate 10] [--soak-seed 1] \
+         [--start-tenants 1000] [--start-per-tenant 1000]\n\
          env: BENCH_PG (default postgres://postgres:postgres@127.0.0.1:5432), RABBITMQ_URL;\n\
          tenantd's own settings (BATCH_SIZE, WORKER_POOL_SIZE, …) pass through to it"
     );
@@ -153,6 +162,8 @@ fn main() {
             "tenants" => tenants::run(&mut stack, &args, &mut report),
             "replicas" => replicas::run(&mut stack, &args, &mut report),
             "edge" => edge::run(&mut stack, &args, &mut report),
+            "fairness" => fairness::run(&mut stack, &args, &mut report),
+            "start" => start::run(&mut stack, &args, &mut report),
             _ => unreachable!("checked when parsed"),
         }
         stack.stop();

@@ -1,5 +1,6 @@
 //! The shared worker pool: threads that each use one PostgreSQL connection at a time to store
 //! batches of one tenant's messages, then report the outcome to that tenant's thread, which acks.
+//! Which batch a free thread stores next is the scheduler's choice, fair between tenants.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -16,6 +17,9 @@ use crate::ids::TenantId;
 use crate::metrics::Metrics;
 use crate::store::messages::{self, Inserts};
 use crate::store::{self, DbSettings};
+use scheduler::Scheduler;
+
+mod scheduler;
 
 /// One delivery, as a worker sees it: its tag (for the reply), its id and its body.
 pub struct Item {
@@ -29,6 +33,8 @@ pub struct Item {
 /// Messages of one tenant, stored in one transaction.
 pub struct Batch {
     pub tenant: TenantId,
+    /// The tenant's concurrency, also its share of the pool when tenants wait for it.
+    pub workers: usize,
     pub items: Vec<Item>,
     pub reply: Sender<BatchDone>,
 }
@@ -56,14 +62,28 @@ pub enum Outcome {
     Transient { items: Vec<Item>, error: String },
 }
 
+/// The executor runs one job per submitted batch; each job stores whichever batch the
+/// scheduler picks, so a batch never waits behind the batches queued before it, only behind
+/// its share.
 pub struct WorkerPool {
     pool: ThreadPool,
-    settings: Arc<WorkerSettings>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    settings: WorkerSettings,
+    /// Batches submitted and not yet taken by a thread.
+    waiting: Mutex<Scheduler<Waiting>>,
     /// Idle connections: as many as threads, each used by one thread at a time. They live here,
     /// not in thread-locals, so they close on a normal thread (the postgres client cannot be
     /// dropped from a thread-local destructor).
-    idle: Arc<Mutex<Vec<WorkerDb>>>,
-    pending: Arc<Pending>,
+    idle: Mutex<Vec<WorkerDb>>,
+    pending: Pending,
+}
+
+struct Waiting {
+    batch: Batch,
+    since: Instant,
 }
 
 struct WorkerSettings {
@@ -92,60 +112,100 @@ impl WorkerPool {
             .build();
         WorkerPool {
             pool,
-            settings: Arc::new(WorkerSettings {
-                db,
-                max_message_bytes,
-                metrics,
+            shared: Arc::new(Shared {
+                settings: WorkerSettings {
+                    db,
+                    max_message_bytes,
+                    metrics,
+                },
+                waiting: Mutex::new(Scheduler::new()),
+                idle: Mutex::new(Vec::with_capacity(size)),
+                pending: Pending::default(),
             }),
-            idle: Arc::new(Mutex::new(Vec::with_capacity(size))),
-            pending: Arc::default(),
         }
     }
 
+    /// Queues the batch for the next free thread, in the scheduler's order.
     pub fn submit(&self, batch: Batch) {
-        let settings = self.settings.clone();
-        let idle = self.idle.clone();
-        let pending = self.pending.clone();
-        *pending.count.lock() += 1;
-        self.pool.execute(move || {
-            let Batch {
-                tenant,
-                items,
-                reply,
-            } = batch;
-            let mut db = idle.lock().pop();
-            let (done, panicked) = store_guarded(&settings.metrics, tenant, items, |items| {
-                judge(&settings, &mut db, tenant, items)
-            });
-            if !panicked {
-                // A connection that was in use when a worker panicked is closed, not reused.
-                idle.lock().extend(db);
-            }
-            // The tenant thread may have gone (stopped or reconnected): its deliveries are then
-            // redelivered by the broker, and the message ids keep the rows single.
-            let _ = reply.send(done);
-            let mut count = pending.count.lock();
-            *count -= 1;
-            if *count == 0 {
-                pending.done.notify_all();
-            }
-        });
+        let shared = self.shared.clone();
+        *shared.pending.count.lock() += 1;
+        {
+            let mut waiting = shared.waiting.lock();
+            let (tenant, workers, messages) = (batch.tenant, batch.workers, batch.items.len());
+            let since = Instant::now();
+            waiting.push(tenant, workers, messages, Waiting { batch, since });
+            shared
+                .settings
+                .metrics
+                .batches_waiting
+                .set(waiting.len() as i64);
+        }
+        self.pool.execute(move || shared.store_next());
     }
 
     /// Waits until every submitted batch has finished, or `deadline`; false when it passed.
     pub fn join(&self, deadline: Instant) -> bool {
-        let mut count = self.pending.count.lock();
+        let pending = &self.shared.pending;
+        let mut count = pending.count.lock();
         while *count > 0 {
-            if self
-                .pending
-                .done
-                .wait_until(&mut count, deadline)
-                .timed_out()
-            {
+            if pending.done.wait_until(&mut count, deadline).timed_out() {
                 return *count == 0;
             }
         }
         true
+    }
+}
+
+impl Shared {
+    /// A thread's job: takes the batch the scheduler picks and stores it.
+    fn store_next(&self) {
+        let Some(Waiting { batch, since }) = self.take() else {
+            return;
+        };
+        self.observe_wait(&batch, since);
+        let Batch {
+            tenant,
+            items,
+            reply,
+            ..
+        } = batch;
+        let settings = &self.settings;
+        let mut db = self.idle.lock().pop();
+        let (done, panicked) = store_guarded(&settings.metrics, tenant, items, |items| {
+            judge(settings, &mut db, tenant, items)
+        });
+        if !panicked {
+            // A connection that was in use when a worker panicked is closed, not reused.
+            self.idle.lock().extend(db);
+        }
+        // The tenant thread may have gone (stopped or reconnected): its deliveries are then
+        // redelivered by the broker, and the message ids keep the rows single.
+        let _ = reply.send(done);
+        let mut count = self.pending.count.lock();
+        *count -= 1;
+        if *count == 0 {
+            self.pending.done.notify_all();
+        }
+    }
+
+    /// Every job is queued after its batch, so a job always finds one.
+    fn take(&self) -> Option<Waiting> {
+        let mut waiting = self.waiting.lock();
+        let next = waiting.pop();
+        self.settings
+            .metrics
+            .batches_waiting
+            .set(waiting.len() as i64);
+        next
+    }
+
+    fn observe_wait(&self, batch: &Batch, since: Instant) {
+        let m = &self.settings.metrics;
+        let wait = since.elapsed().as_secs_f64();
+        m.batch_wait_seconds.observe(wait);
+        m.pool_wait
+            .with_label_values(&[&batch.tenant.to_string()])
+            .inc_by(wait * batch.items.len() as f64);
     }
 }
 

@@ -1,0 +1,161 @@
+//! The start under backlog: many tenants, each with a backlog, and tenantd started on them.
+//! How long until the last consumer runs (and tenantd's CPU by then), the ingest of the whole
+//! backlog against the broker's own drain of the same messages from 10 queues, tenantd's CPU
+//! per message with the start included, and the bare amiquip floor for opening as many
+//! consumers (connect, channel, qos, consume) on this machine.
+
+use std::time::{Duration, Instant};
+
+use amiquip::ConsumerOptions;
+use chrono::{DateTime, Utc};
+
+use crate::ingest::{self, Backlog};
+use crate::load::{self, Acks};
+use crate::stack::Stack;
+use crate::{procstat, Args, Report};
+
+pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
+    let (count, per_queue) = (args.start_tenants, args.start_per_tenant);
+    stack.start(&[]);
+    let tenants: Vec<String> = (0..count)
+        .map(|i| stack.create_tenant(&format!("start-{i}"), "active"))
+        .collect();
+    let queues: Vec<String> = tenants
+        .iter()
+        .map(|t| format!("tenant_{t}_queue"))
+        .collect();
+    let backlog = Backlog {
+        tenants,
+        queues,
+        per_queue,
+        total: per_queue * count,
+    };
+    stack.stop();
+    backlog.preload(stack);
+
+    let mut pg = stack.pg();
+    let target = stack.rows(&mut pg) + backlog.total as i64;
+    let started_db: DateTime<Utc> = pg
+        .query_one("SELECT clock_timestamp()", &[])
+        .unwrap()
+        .get(0);
+    let started = Instant::now();
+    stack.start(&[]);
+    report.add("start_http_up_s", started.elapsed().as_secs_f64(), "s");
+    let pid = stack.pid();
+    let (last_start, cpu_at_last) = wait_all_running(stack, &backlog.queues, started);
+    report.add(
+        "start_last_consumer_s",
+        last_start.as_secs_f64(),
+        "s (goal <= 5)",
+    );
+    report.add("start_cpu_by_last_s", cpu_at_last.as_secs_f64(), "s of CPU");
+    ingest::wait_for_rows(stack, &mut pg, &backlog.queues, target);
+    let cpu = procstat::cpu_time(pid);
+    let last: DateTime<Utc> = pg
+        .query_one("SELECT max(created_at) FROM messages", &[])
+        .unwrap()
+        .get(0);
+    let seconds = (last - started_db).num_microseconds().unwrap_or(1) as f64 / 1e6;
+    let ingest_rate = backlog.total as f64 / seconds;
+    report.add("start_ingest_msgs_per_s", ingest_rate.round(), "msg/s");
+    let us = cpu.as_secs_f64() * 1e6 / backlog.total as f64;
+    report.add("start_tenantd_cpu_us_per_msg", us, "µs (goal <= 10)");
+    stack.stop();
+
+    // The broker's own drain of the same messages from 10 queues, at tenantd's prefetch.
+    drop(pg);
+    let mut ten = Stack::new(&stack.pg_server, &stack.amqp_url);
+    ten.start(&[]);
+    let tenants: Vec<String> = (0..10)
+        .map(|i| ten.create_tenant(&format!("drain-{i}"), "inactive"))
+        .collect();
+    let drain = Backlog {
+        queues: tenants
+            .iter()
+            .map(|t| format!("tenant_{t}_queue"))
+            .collect(),
+        tenants,
+        per_queue: backlog.total / 10,
+        total: backlog.total,
+    };
+    drain.preload(&ten);
+    let broker = load::drain_rate(
+        &ten.amqp_url,
+        &drain.queues,
+        drain.per_queue,
+        ingest::prefetch(),
+        Acks::PerBurst,
+    );
+    report.add(
+        "start_broker_msgs_per_s",
+        broker.msgs_per_s.round(),
+        "msg/s",
+    );
+    report.add(
+        "start_ingest_ratio",
+        ingest_rate / broker.msgs_per_s,
+        "(goal >= 0.8)",
+    );
+    ten.stop();
+
+    let (wall, cpu) = bare_consumers(&stack.amqp_url, &backlog.queues);
+    report.add("bare_open_consumers_s", wall.as_secs_f64(), "s");
+    report.add("bare_open_consumers_cpu_s", cpu.as_secs_f64(), "s of CPU");
+}
+
+/// Polls the broker until every queue has a consumer (a passive declare counts them): when
+/// (since `started`) and tenantd's CPU by then. The broker's count, not tenantd's gauge, which
+/// the coordinator updates only as it gets to each consumer's event.
+fn wait_all_running(stack: &Stack, queues: &[String], started: Instant) -> (Duration, Duration) {
+    let mut broker = load::connect(&stack.amqp_url);
+    let channel = broker.open_channel(None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut waiting: Vec<&String> = queues.iter().collect();
+    while !waiting.is_empty() {
+        waiting.retain(|q| {
+            channel
+                .queue_declare_passive(q.as_str())
+                .map_or(true, |q| q.declared_consumer_count().unwrap_or(0) == 0)
+        });
+        assert!(Instant::now() < deadline, "the consumers did not all start");
+    }
+    let found = (started.elapsed(), procstat::cpu_time(stack.pid()));
+    let _ = broker.close();
+    found
+}
+
+/// Opens a consumer on each (empty) queue as tenantd does, all at once, one connection each;
+/// the time until the last consumes and this process's CPU for it.
+fn bare_consumers(url: &str, queues: &[String]) -> (Duration, Duration) {
+    let me = std::process::id();
+    let cpu_before = procstat::cpu_time(me);
+    let started = Instant::now();
+    let prefetch = ingest::prefetch();
+    let (opened_tx, opened) = crossbeam_channel::unbounded();
+    let (close_tx, close) = crossbeam_channel::bounded::<()>(0);
+    let mut elapsed = Duration::ZERO;
+    std::thread::scope(|s| {
+        for queue in queues {
+            let (opened_tx, close) = (opened_tx.clone(), close.clone());
+            s.spawn(move || {
+                let mut connection = load::connect(url);
+                let channel = connection.open_channel(None).unwrap();
+                channel.qos(0, prefetch, false).unwrap();
+                let consumer = channel
+                    .basic_consume(queue.as_str(), ConsumerOptions::default())
+                    .unwrap();
+                let _ = opened_tx.send(());
+                let _ = close.recv();
+                drop(consumer);
+                let _ = connection.close();
+            });
+        }
+        for _ in queues {
+            opened.recv().unwrap();
+        }
+        elapsed = started.elapsed();
+        drop(close_tx);
+    });
+    (elapsed, procstat::cpu_time(me).saturating_sub(cpu_before))
+}
