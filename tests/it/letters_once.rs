@@ -146,3 +146,21 @@ fn a_message_waits_unacked_while_the_ledger_is_unreachable_then_is_dead_lettered
     assert_eq!(ledger_rows(&app, &tenant), 1);
     assert_eq!(amqp.queue_stats(&queue_name(&tenant)).unwrap().0, 0);
 }
+
+#[test]
+fn distinct_messages_sharing_an_id_that_is_not_a_uuid_are_each_dead_lettered() {
+    let app = spawn(Vec::new());
+    let tenant = app.create_tenant("shared-id");
+    let mut amqp = Amqp::connect();
+    // Publishers may set an id that is not a UUID (an event name, an order number reused):
+    // tenantd stores such messages under ids of its own, each once, and so dead-letters them.
+    let id = format!("order-created-{}", Uuid::new_v4().simple());
+    amqp.publish(&queue_name(&tenant), b"first, not json", Some(&id));
+    amqp.publish(&queue_name(&tenant), b"second, not json either", Some(&id));
+    amqp.wait_confirms();
+    settle_behind(&app, &mut amqp, &tenant, 1);
+    wait_until(WAIT, "both letters", || dlq_depth(&mut amqp, &tenant) == 2);
+    let letters = peek_all(&app.base(), &tenant);
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(lines_with(&[&tenant, "dead-lettered already"]).is_empty());
+}
