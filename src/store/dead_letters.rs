@@ -9,6 +9,10 @@
 //! without its letter in the DLQ), and a copy arriving meanwhile waits on the row's unique key
 //! and then sees it. What is left is a crash in the instant between the broker's confirm and the
 //! commit: the row rolls back and a redelivery letters the message a second time.
+//!
+//! Records are kept for a while (`prune`), not for ever: a copy of a message comes within the
+//! longest retry delay, or as soon as its tenant consumes again; one arriving later than that is
+//! lettered a second time (a duplicate, never a loss).
 
 use std::time::Duration;
 
@@ -102,6 +106,25 @@ impl Ledger {
         *self.busy.lock() -= 1;
         self.freed.notify_one();
     }
+}
+
+/// The most records one `prune` forgets.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Forgets the records older than `keep` (on the database's clock), at most `PRUNE_BATCH` of
+/// them, skipping any another replica is forgetting; the number forgotten.
+pub fn prune(client: &mut Client, keep: Duration) -> Result<u64> {
+    client
+        .execute(
+            "DELETE FROM dead_letters WHERE ctid = ANY (ARRAY(
+                 SELECT ctid FROM dead_letters
+                 WHERE dead_lettered_at < now() - make_interval(secs => $1)
+                 ORDER BY dead_lettered_at
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED))",
+            &[&keep.as_secs_f64(), &PRUNE_BATCH],
+        )
+        .context("forgetting old records of dead letters")
 }
 
 impl Pending<'_> {

@@ -164,3 +164,28 @@ fn distinct_messages_sharing_an_id_that_is_not_a_uuid_are_each_dead_lettered() {
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert!(lines_with(&[&tenant, "dead-lettered already"]).is_empty());
 }
+
+#[test]
+fn records_of_letters_older_than_a_week_are_forgotten() {
+    let app = spawn(Vec::new());
+    let tenant = app.create_tenant("forgotten");
+    let record = "INSERT INTO dead_letters (tenant_id, message_id, replays, dead_lettered_at)
+                  VALUES ($1::text::uuid, $2, 0, now() - make_interval(days => $3))";
+    let mut pg = app.pg();
+    pg.execute(record, &[&tenant, &"old", &8]).unwrap();
+    pg.execute(record, &[&tenant, &"recent", &6]).unwrap();
+    let kept = |pg: &mut postgres::Client| -> Vec<String> {
+        pg.query(
+            "SELECT message_id FROM dead_letters WHERE tenant_id = $1::text::uuid",
+            &[&tenant],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    // Every replica's sweeper looks every 10 s.
+    wait_until(Duration::from_secs(40), "the old record forgotten", || {
+        kept(&mut pg) == ["recent"]
+    });
+}
