@@ -37,9 +37,12 @@ impl Sweeper {
 }
 
 impl Drop for Sweeper {
+    /// Tells the thread to stop, without waiting for a sweep under way (a database or broker
+    /// slow to answer must not hold up a shutdown): that sweep ends on its own, and what it did
+    /// not finish, a later one does.
     fn drop(&mut self) {
         drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
+        if let Some(thread) = self.thread.take().filter(|t| t.is_finished()) {
             let _ = thread.join();
         }
     }
