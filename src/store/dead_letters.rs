@@ -28,6 +28,9 @@ use crate::ids::TenantId;
 pub struct Ledger {
     settings: DbSettings,
     limit: usize,
+    /// The longest a record stays uncommitted: past it the database ends the session (its
+    /// replica paused, or cut off), so that another copy of the message is not kept waiting.
+    hold: Duration,
     idle: Mutex<Vec<Client>>,
     /// Connections out of `idle` (in use) right now.
     busy: Mutex<usize>,
@@ -42,10 +45,12 @@ pub struct Pending<'a> {
 }
 
 impl Ledger {
-    pub fn new(settings: DbSettings, limit: usize) -> Ledger {
+    /// `hold`: longer than a letter's publish may take (the broker's confirm timeout).
+    pub fn new(settings: DbSettings, limit: usize, hold: Duration) -> Ledger {
         Ledger {
             settings,
             limit: limit.max(1),
+            hold,
             idle: Mutex::new(Vec::new()),
             busy: Mutex::new(0),
             freed: Condvar::new(),
@@ -68,8 +73,13 @@ impl Ledger {
         };
         let client = pending.client.as_mut().expect("just taken");
         // A copy being recorded elsewhere is waited for, but not for ever (a replica stopped
-        // mid-publish holds its row): the message is then tried again later.
-        client.batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'")?;
+        // mid-publish holds its row): the message is then tried again later. A replica that
+        // stopped answering holds it no longer than `hold`: the database ends its session.
+        let hold = self.hold.as_millis().max(1);
+        client.batch_execute(&format!(
+            "BEGIN; SET LOCAL lock_timeout = '5s';
+             SET LOCAL idle_in_transaction_session_timeout = {hold}"
+        ))?;
         let inserted = client
             .execute(
                 "INSERT INTO dead_letters (tenant_id, message_id, replays) VALUES ($1, $2, $3)

@@ -189,3 +189,74 @@ fn records_of_letters_older_than_a_week_are_forgotten() {
         kept(&mut pg) == ["recent"]
     });
 }
+
+/// The replica's sessions of the ledger in `state` (`active`: waiting on a lock).
+fn ledger_sessions(pg: &mut postgres::Client, state: &str) -> i64 {
+    pg.query_one(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE application_name = 'tenantd dead letters' AND datname = current_database()
+           AND state = $1 AND ($1 <> 'active' OR wait_event_type = 'Lock')",
+        &[&state],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn a_record_held_by_a_replica_that_stopped_answering_is_released() {
+    // The replica reaches the database through a proxy the test freezes: a replica paused or
+    // cut off as its record is inserted.
+    let proxy = Proxy::start(&pg_host_port());
+    let port = proxy.port();
+    let app = TestApp::spawn_with(|c| {
+        c.retry_delays = Vec::new();
+        c.default_workers = 1;
+        c.database_url = c
+            .database_url
+            .replace(&pg_host_port(), &format!("127.0.0.1:{port}"));
+    });
+    let _thaw = Thaw(&proxy);
+    let tenant = app.create_tenant("holder-frozen");
+    let id = Uuid::new_v4().to_string();
+    let record = "INSERT INTO dead_letters (tenant_id, message_id, replays)
+                  VALUES ($1::text::uuid, $2, 0)";
+    // Another copy of the message being recorded: the replica's insert waits on it.
+    let mut other = app.pg();
+    let copy = {
+        let mut copy = other.transaction().unwrap();
+        copy.execute(record, &[&tenant, &id]).unwrap();
+        copy
+    };
+    let mut amqp = Amqp::connect();
+    amqp.publish(&queue_name(&tenant), b"not json", Some(&id));
+    amqp.wait_confirms();
+    let mut pg = app.pg();
+    wait_until(WAIT, "the replica's record waiting on the other", || {
+        ledger_sessions(&mut pg, "active") == 1
+    });
+    proxy.freeze();
+    copy.rollback().unwrap();
+    wait_until(WAIT, "the replica's record inserted, unanswered", || {
+        ledger_sessions(&mut pg, "idle in transaction") == 1
+    });
+
+    // The database ends the session that holds the record: other copies are not kept waiting.
+    wait_until(Duration::from_secs(30), "the record released", || {
+        ledger_sessions(&mut pg, "idle in transaction") == 0
+    });
+    let mut tx = pg.transaction().unwrap();
+    tx.batch_execute("SET LOCAL lock_timeout = '1s'").unwrap();
+    assert_eq!(tx.execute(record, &[&tenant, &id]).unwrap(), 1);
+    tx.rollback().unwrap();
+}
+
+/// Drops the proxy's connections and lets new ones through when dropped (before the app, so
+/// that its shutdown does not wait on frozen connections).
+struct Thaw<'a>(&'a Proxy);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        self.0.cut();
+        self.0.restore();
+    }
+}
