@@ -151,6 +151,10 @@ BEGIN
             PRIMARY KEY (tenant_id, message_id, replays)
         );
     END IF;
+    -- Records older than a week are forgotten (by every replica's sweeper) through this index.
+    IF to_regclass('dead_letters_at_idx') IS NULL THEN
+        CREATE INDEX dead_letters_at_idx ON dead_letters (dead_lettered_at);
+    END IF;
 
     -- Creates under way: a create records its tenant id before declaring the queues and
     -- deletes the record with the transaction that inserts the row. A record older than the

@@ -128,7 +128,12 @@ pub fn start(config: Config) -> Result<App> {
             health: health.clone(),
             after: config.failover_timeout / 2,
         },
-        ledger: Arc::new(Ledger::new(db.clone(), LEDGER_CONNECTIONS)),
+        // A record is uncommitted while its letter's confirm is awaited (`connect_timeout`).
+        ledger: Arc::new(Ledger::new(
+            db.clone(),
+            LEDGER_CONNECTIONS,
+            config.connect_timeout + Duration::from_secs(5),
+        )),
     };
     let manager = Arc::new(TenantManager::new(Arc::new(ctx)));
     let service = Service::new(

@@ -1,6 +1,7 @@
 //! The orphan sweeper: a thread that, every `EVERY`, removes the queues of creates that were
-//! interrupted before their tenant's row existed (`service::orphans`). Every replica runs one;
-//! an advisory lock lets one sweep at a time.
+//! interrupted before their tenant's row existed (`service::orphans`), and forgets the records
+//! of dead letters older than `LEDGER_KEEP`. Every replica runs one; an advisory lock lets one
+//! sweep orphans at a time, and replicas forgetting records skip each other's rows.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,7 +11,7 @@ use anyhow::{Context, Result};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use log::warn;
 
-use crate::service::{Service, ORPHAN_GRACE};
+use crate::service::{Service, LEDGER_KEEP, ORPHAN_GRACE};
 
 /// How often a replica looks: one indexed query on a table of creates under way.
 const EVERY: Duration = Duration::from_secs(10);
@@ -36,9 +37,12 @@ impl Sweeper {
 }
 
 impl Drop for Sweeper {
+    /// Tells the thread to stop, without waiting for a sweep under way (a database or broker
+    /// slow to answer must not hold up a shutdown): that sweep ends on its own, and what it did
+    /// not finish, a later one does.
     fn drop(&mut self) {
         drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
+        if let Some(thread) = self.thread.take().filter(|t| t.is_finished()) {
             let _ = thread.join();
         }
     }
@@ -52,6 +56,11 @@ fn run(service: &Service, stop: &Receiver<()>) {
         }
         if let Err(e) = service.sweep_orphans(ORPHAN_GRACE) {
             warn!("sweeping orphan queues failed (tried again in {EVERY:?}): {e:#}");
+        }
+        if let Err(e) = service.forget_old_letters(LEDGER_KEEP) {
+            warn!(
+                "forgetting old records of dead letters failed (tried again in {EVERY:?}): {e:#}"
+            );
         }
     }
 }

@@ -240,7 +240,10 @@ impl InFlight {
         properties: AmqpProperties,
     ) -> Result<()> {
         let attempt = attempts(&properties);
-        let id = properties.message_id().clone().unwrap_or_default();
+        // The id the message is stored under: the publisher's when it is a UUID (every copy of
+        // the message shares it), else one of its own (as its rows are), so that two messages
+        // under one such id are two letters.
+        let id = poison.id.to_string();
         let ledger = self.ledger.clone();
         let pending = match ledger.begin(self.tenant, &id, replays(&properties)) {
             Ok(Some(pending)) => pending,

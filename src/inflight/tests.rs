@@ -117,6 +117,7 @@ fn book(tenant: TenantId, publisher: Publisher) -> InFlight {
                 keepalive: Duration::from_secs(10),
             },
             1,
+            Duration::from_secs(10),
         )),
     };
     InFlight::new(book, crossbeam_channel::unbounded().0, publisher)

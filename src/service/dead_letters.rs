@@ -15,7 +15,7 @@ use crate::broker::{DeadLetter, Progress, Shown, Unroutable};
 use crate::cursor;
 use crate::ids::TenantId;
 use crate::model::Status;
-use crate::store::tenants;
+use crate::store::{dead_letters as ledger, tenants};
 
 /// How deep the pages of dead letters reach: a page is read from the head of the DLQ each time,
 /// so a deeper one costs more round trips (and, on a quorum queue, counts as a delivery of
@@ -28,6 +28,17 @@ const MAX_SHOWN_BYTES: usize = 64 * 1024;
 /// The most payload bytes one page of dead letters holds; it ends before the letter that would
 /// pass it (the first letter always shows, within `MAX_SHOWN_BYTES`).
 const PAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long the record of a dead letter is kept: a copy of the message arriving later is
+/// lettered again.
+pub const LEDGER_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+impl Service {
+    /// Forgets the records of dead letters older than `keep`; the number forgotten.
+    pub fn forget_old_letters(&self, keep: std::time::Duration) -> anyhow::Result<u64> {
+        ledger::prune(&mut *self.db.get()?, keep)
+    }
+}
 
 #[derive(Serialize)]
 pub struct DeadLetterPage {

@@ -30,6 +30,7 @@ use crate::stats::Counts;
 use crate::store::orphans as create_records;
 use crate::store::{self, replicas, tenants};
 
+pub use dead_letters::LEDGER_KEEP;
 pub use error::{ServiceError, ServiceResult};
 pub use orphans::ORPHAN_GRACE;
 pub use pages::PAGE_PAYLOAD_BYTES;

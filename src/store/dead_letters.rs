@@ -9,6 +9,10 @@
 //! without its letter in the DLQ), and a copy arriving meanwhile waits on the row's unique key
 //! and then sees it. What is left is a crash in the instant between the broker's confirm and the
 //! commit: the row rolls back and a redelivery letters the message a second time.
+//!
+//! Records are kept for a while (`prune`), not for ever: a copy of a message comes within the
+//! longest retry delay, or as soon as its tenant consumes again; one arriving later than that is
+//! lettered a second time (a duplicate, never a loss).
 
 use std::time::Duration;
 
@@ -24,6 +28,9 @@ use crate::ids::TenantId;
 pub struct Ledger {
     settings: DbSettings,
     limit: usize,
+    /// The longest a record stays uncommitted: past it the database ends the session (its
+    /// replica paused, or cut off), so that another copy of the message is not kept waiting.
+    hold: Duration,
     idle: Mutex<Vec<Client>>,
     /// Connections out of `idle` (in use) right now.
     busy: Mutex<usize>,
@@ -38,10 +45,12 @@ pub struct Pending<'a> {
 }
 
 impl Ledger {
-    pub fn new(settings: DbSettings, limit: usize) -> Ledger {
+    /// `hold`: longer than a letter's publish may take (the broker's confirm timeout).
+    pub fn new(settings: DbSettings, limit: usize, hold: Duration) -> Ledger {
         Ledger {
             settings,
             limit: limit.max(1),
+            hold,
             idle: Mutex::new(Vec::new()),
             busy: Mutex::new(0),
             freed: Condvar::new(),
@@ -64,8 +73,13 @@ impl Ledger {
         };
         let client = pending.client.as_mut().expect("just taken");
         // A copy being recorded elsewhere is waited for, but not for ever (a replica stopped
-        // mid-publish holds its row): the message is then tried again later.
-        client.batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'")?;
+        // mid-publish holds its row): the message is then tried again later. A replica that
+        // stopped answering holds it no longer than `hold`: the database ends its session.
+        let hold = self.hold.as_millis().max(1);
+        client.batch_execute(&format!(
+            "BEGIN; SET LOCAL lock_timeout = '5s';
+             SET LOCAL idle_in_transaction_session_timeout = {hold}"
+        ))?;
         let inserted = client
             .execute(
                 "INSERT INTO dead_letters (tenant_id, message_id, replays) VALUES ($1, $2, $3)
@@ -102,6 +116,25 @@ impl Ledger {
         *self.busy.lock() -= 1;
         self.freed.notify_one();
     }
+}
+
+/// The most records one `prune` forgets.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Forgets the records older than `keep` (on the database's clock), at most `PRUNE_BATCH` of
+/// them, skipping any another replica is forgetting; the number forgotten.
+pub fn prune(client: &mut Client, keep: Duration) -> Result<u64> {
+    client
+        .execute(
+            "DELETE FROM dead_letters WHERE ctid = ANY (ARRAY(
+                 SELECT ctid FROM dead_letters
+                 WHERE dead_lettered_at < now() - make_interval(secs => $1)
+                 ORDER BY dead_lettered_at
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED))",
+            &[&keep.as_secs_f64(), &PRUNE_BATCH],
+        )
+        .context("forgetting old records of dead letters")
 }
 
 impl Pending<'_> {

@@ -83,3 +83,39 @@ fn queues_a_create_left_without_a_tenant_are_swept_after_the_grace_and_no_others
         amqp.delete_queue(&name);
     }
 }
+
+#[test]
+fn a_sweep_waiting_on_the_database_does_not_hold_up_shutdown() {
+    let mut app = TestApp::spawn_with(|c| c.statement_timeout = Duration::from_secs(300));
+    let mut pg = app.pg();
+    let mut lock = pg.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE tenant_creates IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let mut watch = app.pg();
+    wait_until(
+        Duration::from_secs(30),
+        "a sweep waiting on the database",
+        || {
+            let waiting: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE '%tenant_creates%'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            waiting > 0
+        },
+    );
+    let limit = app.config.shutdown_timeout + Duration::from_secs(2);
+    let stopping = std::thread::spawn(move || {
+        app.stop();
+        app
+    });
+    wait_until(limit, "the shutdown, within SHUTDOWN_TIMEOUT", || {
+        stopping.is_finished()
+    });
+    lock.rollback().unwrap();
+    drop(stopping.join().unwrap());
+}
