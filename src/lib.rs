@@ -115,7 +115,10 @@ pub fn start(config: Config) -> Result<App> {
     let (events_tx, events) = unbounded();
     let health = Arc::new(Health::default());
     let ctx = ConsumerContext {
-        brokers,
+        // A stopped replica's consumers must leave the broker before its tenants are taken.
+        brokers: brokers.with_heartbeat_at_most(coordinator::consumer_heartbeat_secs(
+            config.failover_timeout,
+        )),
         queue_type: config.queue_type,
         connect_timeout: config.connect_timeout,
         batch_size: config.batch_size,
