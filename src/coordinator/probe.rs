@@ -1,7 +1,8 @@
 //! A replica cut off from the broker but not from PostgreSQL would keep its claims while its
 //! consumers retry for ever. While any consumer here cannot connect, a thread of its own probes
 //! the broker; once the probe has failed for half the failover timeout and another replica's
-//! consumers run, the replica says `broker_down` with its heartbeat: the plan then gives it no
+//! consumers run (or another replica runs none at all, and may try), the replica says
+//! `broker_down` with its heartbeat: the plan then gives it no
 //! tenant, so its consumers stop and their claims go to the others. It takes tenants again
 //! once a probe succeeds.
 

@@ -177,12 +177,17 @@ pub fn peers_seen_lately(client: &mut Client, replica: &str) -> Result<bool> {
     Ok(row.get(0))
 }
 
-/// Whether a live replica other than `replica`, not cut from the broker, runs a consumer: the
-/// broker answers others.
+/// Whether a live replica other than `replica`, not cut from the broker, runs a consumer (the
+/// broker answers others), or, staying and not cut, has no claim at all (an idle replica, when
+/// there are fewer tenants than replicas, shows nothing either way: it may try, rather than the
+/// tenants wait unconsumed for as long as the cut lasts).
 pub fn others_consume(client: &mut Client, replica: &str) -> Result<bool> {
     let row = client.query_one(
         "SELECT EXISTS (SELECT 1 FROM consumers c JOIN live_replicas r ON r.id = c.replica_id
-                        WHERE c.state = 'running' AND r.id <> $1 AND NOT r.broker_down)",
+                        WHERE c.state = 'running' AND r.id <> $1 AND NOT r.broker_down)
+             OR EXISTS (SELECT 1 FROM live_replicas r
+                        WHERE r.id <> $1 AND NOT r.broker_down AND NOT r.leaving
+                          AND NOT EXISTS (SELECT 1 FROM consumers c WHERE c.replica_id = r.id))",
         &[&replica],
     )?;
     Ok(row.get(0))

@@ -264,6 +264,40 @@ fn a_replica_cut_from_the_broker_gives_its_tenants_to_one_that_is_not() {
     eprintln!("a cut replica's tenants ran elsewhere after {took:?}; then {owners:?}");
 }
 
+/// A replica cut from the broker whose peer runs no consumer (fewer tenants than replicas) has
+/// no sign that the broker answers others: it must still give its tenants to a peer that could
+/// try, not keep them unconsumed for as long as the cut lasts.
+#[test]
+fn a_replica_cut_from_the_broker_gives_its_tenant_to_an_idle_peer() {
+    let mut fleet = Fleet::new();
+    let broker = Proxy::start(&amqp_host_port());
+    fleet.start("a", amqp_url_via(broker.port()));
+    fleet.create("a", 1);
+    fleet.settled(Duration::from_secs(30));
+    fleet.start("b", rabbitmq_url());
+    wait_until(Duration::from_secs(10), "b to be live", || {
+        let mut pg = fleet.db.client();
+        pg.query_one("SELECT count(*) FROM live_replicas WHERE id = 'b'", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+    assert_eq!(
+        fleet.running()[&fleet.tenants[0]],
+        "a",
+        "the tenant stays on a"
+    );
+
+    broker.cut();
+    wait_until(GOAL, "b to run the tenant", || {
+        fleet
+            .running()
+            .get(&fleet.tenants[0])
+            .is_some_and(|r| r == "b")
+    });
+    broker.restore();
+}
+
 /// A replica that says `broker_down` and loses its heart's session must say it again when it
 /// joins again: a join that says the broker answers hands it tenants it cannot run, and
 /// takes them from the replica running them, until the next heartbeat says otherwise.
