@@ -106,6 +106,7 @@ impl Beating {
                 );
                 self.session = None;
             }
+            self.health.mark_heart();
         }
     }
 

@@ -95,6 +95,9 @@ pub struct Health {
     heartbeat: Mutex<Instant>,
     /// When the coordinator's loop last came round (it does at least every tick).
     progress: Mutex<Instant>,
+    /// When the heart's loop last came round (every heartbeat interval, a beat or an attempt
+    /// to join again done; a beat to a silent server ends within F/2).
+    heart: Mutex<Instant>,
 }
 
 impl Default for Health {
@@ -104,6 +107,7 @@ impl Default for Health {
             settled: Mutex::new(false),
             heartbeat: Mutex::new(Instant::now()),
             progress: Mutex::new(Instant::now()),
+            heart: Mutex::new(Instant::now()),
         }
     }
 }
@@ -130,6 +134,15 @@ impl Health {
     /// How long ago the last heartbeat that succeeded was sent.
     pub(crate) fn heartbeat_age(&self) -> Duration {
         self.heartbeat.lock().elapsed()
+    }
+
+    /// How long since the coordinator's loop, and the heart's, last came round.
+    pub(crate) fn turned(&self) -> (Duration, Duration) {
+        (self.progress.lock().elapsed(), self.heart.lock().elapsed())
+    }
+
+    pub(crate) fn mark_heart(&self) {
+        *self.heart.lock() = Instant::now();
     }
 
     pub(crate) fn mark_progress(&self) {
