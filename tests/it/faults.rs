@@ -308,8 +308,10 @@ fn a_replica_cut_from_the_broker_still_says_so_after_its_session_is_lost() {
     fleet.start("a", amqp_url_via(broker.port()));
     fleet.start("b", rabbitmq_url());
     fleet.create("b", 6);
-    let owners = fleet.settled(Duration::from_secs(30));
-    assert!(owners.values().any(|r| r == "a"), "a runs some: {owners:?}");
+    wait_until(Duration::from_secs(30), "a to run some", || {
+        fleet.running().values().any(|r| r == "a")
+    });
+    fleet.settled(Duration::from_secs(30));
     let mut pg = fleet.db.client();
     let says_down = |pg: &mut postgres::Client| -> bool {
         pg.query_one("SELECT broker_down FROM replicas WHERE id = 'a'", &[])
@@ -344,6 +346,54 @@ fn a_replica_cut_from_the_broker_still_says_so_after_its_session_is_lost() {
     }
     assert!(rejoined, "a joined again: {:#?}", fleet.logs());
     broker.restore();
+}
+
+/// A broker path that flaps — answering a moment, then cut again — must not bounce a replica's
+/// share back and forth: the replica takes tenants again only once its probes have answered for
+/// F/2, as long as it took them to give the tenants up.
+#[test]
+fn a_replica_whose_broker_answers_a_moment_does_not_take_tenants_back() {
+    let mut fleet = Fleet::new();
+    let broker = Proxy::start(&amqp_host_port());
+    fleet.start("a", amqp_url_via(broker.port()));
+    fleet.start("b", rabbitmq_url());
+    fleet.create("b", 6);
+    wait_until(Duration::from_secs(30), "a to run some", || {
+        fleet.running().values().any(|r| r == "a")
+    });
+    fleet.settled(Duration::from_secs(30));
+    let mut pg = fleet.db.client();
+    let says_down = |pg: &mut postgres::Client| -> bool {
+        pg.query_one("SELECT broker_down FROM replicas WHERE id = 'a'", &[])
+            .unwrap()
+            .get(0)
+    };
+    broker.cut();
+    wait_until(GOAL, "a to say broker_down", || says_down(&mut pg));
+
+    // Answers for 1.5 s (three probes), less than F/2, then cut again.
+    broker.restore();
+    let restored = Instant::now();
+    while restored.elapsed() < Duration::from_millis(1500) {
+        assert!(
+            says_down(&mut pg),
+            "a took tenants again after a moment's answer"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // a poll of the row
+    }
+    broker.cut();
+    let cut = Instant::now();
+    while cut.elapsed() < Duration::from_secs(2) {
+        assert!(
+            says_down(&mut pg),
+            "a took tenants again after a moment's answer"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // a poll of the row
+    }
+    broker.restore();
+    wait_until(Duration::from_secs(20), "a to take tenants again", || {
+        !says_down(&mut pg)
+    });
 }
 
 /// Replicas with different failover timeouts: a takeover waits the owner's (it fences at half
