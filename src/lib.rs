@@ -81,6 +81,7 @@ pub struct App {
     pool: Arc<WorkerPool>,
     replica_id: String,
     failover_timeout: Duration,
+    connect_timeout: Duration,
     shutdown_timeout: Duration,
     stopped: bool,
     /// Every part runs: only then does a stop say what it stops.
@@ -115,7 +116,10 @@ pub fn start(config: Config) -> Result<App> {
     let (events_tx, events) = unbounded();
     let health = Arc::new(Health::default());
     let ctx = ConsumerContext {
-        brokers,
+        // A stopped replica's consumers must leave the broker before its tenants are taken.
+        brokers: brokers.with_heartbeat_at_most(coordinator::consumer_heartbeat_secs(
+            config.failover_timeout,
+        )),
         queue_type: config.queue_type,
         connect_timeout: config.connect_timeout,
         batch_size: config.batch_size,
@@ -155,6 +159,7 @@ pub fn start(config: Config) -> Result<App> {
         pool,
         replica_id: config.replica_id.clone(),
         failover_timeout: config.failover_timeout,
+        connect_timeout: config.connect_timeout,
         shutdown_timeout: config.shutdown_timeout,
         stopped: false,
         started: false,
@@ -225,14 +230,17 @@ impl App {
         &self.replica_id
     }
 
-    /// What the service manager's watchdog checks: the coordinator heartbeats (within F/2, past
-    /// which the fence stops every consumer here) and the HTTP front answers.
+    /// What the service manager's watchdog checks: the coordinator comes round and heartbeats
+    /// (within F/2, past which the fence stops every consumer here) or, the database
+    /// unreachable, waits with every consumer stopped; the heart comes round (a beat to a silent
+    /// server ends within F/2, a join within the connect timeout more); the HTTP front answers.
     pub fn liveness(&self) -> Liveness {
         Liveness::new(
             self.health.clone(),
             self.manager.clone(),
             self.http_addr(),
             self.failover_timeout / 2,
+            self.failover_timeout.max(Duration::from_secs(2)) + self.connect_timeout,
         )
     }
 

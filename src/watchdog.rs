@@ -1,7 +1,9 @@
 //! What the service manager hears from a running tenantd: `READY=1` once it serves, a `STATUS=`
-//! line with the tenants it runs, `WATCHDOG=1` only while it is healthy — its coordinator has
-//! heartbeated lately and its HTTP front answers `/healthz` through the real listening socket —
-//! and `STOPPING=1` when it is told to stop. So systemd restarts a tenantd that hangs, whichever
+//! line with the tenants it runs, `WATCHDOG=1` only while it is healthy — its coordinator and
+//! its heart come round, it has heartbeated lately or else runs no consumer (the database is
+//! unreachable and its fence has stopped them: it waits, and a restart would only add a cold
+//! start), and its HTTP front answers `/healthz` through the real listening socket — and
+//! `STOPPING=1` when it is told to stop. So systemd restarts a tenantd that hangs, whichever
 //! part of it hangs. One named thread, `watchdog`, joined on stop.
 
 use std::io::{Read, Write};
@@ -30,8 +32,11 @@ pub struct Liveness {
     coordinator: Arc<Health>,
     manager: Arc<TenantManager>,
     http_addr: SocketAddr,
-    /// A heartbeat older than this: the replica's fence has stopped its consumers.
+    /// A heartbeat older than this: the replica's fence has stopped its consumers. The
+    /// coordinator's loop comes round within it too.
     heartbeat_within: Duration,
+    /// The heart's loop comes round within this (a beat to a silent server ends within F/2).
+    heart_within: Duration,
 }
 
 /// What a healthy replica runs.
@@ -40,6 +45,8 @@ pub struct Running {
     pub tenants: usize,
     /// Of those, how many cannot connect to the broker.
     pub failing: usize,
+    /// Why the replica waits with every consumer stopped (the database is unreachable).
+    pub waiting: Option<String>,
 }
 
 impl std::fmt::Display for Running {
@@ -49,6 +56,9 @@ impl std::fmt::Display for Running {
         } else {
             "tenants"
         };
+        if let Some(why) = &self.waiting {
+            return write!(f, "{why}");
+        }
         write!(f, "{} {noun} running here", self.tenants)?;
         match self.failing {
             0 => Ok(()),
@@ -63,34 +73,82 @@ impl Liveness {
         manager: Arc<TenantManager>,
         http_addr: SocketAddr,
         heartbeat_within: Duration,
+        heart_within: Duration,
     ) -> Liveness {
         Liveness {
             coordinator,
             manager,
             http_addr,
             heartbeat_within,
+            heart_within,
         }
     }
 
     /// What runs here while the replica is healthy; `Err` says why it is not. Waits at most
     /// `timeout` for the HTTP front.
     pub fn check(&self, timeout: Duration) -> Result<Running, String> {
-        let silent = self.coordinator.since_heartbeat();
-        if silent > self.heartbeat_within {
-            let why = match self.coordinator.check() {
-                Err(e) => e,
-                Ok(()) => "the coordinator is stuck".into(),
-            };
-            return Err(format!(
-                "no heartbeat for {:.1} s: {why}",
-                silent.as_secs_f64()
-            ));
-        }
+        let (coordinator, heart) = self.coordinator.turned();
+        let seen = Seen {
+            heartbeat: self.coordinator.heartbeat_age(),
+            coordinator,
+            heart,
+            consumers_run: self.manager.any_running(),
+        };
+        let waiting = judge(&seen, self.heartbeat_within, self.heart_within).map_err(|why| {
+            match self.coordinator.check() {
+                Err(e) if seen.heartbeat > self.heartbeat_within => format!("{why}: {e}"),
+                _ => why,
+            }
+        })?;
         probe_http(self.http_addr, timeout)
             .map_err(|e| format!("HTTP does not answer /healthz: {e:#}"))?;
         let (tenants, failing) = self.manager.running_and_failing();
-        Ok(Running { tenants, failing })
+        Ok(Running {
+            tenants,
+            failing,
+            waiting,
+        })
     }
+}
+
+/// Stuck (`Err`), waiting for the database with every consumer stopped (`Ok(Some)`), or
+/// doing its share (`Ok(None)`).
+fn judge(seen: &Seen, within: Duration, heart_within: Duration) -> Result<Option<String>, String> {
+    let secs = |d: Duration| d.as_secs_f64();
+    if seen.coordinator > within {
+        return Err(format!(
+            "the coordinator is stuck (its loop has not come round for {:.1} s)",
+            secs(seen.coordinator)
+        ));
+    }
+    if seen.heart > heart_within {
+        return Err(format!(
+            "the heart is stuck (no heartbeat tried for {:.1} s)",
+            secs(seen.heart)
+        ));
+    }
+    if seen.heartbeat <= within {
+        return Ok(None);
+    }
+    let silent = format!("no heartbeat for {:.1} s", secs(seen.heartbeat));
+    match seen.consumers_run {
+        true => Err(silent),
+        false => Ok(Some(format!(
+            "waiting for PostgreSQL: {silent}; every consumer stopped until it answers"
+        ))),
+    }
+}
+
+/// What the watchdog reads of the replica's threads.
+struct Seen {
+    /// Since the last heartbeat that succeeded.
+    heartbeat: Duration,
+    /// Since the coordinator's loop came round.
+    coordinator: Duration,
+    /// Since the heart's loop came round.
+    heart: Duration,
+    /// Whether a consumer runs here that the fence has not stopped.
+    consumers_run: bool,
 }
 
 /// `GET /healthz` through the listening socket, as a client would send it; 200 within
@@ -237,12 +295,43 @@ mod tests {
 
     #[test]
     fn the_status_says_what_runs_here() {
-        let running = |tenants, failing| Running { tenants, failing }.to_string();
+        let running = |tenants, failing| {
+            Running {
+                tenants,
+                failing,
+                waiting: None,
+            }
+            .to_string()
+        };
         assert_eq!(running(1, 0), "1 tenant running here");
         assert_eq!(
             running(3, 1),
             "3 tenants running here (1 cannot connect to the broker)"
         );
+    }
+
+    #[test]
+    fn a_replica_waiting_for_the_database_with_its_consumers_stopped_is_not_stuck() {
+        let (within, heart_within) = (Duration::from_secs(5), Duration::from_secs(15));
+        let s = Duration::from_secs;
+        let seen = |heartbeat, coordinator, heart, consumers_run| Seen {
+            heartbeat: s(heartbeat),
+            coordinator: s(coordinator),
+            heart: s(heart),
+            consumers_run,
+        };
+        assert_eq!(judge(&seen(1, 1, 1, true), within, heart_within), Ok(None));
+        let waiting = judge(&seen(300, 1, 1, false), within, heart_within);
+        assert!(
+            waiting.as_ref().is_ok_and(|w| w
+                .as_deref()
+                .is_some_and(|w| w.starts_with("waiting for PostgreSQL"))),
+            "{waiting:?}"
+        );
+        // Consumers the fence has not stopped yet, a wedged coordinator or heart: unhealthy.
+        assert!(judge(&seen(6, 1, 1, true), within, heart_within).is_err());
+        assert!(judge(&seen(1, 6, 1, false), within, heart_within).is_err());
+        assert!(judge(&seen(300, 1, 16, false), within, heart_within).is_err());
     }
 
     #[test]

@@ -106,6 +106,7 @@ impl Beating {
                 );
                 self.session = None;
             }
+            self.health.mark_heart();
         }
     }
 
@@ -146,7 +147,9 @@ impl Beating {
             self.manager.stop_all(Instant::now());
         }
         let sent = Instant::now();
-        match open_session(&self.settings) {
+        // A replica cut from the broker says so again as it joins, or the plans hand it tenants
+        // until its next heartbeat.
+        match open_session(&self.settings, self.broker_down.load(Ordering::Relaxed)) {
             Ok(session) => {
                 info!("replica {} heartbeats again", self.settings.replica_id);
                 self.session = Some(session);

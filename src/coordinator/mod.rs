@@ -63,6 +63,15 @@ pub fn heartbeat_every(failover_timeout: Duration) -> Duration {
     TICK.min(failover_timeout / 4)
 }
 
+/// The longest interval between the AMQP heartbeats of this replica's consumers (in seconds, as
+/// AMQP counts them). The broker drops a connection it has not heard from for two to three
+/// intervals, so a stopped replica's consumers leave its queues within 3F/4 of the stop: before
+/// another replica may take its tenants (its heartbeat older than F, a heartbeat interval
+/// after the stop at the soonest). Longer, both would consume each queue at once.
+pub fn consumer_heartbeat_secs(failover_timeout: Duration) -> u16 {
+    u16::try_from((failover_timeout / 4).as_secs().max(1)).unwrap_or(u16::MAX)
+}
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub replica_id: String,
@@ -86,6 +95,9 @@ pub struct Health {
     heartbeat: Mutex<Instant>,
     /// When the coordinator's loop last came round (it does at least every tick).
     progress: Mutex<Instant>,
+    /// When the heart's loop last came round (every heartbeat interval, a beat or an attempt
+    /// to join again done; a beat to a silent server ends within F/2).
+    heart: Mutex<Instant>,
 }
 
 impl Default for Health {
@@ -95,6 +107,7 @@ impl Default for Health {
             settled: Mutex::new(false),
             heartbeat: Mutex::new(Instant::now()),
             progress: Mutex::new(Instant::now()),
+            heart: Mutex::new(Instant::now()),
         }
     }
 }
@@ -123,6 +136,15 @@ impl Health {
         self.heartbeat.lock().elapsed()
     }
 
+    /// How long since the coordinator's loop, and the heart's, last came round.
+    pub(crate) fn turned(&self) -> (Duration, Duration) {
+        (self.progress.lock().elapsed(), self.heart.lock().elapsed())
+    }
+
+    pub(crate) fn mark_heart(&self) {
+        *self.heart.lock() = Instant::now();
+    }
+
     pub(crate) fn mark_progress(&self) {
         *self.progress.lock() = Instant::now();
     }
@@ -142,7 +164,7 @@ impl Coordinator {
         events: Receiver<Event>,
         health: Arc<Health>,
     ) -> Result<Coordinator> {
-        let liveness = open_session(&settings)?;
+        let liveness = open_session(&settings, false)?;
         *health.heartbeat.lock() = Instant::now();
         let session = open_coordinator_session(&settings)?;
         let (notes_tx, notes) = unbounded();
@@ -193,8 +215,9 @@ impl Drop for Coordinator {
 }
 
 /// Connects the heart's session — one that notices a silent server within half the failover
-/// timeout, as the server notices it — and joins (taking the liveness lock on it).
-fn open_session(settings: &Settings) -> Result<Client> {
+/// timeout, as the server notices it — and joins (taking the liveness lock on it), saying
+/// whether this replica can reach the broker.
+fn open_session(settings: &Settings, broker_down: bool) -> Result<Client> {
     let name = format!("tenantd replica {}", settings.replica_id);
     let db = DbSettings {
         keepalive: settings.failover_timeout / 2,
@@ -208,7 +231,7 @@ fn open_session(settings: &Settings) -> Result<Client> {
         &settings.http_addr,
         Beat {
             failover: settings.failover_timeout,
-            broker_down: false,
+            broker_down,
             max_tenants: settings.max_tenants,
         },
     )?;
@@ -229,6 +252,22 @@ fn open_coordinator_session(settings: &Settings) -> Result<Client> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The broker drops a stopped replica's consumers within three of their heartbeat
+    /// intervals; another replica takes its tenants once its heartbeat is older than F, at the
+    /// soonest F less a heartbeat interval after the stop. AMQP counts whole seconds, so below
+    /// F = 4 s this cannot hold.
+    #[test]
+    fn a_stopped_replicas_consumers_leave_the_broker_before_its_tenants_are_taken() {
+        for secs in 4..=120 {
+            let f = Duration::from_secs(secs);
+            let gone = Duration::from_secs(3 * u64::from(consumer_heartbeat_secs(f)));
+            assert!(
+                gone <= f - heartbeat_every(f),
+                "FAILOVER_TIMEOUT={secs}: consumers gone after {gone:?}"
+            );
+        }
+    }
 
     /// The fence stops everything F/2 after the last heartbeat: a healthy replica must have
     /// heartbeated at least twice by then, whatever failover timeout is allowed (two seconds at

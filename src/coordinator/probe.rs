@@ -1,9 +1,10 @@
 //! A replica cut off from the broker but not from PostgreSQL would keep its claims while its
 //! consumers retry for ever. While any consumer here cannot connect, a thread of its own probes
 //! the broker; once the probe has failed for half the failover timeout and another replica's
-//! consumers run, the replica says `broker_down` with its heartbeat: the plan then gives it no
+//! consumers run (or another replica runs none at all, and may try), the replica says
+//! `broker_down` with its heartbeat: the plan then gives it no
 //! tenant, so its consumers stop and their claims go to the others. It takes tenants again
-//! once a probe succeeds.
+//! once its probes have succeeded for half the failover timeout.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,8 +28,8 @@ const EVERY: Duration = Duration::from_millis(500);
 pub struct Seen {
     /// Every probe since then failed.
     pub failing_since: Option<Instant>,
-    /// The last probe that succeeded.
-    pub ok_at: Option<Instant>,
+    /// Every probe since then succeeded.
+    pub ok_since: Option<Instant>,
 }
 
 pub struct Probe {
@@ -82,7 +83,7 @@ fn run(manager: &TenantManager, wanted: &AtomicBool, seen: &Mutex<Seen>, stop: &
             _ => return,
         }
         if !wanted.load(Ordering::Relaxed) {
-            seen.lock().failing_since = None;
+            *seen.lock() = Seen::default();
             continue;
         }
         let result = manager.probe_broker();
@@ -91,13 +92,14 @@ fn run(manager: &TenantManager, wanted: &AtomicBool, seen: &Mutex<Seen>, stop: &
         match result {
             Ok(()) => {
                 seen.failing_since = None;
-                seen.ok_at = Some(now);
+                seen.ok_since.get_or_insert(now);
             }
             Err(e) => {
                 if seen.failing_since.is_none() {
                     warn!("the broker probe failed: {e:#}");
                 }
                 seen.failing_since.get_or_insert(now);
+                seen.ok_since = None;
             }
         }
     }
@@ -110,8 +112,14 @@ impl Loop {
         let (running, failing) = self.manager.running_and_failing();
         self.probe.want(self.broker_down.is_some() || failing > 0);
         let seen = self.probe.seen();
+        let half = self.settings.failover_timeout / 2;
         if let Some(down_at) = self.broker_down {
-            if seen.ok_at.is_some_and(|ok| ok > down_at) {
+            // Answering as long as it failed before it was given up: a path that flaps does
+            // not bounce the tenants back and forth.
+            if seen
+                .ok_since
+                .is_some_and(|ok| ok > down_at && ok.elapsed() >= half)
+            {
                 info!("the broker answers again: taking tenants again");
                 self.broker_down = None;
                 self.say_broker_down(false);
@@ -119,7 +127,7 @@ impl Loop {
             return Ok(());
         }
         let cut_for = seen.failing_since.map_or(Duration::ZERO, |t| t.elapsed());
-        if running == 0 || cut_for < self.settings.failover_timeout / 2 {
+        if running == 0 || cut_for < half {
             return Ok(());
         }
         let me = self.settings.replica_id.clone();

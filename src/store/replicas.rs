@@ -55,8 +55,9 @@ pub fn set_lock_timeout(client: &mut Client, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-/// Registers the replica (with its failover timeout) and takes its liveness lock on this
-/// session. Fails when a live replica already uses the id.
+/// Registers the replica (with what it says of itself, as a heartbeat does: one joining again
+/// while cut from the broker still says so) and takes its liveness lock on this session. Fails
+/// when a live replica already uses the id.
 pub fn join(client: &mut Client, id: &str, http_addr: &str, beat: Beat) -> Result<()> {
     let mut tx = client.transaction()?;
     let existing = tx.query_opt(
@@ -83,13 +84,14 @@ pub fn join(client: &mut Client, id: &str, http_addr: &str, beat: Beat) -> Resul
     }
     tx.execute(
         "UPDATE replicas SET http_addr = $2, leaving = false, started_at = now(), seen_at = now(),
-                             failover_ms = $3, broker_down = false, max_tenants = $4
+                             failover_ms = $3, broker_down = $5, max_tenants = $4
          WHERE id = $1",
         &[
             &id,
             &http_addr,
             &millis(beat.failover),
             &cap(beat.max_tenants),
+            &beat.broker_down,
         ],
     )?;
     notify(&mut tx, REPLICAS_CHANGED)?;
@@ -173,12 +175,17 @@ pub fn peers_seen_lately(client: &mut Client, replica: &str) -> Result<bool> {
     Ok(row.get(0))
 }
 
-/// Whether a live replica other than `replica`, not cut from the broker, runs a consumer: the
-/// broker answers others.
+/// Whether a live replica other than `replica`, not cut from the broker, runs a consumer (the
+/// broker answers others), or, staying and not cut, has no claim at all (an idle replica, when
+/// there are fewer tenants than replicas, shows nothing either way: it may try, rather than the
+/// tenants wait unconsumed for as long as the cut lasts).
 pub fn others_consume(client: &mut Client, replica: &str) -> Result<bool> {
     let row = client.query_one(
         "SELECT EXISTS (SELECT 1 FROM consumers c JOIN live_replicas r ON r.id = c.replica_id
-                        WHERE c.state = 'running' AND r.id <> $1 AND NOT r.broker_down)",
+                        WHERE c.state = 'running' AND r.id <> $1 AND NOT r.broker_down)
+             OR EXISTS (SELECT 1 FROM live_replicas r
+                        WHERE r.id <> $1 AND NOT r.broker_down AND NOT r.leaving
+                          AND NOT EXISTS (SELECT 1 FROM consumers c WHERE c.replica_id = r.id))",
         &[&replica],
     )?;
     Ok(row.get(0))
@@ -244,9 +251,10 @@ pub fn states(client: &mut Client) -> Result<Vec<TenantState>> {
 /// `replica` itself, or claimed by a replica that is not live and has not heartbeated for its
 /// own grace — half its failover timeout and a tick, or `grace` when it never said its timeout
 /// (by then it has stopped its consumers: a blip of its session moves nothing). One
-/// statement for them all; rows are locked in id order, so replicas claiming at once wait for
-/// each other instead of deadlocking. The tenants' rows are share-locked while claiming, so a
-/// concurrent change of a status is seen by one side or the other. Returns what was claimed.
+/// statement for them all; a tenant whose row (in `tenants` or `consumers`) another
+/// transaction holds is skipped, not waited for — the others go on, and it is tried again at
+/// the next tick. The tenants' rows are share-locked while claiming, so a concurrent change of
+/// a status is seen by one side or the other. Returns what was claimed.
 pub fn claim(
     client: &mut Client,
     tenants: &[TenantId],
@@ -256,9 +264,14 @@ pub fn claim(
     let ids: Vec<uuid::Uuid> = tenants.iter().map(|t| t.uuid()).collect();
     let rows = client.query(
         "WITH t AS (SELECT id, workers, version FROM tenants
-                    WHERE id = ANY($1) AND status = 'active' ORDER BY id FOR SHARE)
+                    WHERE id = ANY($1) AND status = 'active' ORDER BY id FOR SHARE SKIP LOCKED),
+              free AS MATERIALIZED (SELECT tenant_id FROM consumers
+                                    WHERE tenant_id IN (SELECT id FROM t)
+                                    ORDER BY tenant_id FOR UPDATE SKIP LOCKED)
          INSERT INTO consumers (tenant_id, replica_id, state, workers, version, updated_at)
          SELECT id, $2, 'starting', workers, version, now() FROM t
+         WHERE id IN (SELECT tenant_id FROM free)
+            OR NOT EXISTS (SELECT 1 FROM consumers c WHERE c.tenant_id = t.id)
          ON CONFLICT (tenant_id) DO UPDATE
             SET replica_id = EXCLUDED.replica_id, state = 'starting', error = NULL,
                 workers = EXCLUDED.workers, version = EXCLUDED.version, updated_at = now()

@@ -186,6 +186,45 @@ fn a_stopped_replica_loses_its_tenants_and_does_not_take_them_back_twice() {
     eprintln!("a stopped replica's tenants ran elsewhere after {took:?}");
 }
 
+/// A stopped replica's consumers stay registered with the broker until the broker misses its
+/// AMQP heartbeats; another replica takes its tenants about F after the stop. With the default
+/// broker heartbeat (30 s: a connection is dropped after a minute or more) the stopped
+/// consumers must still be gone before the takeover, or each queue has two consumers, and the
+/// messages the broker hands the stopped one wait for it.
+#[test]
+fn a_stopped_replica_leaves_the_broker_before_its_tenants_are_taken() {
+    let mut fleet = Fleet::new();
+    fleet.start("a", rabbitmq_url());
+    fleet.start("b", rabbitmq_url());
+    fleet.create("a", 6);
+    let owners = fleet.settled(Duration::from_secs(30));
+    assert!(owners.values().any(|r| r == "a"), "a runs some: {owners:?}");
+
+    fleet.replicas["a"].signal("-STOP");
+    let mut amqp = Amqp::connect();
+    let mut most = 0;
+    let mut sample = |amqp: &mut Amqp| {
+        for t in &fleet.tenants {
+            most = most.max(amqp.consumers(&queue_name(t)));
+        }
+    };
+    wait_until(GOAL, "b to run every tenant", || {
+        sample(&mut amqp);
+        let now = fleet.running();
+        fleet
+            .tenants
+            .iter()
+            .all(|t| now.get(t).is_some_and(|r| r == "b"))
+    });
+    let taken = Instant::now();
+    while taken.elapsed() < Duration::from_secs(2) {
+        sample(&mut amqp); // each round is a passive declare per queue
+    }
+    fleet.replicas["a"].signal("-CONT");
+    assert_eq!(most, 1, "two consumers on a queue while a was stopped");
+    fleet.settled(Duration::from_secs(30));
+}
+
 /// A replica cut from the broker (not from PostgreSQL) cannot run its tenants: while another
 /// replica can, it must give them up within the bound (F/2 of failed probes after the cut, then
 /// a hand-over), and take tenants again once the broker answers.
@@ -223,6 +262,138 @@ fn a_replica_cut_from_the_broker_gives_its_tenants_to_one_that_is_not() {
     });
     assert_eq!(fleet.stored(), published, "each message stored once");
     eprintln!("a cut replica's tenants ran elsewhere after {took:?}; then {owners:?}");
+}
+
+/// A replica cut from the broker whose peer runs no consumer (fewer tenants than replicas) has
+/// no sign that the broker answers others: it must still give its tenants to a peer that could
+/// try, not keep them unconsumed for as long as the cut lasts.
+#[test]
+fn a_replica_cut_from_the_broker_gives_its_tenant_to_an_idle_peer() {
+    let mut fleet = Fleet::new();
+    let broker = Proxy::start(&amqp_host_port());
+    fleet.start("a", amqp_url_via(broker.port()));
+    fleet.create("a", 1);
+    fleet.settled(Duration::from_secs(30));
+    fleet.start("b", rabbitmq_url());
+    wait_until(Duration::from_secs(10), "b to be live", || {
+        let mut pg = fleet.db.client();
+        pg.query_one("SELECT count(*) FROM live_replicas WHERE id = 'b'", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+    assert_eq!(
+        fleet.running()[&fleet.tenants[0]],
+        "a",
+        "the tenant stays on a"
+    );
+
+    broker.cut();
+    wait_until(GOAL, "b to run the tenant", || {
+        fleet
+            .running()
+            .get(&fleet.tenants[0])
+            .is_some_and(|r| r == "b")
+    });
+    broker.restore();
+}
+
+/// A replica that says `broker_down` and loses its heart's session must say it again when it
+/// joins again: a join that says the broker answers hands it tenants it cannot run, and
+/// takes them from the replica running them, until the next heartbeat says otherwise.
+#[test]
+fn a_replica_cut_from_the_broker_still_says_so_after_its_session_is_lost() {
+    let mut fleet = Fleet::new();
+    let broker = Proxy::start(&amqp_host_port());
+    fleet.start("a", amqp_url_via(broker.port()));
+    fleet.start("b", rabbitmq_url());
+    fleet.create("b", 6);
+    wait_until(Duration::from_secs(30), "a to run some", || {
+        fleet.running().values().any(|r| r == "a")
+    });
+    fleet.settled(Duration::from_secs(30));
+    let mut pg = fleet.db.client();
+    let says_down = |pg: &mut postgres::Client| -> bool {
+        pg.query_one("SELECT broker_down FROM replicas WHERE id = 'a'", &[])
+            .unwrap()
+            .get(0)
+    };
+
+    broker.cut();
+    wait_until(GOAL, "a to say broker_down", || says_down(&mut pg));
+    let heart_pids = |pg: &mut postgres::Client| -> Vec<i32> {
+        pg.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'tenantd replica a'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let old = heart_pids(&mut pg)[0];
+    pg.execute("SELECT pg_terminate_backend($1)", &[&old])
+        .unwrap();
+    let watched = Instant::now();
+    let mut rejoined = false;
+    while watched.elapsed() < Duration::from_secs(8) {
+        assert!(says_down(&mut pg), "a said the broker answers while cut");
+        rejoined |= heart_pids(&mut pg).iter().any(|&p| p != old);
+        if rejoined && watched.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20)); // a poll of the row
+    }
+    assert!(rejoined, "a joined again: {:#?}", fleet.logs());
+    broker.restore();
+}
+
+/// A broker path that flaps — answering a moment, then cut again — must not bounce a replica's
+/// share back and forth: the replica takes tenants again only once its probes have answered for
+/// F/2, as long as it took them to give the tenants up.
+#[test]
+fn a_replica_whose_broker_answers_a_moment_does_not_take_tenants_back() {
+    let mut fleet = Fleet::new();
+    let broker = Proxy::start(&amqp_host_port());
+    fleet.start("a", amqp_url_via(broker.port()));
+    fleet.start("b", rabbitmq_url());
+    fleet.create("b", 6);
+    wait_until(Duration::from_secs(30), "a to run some", || {
+        fleet.running().values().any(|r| r == "a")
+    });
+    fleet.settled(Duration::from_secs(30));
+    let mut pg = fleet.db.client();
+    let says_down = |pg: &mut postgres::Client| -> bool {
+        pg.query_one("SELECT broker_down FROM replicas WHERE id = 'a'", &[])
+            .unwrap()
+            .get(0)
+    };
+    broker.cut();
+    wait_until(GOAL, "a to say broker_down", || says_down(&mut pg));
+
+    // Answers for 1.5 s (three probes), less than F/2, then cut again.
+    broker.restore();
+    let restored = Instant::now();
+    while restored.elapsed() < Duration::from_millis(1500) {
+        assert!(
+            says_down(&mut pg),
+            "a took tenants again after a moment's answer"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // a poll of the row
+    }
+    broker.cut();
+    let cut = Instant::now();
+    while cut.elapsed() < Duration::from_secs(2) {
+        assert!(
+            says_down(&mut pg),
+            "a took tenants again after a moment's answer"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // a poll of the row
+    }
+    broker.restore();
+    wait_until(Duration::from_secs(20), "a to take tenants again", || {
+        !says_down(&mut pg)
+    });
 }
 
 /// Replicas with different failover timeouts: a takeover waits the owner's (it fences at half
