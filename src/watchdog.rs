@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
 
-use crate::coordinator::Health;
+use crate::health::Health;
 use crate::manager::TenantManager;
 use crate::notify::Notifier;
 

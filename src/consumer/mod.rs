@@ -16,7 +16,7 @@ use log::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::broker::{self, Brokers, Publisher, QueueType};
-use crate::coordinator::Health;
+use crate::health::Health;
 use crate::ids::TenantId;
 use crate::inflight::{Book, InFlight};
 use crate::metrics::Metrics;

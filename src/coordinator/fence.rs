@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use log::warn;
 
-use super::Health;
+use crate::health::Health;
 use crate::manager::TenantManager;
 
 /// How often the fence looks.
@@ -57,7 +57,7 @@ fn watch(health: &Health, manager: &TenantManager, after: Duration, stop: &Recei
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,
         }
-        let silent = health.heartbeat.lock().elapsed();
+        let silent = health.heartbeat_age();
         // Every consumer not yet told to stop, also one started after an earlier look here (by
         // a coordinator call that began before the silence): none may run through it.
         if silent < after || !manager.any_running() {

@@ -13,8 +13,9 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
 use postgres::Client;
 
-use super::{heartbeat_every, open_session, Health, Settings};
+use super::{heartbeat_every, open_session, Settings};
 use crate::backoff::Backoff;
+use crate::health::Health;
 use crate::manager::TenantManager;
 use crate::store::replicas::{self, Beat};
 
@@ -131,7 +132,7 @@ impl Beating {
         };
         let session = self.session.as_mut().expect("connected");
         replicas::heartbeat(session, &self.settings.replica_id, beat)?;
-        *self.health.heartbeat.lock() = sent;
+        self.health.mark_beat(sent);
         Ok(())
     }
 
@@ -153,7 +154,7 @@ impl Beating {
             Ok(session) => {
                 info!("replica {} heartbeats again", self.settings.replica_id);
                 self.session = Some(session);
-                *self.health.heartbeat.lock() = sent;
+                self.health.mark_beat(sent);
                 self.reconnect.reset();
             }
             Err(e) => {

@@ -32,9 +32,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::health::Health;
 use anyhow::{Context, Result};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use parking_lot::Mutex;
 use postgres::Client;
 
 use crate::consumer::Event;
@@ -85,71 +85,6 @@ pub struct Settings {
     pub drain_timeout: Duration,
 }
 
-/// What readiness and the fence need to know of the coordinator.
-pub struct Health {
-    /// Why the replica's session is down, while it is.
-    db_error: Mutex<Option<String>>,
-    /// Whether the first plan has been carried out.
-    settled: Mutex<bool>,
-    /// When the last heartbeat that succeeded was sent (a little before it was recorded).
-    heartbeat: Mutex<Instant>,
-    /// When the coordinator's loop last came round (it does at least every tick).
-    progress: Mutex<Instant>,
-    /// When the heart's loop last came round (every heartbeat interval, a beat or an attempt
-    /// to join again done; a beat to a silent server ends within F/2).
-    heart: Mutex<Instant>,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Health {
-            db_error: Mutex::new(None),
-            settled: Mutex::new(false),
-            heartbeat: Mutex::new(Instant::now()),
-            progress: Mutex::new(Instant::now()),
-            heart: Mutex::new(Instant::now()),
-        }
-    }
-}
-
-impl Health {
-    /// `Err` says what keeps this replica from doing its share.
-    pub fn check(&self) -> Result<(), String> {
-        if let Some(e) = self.db_error.lock().clone() {
-            return Err(format!("database unavailable: {e}"));
-        }
-        match *self.settled.lock() {
-            true => Ok(()),
-            false => Err("starting: this replica has not yet taken its tenants".into()),
-        }
-    }
-
-    /// How long this replica has been silent or stuck: since its last heartbeat that
-    /// succeeded, or since its coordinator's loop last came round (a wedged coordinator, whose
-    /// heart still beats on its own thread, is a stuck replica too).
-    pub fn since_heartbeat(&self) -> Duration {
-        self.heartbeat_age().max(self.progress.lock().elapsed())
-    }
-
-    /// How long ago the last heartbeat that succeeded was sent.
-    pub(crate) fn heartbeat_age(&self) -> Duration {
-        self.heartbeat.lock().elapsed()
-    }
-
-    /// How long since the coordinator's loop, and the heart's, last came round.
-    pub(crate) fn turned(&self) -> (Duration, Duration) {
-        (self.progress.lock().elapsed(), self.heart.lock().elapsed())
-    }
-
-    pub(crate) fn mark_heart(&self) {
-        *self.heart.lock() = Instant::now();
-    }
-
-    pub(crate) fn mark_progress(&self) {
-        *self.progress.lock() = Instant::now();
-    }
-}
-
 pub struct Coordinator {
     shutdown: Sender<Instant>,
     thread: Option<JoinHandle<Result<()>>>,
@@ -165,7 +100,7 @@ impl Coordinator {
         health: Arc<Health>,
     ) -> Result<Coordinator> {
         let liveness = open_session(&settings, false)?;
-        *health.heartbeat.lock() = Instant::now();
+        health.mark_beat(Instant::now());
         let session = open_coordinator_session(&settings)?;
         let (notes_tx, notes) = unbounded();
         let listener = Listener::start(settings.db.clone(), notes_tx)?;

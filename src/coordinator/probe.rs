@@ -13,12 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use log::{info, warn};
+use log::warn;
 use parking_lot::Mutex;
 
-use super::state::Loop;
 use crate::manager::TenantManager;
-use crate::store::replicas;
 
 /// How often the probe connects while it is wanted.
 const EVERY: Duration = Duration::from_millis(500);
@@ -62,7 +60,7 @@ impl Probe {
         self.wanted.store(on, Ordering::Relaxed);
     }
 
-    fn seen(&self) -> Seen {
+    pub(super) fn seen(&self) -> Seen {
         *self.seen.lock()
     }
 }
@@ -101,54 +99,6 @@ fn run(manager: &TenantManager, wanted: &AtomicBool, seen: &Mutex<Seen>, stop: &
                 seen.failing_since.get_or_insert(now);
                 seen.ok_since = None;
             }
-        }
-    }
-}
-
-impl Loop {
-    /// Gives the tenants up when this replica alone cannot reach the broker, and takes tenants
-    /// again when it can (see the module's header).
-    pub(super) fn watch_broker(&mut self) -> Result<()> {
-        let (running, failing) = self.manager.running_and_failing();
-        self.probe.want(self.broker_down.is_some() || failing > 0);
-        let seen = self.probe.seen();
-        let half = self.settings.failover_timeout / 2;
-        if let Some(down_at) = self.broker_down {
-            // Answering as long as it failed before it was given up: a path that flaps does
-            // not bounce the tenants back and forth.
-            if seen
-                .ok_since
-                .is_some_and(|ok| ok > down_at && ok.elapsed() >= half)
-            {
-                info!("the broker answers again: taking tenants again");
-                self.broker_down = None;
-                self.say_broker_down(false);
-            }
-            return Ok(());
-        }
-        let cut_for = seen.failing_since.map_or(Duration::ZERO, |t| t.elapsed());
-        if running == 0 || cut_for < half {
-            return Ok(());
-        }
-        let me = self.settings.replica_id.clone();
-        let session = self.session.as_mut().expect("connected");
-        if !replicas::others_consume(session, &me)? {
-            return Ok(());
-        }
-        warn!(
-            "the broker has not answered this replica for {cut_for:?} while it answers others: \
-             giving {running} tenants to other replicas until it does"
-        );
-        self.broker_down = Some(Instant::now());
-        self.say_broker_down(true);
-        Ok(())
-    }
-
-    /// Has the heart say it with its next heartbeat, which announces the change: the plans
-    /// (this replica's too) are made again then.
-    fn say_broker_down(&mut self, down: bool) {
-        if let Some(heart) = &self.heart {
-            heart.set_broker_down(down);
         }
     }
 }

@@ -199,7 +199,7 @@ impl Loop {
     /// replica is alone, started less than `PEER_GRACE` ago, and other replicas ran within the
     /// last minute. A replica that runs alone for good pays nothing.
     fn waits_for_peers(&mut self, live: usize) -> Result<bool> {
-        if *self.health.settled.lock() || live > 1 || self.started.elapsed() >= PEER_GRACE {
+        if self.health.is_settled() || live > 1 || self.started.elapsed() >= PEER_GRACE {
             return Ok(false);
         }
         let me = self.settings.replica_id.clone();
@@ -212,9 +212,7 @@ impl Loop {
     }
 
     fn settled(&mut self, replicas: usize, active: usize, started: usize) {
-        let mut settled = self.health.settled.lock();
-        if !*settled {
-            *settled = true;
+        if self.health.settle() {
             info!(
                 "replica {} took its share: {replicas} live replicas, {active} active tenants, \
                  {started} started here",

@@ -14,9 +14,10 @@ use postgres::Client;
 use super::heart::Heart;
 use super::listener::Note;
 use super::probe::Probe;
-use super::{heartbeat_every, open_coordinator_session, Health, Settings};
+use super::{heartbeat_every, open_coordinator_session, Settings};
 use crate::backoff::Backoff;
 use crate::consumer::Event;
+use crate::health::Health;
 use crate::ids::TenantId;
 use crate::manager::TenantManager;
 use crate::model::Report;
@@ -257,13 +258,13 @@ impl Loop {
                     self.settings.replica_id
                 );
                 self.session = Some(session);
-                *self.health.db_error.lock() = None;
+                self.health.set_db_error(None);
                 self.reconnect.reset();
                 self.dirty = true;
                 true
             }
             Err(e) => {
-                *self.health.db_error.lock() = Some(format!("{e:#}"));
+                self.health.set_db_error(Some(format!("{e:#}")));
                 self.next_connect = Instant::now() + self.reconnect.next();
                 false
             }
@@ -285,7 +286,7 @@ impl Loop {
                 self.settings.replica_id
             );
         }
-        *self.health.db_error.lock() = Some(format!("{e:#}"));
+        self.health.set_db_error(Some(format!("{e:#}")));
         self.dirty = true;
     }
 
@@ -361,6 +362,54 @@ impl Loop {
                 Ok(_) => std::thread::sleep(Duration::from_millis(20)), // a poll of the claims
                 Err(e) => return self.lost(&e),
             }
+        }
+    }
+}
+
+impl Loop {
+    /// Gives the tenants up when this replica alone cannot reach the broker, and takes tenants
+    /// again when it can (see the module's header).
+    pub(super) fn watch_broker(&mut self) -> Result<()> {
+        let (running, failing) = self.manager.running_and_failing();
+        self.probe.want(self.broker_down.is_some() || failing > 0);
+        let seen = self.probe.seen();
+        let half = self.settings.failover_timeout / 2;
+        if let Some(down_at) = self.broker_down {
+            // Answering as long as it failed before it was given up: a path that flaps does
+            // not bounce the tenants back and forth.
+            if seen
+                .ok_since
+                .is_some_and(|ok| ok > down_at && ok.elapsed() >= half)
+            {
+                info!("the broker answers again: taking tenants again");
+                self.broker_down = None;
+                self.say_broker_down(false);
+            }
+            return Ok(());
+        }
+        let cut_for = seen.failing_since.map_or(Duration::ZERO, |t| t.elapsed());
+        if running == 0 || cut_for < half {
+            return Ok(());
+        }
+        let me = self.settings.replica_id.clone();
+        let session = self.session.as_mut().expect("connected");
+        if !replicas::others_consume(session, &me)? {
+            return Ok(());
+        }
+        warn!(
+            "the broker has not answered this replica for {cut_for:?} while it answers others: \
+             giving {running} tenants to other replicas until it does"
+        );
+        self.broker_down = Some(Instant::now());
+        self.say_broker_down(true);
+        Ok(())
+    }
+
+    /// Has the heart say it with its next heartbeat, which announces the change: the plans
+    /// (this replica's too) are made again then.
+    fn say_broker_down(&mut self, down: bool) {
+        if let Some(heart) = &self.heart {
+            heart.set_broker_down(down);
         }
     }
 }

@@ -21,7 +21,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::broker::{is_unconfirmed, BrokerAdmin, QueueStats, Unroutable};
-use crate::coordinator::Health;
+use crate::health::Health;
 use crate::ids::TenantId;
 use crate::manager::TenantManager;
 use crate::metrics::Metrics;
