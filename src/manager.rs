@@ -195,12 +195,9 @@ impl TenantManager {
         self.consumers.lock().keys().copied().collect()
     }
 
-    /// Whether the tenant has a thread here, and whether it is stopping.
-    pub fn status(&self, id: TenantId) -> Option<bool> {
-        self.consumers
-            .lock()
-            .get(&id)
-            .map(|l| l.state == State::Stopping)
+    /// Whether the tenant has a thread here, running or stopping.
+    pub fn has_thread(&self, id: TenantId) -> bool {
+        self.consumers.lock().contains_key(&id)
     }
 
     /// Whether a thread here has not been told to stop.

@@ -78,7 +78,7 @@ impl Loop {
         self.stop_or_update(&states, &mine);
         let wanted: Vec<&TenantState> = states
             .iter()
-            .filter(|s| mine(s) && self.manager.status(s.id).is_none())
+            .filter(|s| mine(s) && !self.manager.has_thread(s.id))
             .filter(|s| {
                 s.owner
                     .as_deref()
@@ -89,7 +89,7 @@ impl Loop {
         self.release_stale_claims(&states, &mine);
         let known: HashSet<_> = states.iter().map(|s| s.id).collect();
         for id in self.manager.known() {
-            if !known.contains(&id) && self.manager.status(id).is_none() {
+            if !known.contains(&id) && !self.manager.has_thread(id) {
                 self.manager.forget(id);
                 self.restart_after.remove(&id);
             }
@@ -187,7 +187,7 @@ impl Loop {
         for s in states {
             let stale = s.owner.as_deref() == Some(me.as_str())
                 && !mine(s)
-                && self.manager.status(s.id).is_none();
+                && !self.manager.has_thread(s.id);
             if stale {
                 self.released.push((s.id, s.version));
             }

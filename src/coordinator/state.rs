@@ -337,7 +337,7 @@ impl Loop {
     /// Handles events (heartbeating meanwhile, or the fence would cut the drains short) until
     /// none of `tenants` runs here any more, or `until`.
     fn await_ended(&mut self, tenants: &[TenantId], until: Instant, events: &Receiver<Event>) {
-        while tenants.iter().any(|t| self.manager.status(*t).is_some()) && Instant::now() < until {
+        while tenants.iter().any(|t| self.manager.has_thread(*t)) && Instant::now() < until {
             self.health.mark_progress();
             if let Ok(event) = events.recv_deadline(until.min(Instant::now() + self.tick())) {
                 self.on_event(event);
