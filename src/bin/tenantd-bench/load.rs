@@ -47,34 +47,42 @@ fn now_us() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// Publishes `per_queue` messages with UUID message ids to each queue, one thread per queue,
-/// and returns once the broker confirmed them all.
+/// Publishes `per_queue` messages with UUID message ids to each queue, from at most
+/// `PRELOADERS` threads (one connection each; a thousand connects at once time out), and returns
+/// once the broker confirmed them all.
 pub fn preload(url: &str, queues: &[String], per_queue: u64) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
-        for queue in queues {
+        for _ in 0..queues.len().min(PRELOADERS) {
+            let next = &next;
             s.spawn(move || {
                 let mut connection = connect(url);
                 let channel = connection.open_channel(None).unwrap();
                 channel.enable_publisher_confirms().unwrap();
                 let confirms = channel.listen_for_publisher_confirms().unwrap();
                 let mut smoother = ConfirmSmoother::new();
-                let mut confirmed = 0;
-                for seq in 0..per_queue {
-                    let props = AmqpProperties::default()
-                        .with_message_id(Uuid::now_v7().to_string())
-                        .with_delivery_mode(2);
-                    channel
-                        .basic_publish(
-                            "",
-                            Publish::with_properties(&body(seq), queue.as_str(), props),
-                        )
-                        .unwrap();
-                    // Keep at most 1,000 unconfirmed, as a careful publisher would.
-                    while seq + 1 - confirmed > 1000 {
-                        confirmed += smoother.process(confirms.recv().unwrap()).count() as u64;
+                let (mut published, mut confirmed) = (0u64, 0u64);
+                while let Some(queue) =
+                    queues.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
+                    for seq in 0..per_queue {
+                        let props = AmqpProperties::default()
+                            .with_message_id(Uuid::now_v7().to_string())
+                            .with_delivery_mode(2);
+                        channel
+                            .basic_publish(
+                                "",
+                                Publish::with_properties(&body(seq), queue.as_str(), props),
+                            )
+                            .unwrap();
+                        published += 1;
+                        // Keep at most 1,000 unconfirmed, as a careful publisher would.
+                        while published - confirmed > 1000 {
+                            confirmed += smoother.process(confirms.recv().unwrap()).count() as u64;
+                        }
                     }
                 }
-                while confirmed < per_queue {
+                while confirmed < published {
                     confirmed += smoother.process(confirms.recv().unwrap()).count() as u64;
                 }
                 let _ = connection.close();
@@ -82,6 +90,9 @@ pub fn preload(url: &str, queues: &[String], per_queue: u64) {
         }
     });
 }
+
+/// The most publishing threads a preload runs.
+const PRELOADERS: usize = 32;
 
 /// How a plain consumer acks what it drains.
 #[derive(Clone, Copy)]
