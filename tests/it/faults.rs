@@ -298,11 +298,9 @@ fn a_replica_cut_from_the_broker_gives_its_tenant_to_an_idle_peer() {
     broker.restore();
 }
 
-/// A replica that says `broker_down` and loses its heart's session must say it again when it
-/// joins again: a join that says the broker answers hands it tenants it cannot run, and
-/// takes them from the replica running them, until the next heartbeat says otherwise.
-#[test]
-fn a_replica_cut_from_the_broker_still_says_so_after_its_session_is_lost() {
+/// Replica `a` reaching the broker through a proxy the test can cut, `b` directly, 6 tenants
+/// shared between them and settled; and a session to read `a`'s row.
+fn a_behind_a_broker_proxy_and_b() -> (Fleet, Proxy, postgres::Client) {
     let mut fleet = Fleet::new();
     let broker = Proxy::start(&amqp_host_port());
     fleet.start("a", amqp_url_via(broker.port()));
@@ -312,12 +310,23 @@ fn a_replica_cut_from_the_broker_still_says_so_after_its_session_is_lost() {
         fleet.running().values().any(|r| r == "a")
     });
     fleet.settled(Duration::from_secs(30));
-    let mut pg = fleet.db.client();
-    let says_down = |pg: &mut postgres::Client| -> bool {
-        pg.query_one("SELECT broker_down FROM replicas WHERE id = 'a'", &[])
-            .unwrap()
-            .get(0)
-    };
+    let pg = fleet.db.client();
+    (fleet, broker, pg)
+}
+
+/// Whether replica `a` says, with its heartbeats, that it cannot reach the broker.
+fn says_down(pg: &mut postgres::Client) -> bool {
+    pg.query_one("SELECT broker_down FROM replicas WHERE id = 'a'", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// A replica that says `broker_down` and loses its heart's session must say it again when it
+/// joins again: a join that says the broker answers hands it tenants it cannot run, and
+/// takes them from the replica running them, until the next heartbeat says otherwise.
+#[test]
+fn a_replica_cut_from_the_broker_still_says_so_after_its_session_is_lost() {
+    let (fleet, broker, mut pg) = a_behind_a_broker_proxy_and_b();
 
     broker.cut();
     wait_until(GOAL, "a to say broker_down", || says_down(&mut pg));
@@ -353,21 +362,8 @@ fn a_replica_cut_from_the_broker_still_says_so_after_its_session_is_lost() {
 /// F/2, as long as it took them to give the tenants up.
 #[test]
 fn a_replica_whose_broker_answers_a_moment_does_not_take_tenants_back() {
-    let mut fleet = Fleet::new();
-    let broker = Proxy::start(&amqp_host_port());
-    fleet.start("a", amqp_url_via(broker.port()));
-    fleet.start("b", rabbitmq_url());
-    fleet.create("b", 6);
-    wait_until(Duration::from_secs(30), "a to run some", || {
-        fleet.running().values().any(|r| r == "a")
-    });
-    fleet.settled(Duration::from_secs(30));
-    let mut pg = fleet.db.client();
-    let says_down = |pg: &mut postgres::Client| -> bool {
-        pg.query_one("SELECT broker_down FROM replicas WHERE id = 'a'", &[])
-            .unwrap()
-            .get(0)
-    };
+    // The fleet runs until the end of the test.
+    let (_fleet, broker, mut pg) = a_behind_a_broker_proxy_and_b();
     broker.cut();
     wait_until(GOAL, "a to say broker_down", || says_down(&mut pg));
 
