@@ -140,6 +140,7 @@ pub fn start(config: Config) -> Result<App> {
             LEDGER_CONNECTIONS,
             config.connect_timeout + Duration::from_secs(5),
         )),
+        gate: consumer::StartGate::default(),
     };
     let manager = Arc::new(TenantManager::new(Arc::new(ctx)));
     let service = Service::new(

@@ -26,7 +26,10 @@ use crate::stats::TenantStats;
 use crate::store::dead_letters::Ledger;
 
 mod drain;
+mod gate;
 use drain::drain;
+use gate::Opening;
+pub use gate::StartGate;
 
 /// What every tenant thread shares.
 pub struct ConsumerContext {
@@ -44,6 +47,8 @@ pub struct ConsumerContext {
     pub fence: FenceClock,
     /// Which messages are dead-lettered already, shared by every tenant thread.
     pub ledger: Arc<Ledger>,
+    /// Threads opening sessions together start consuming together.
+    pub gate: StartGate,
 }
 
 /// The fence's rule, read by a draining thread: every consumer stops `after` the coordinator's
@@ -247,9 +252,10 @@ fn run_session(
     queues: &mut Queues,
 ) -> Result<()> {
     let label = format!("tenantd tenant {}", spec.id);
+    let mut opening = ctx.gate.opening();
     let mut connection = ctx.brokers.connect(ctx.connect_timeout, &label)?;
     let result = loop {
-        match consume(ctx, spec, &mut connection, control, queues) {
+        match consume(ctx, spec, &mut connection, control, queues, &mut opening) {
             Ok(ChannelEnd::Stopped) => break Ok(()),
             Ok(ChannelEnd::Resized(n)) => spec.workers = n,
             Err(e) => break Err(e),
@@ -295,6 +301,7 @@ fn consume(
     connection: &mut Connection,
     control: &Receiver<Control>,
     queues: &mut Queues,
+    opening: &mut Opening,
 ) -> Result<ChannelEnd> {
     let id = spec.id;
     let channel = connection.open_channel(None)?;
@@ -307,6 +314,7 @@ fn consume(
     let relay_channel = connection.open_channel(None)?;
     let longest = ctx.retry_delays.iter().max().copied().unwrap_or_default();
     let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout, longest)?;
+    opening.ready(gate::MAX_WAIT);
     let consumer = queue.consume(ConsumerOptions::default())?;
     queues.started = true;
     info!(

@@ -142,6 +142,7 @@ impl Loop {
             .collect();
         // Due later, or in a later wave: plan again at the next wake.
         self.dirty |= due.len() < wanted.len() || due.len() > CLAIM_WAVE;
+        self.next_wave = due.len() > CLAIM_WAVE;
         let due = &due[..due.len().min(CLAIM_WAVE)];
         if due.is_empty() {
             return Ok(0);

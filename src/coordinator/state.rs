@@ -56,6 +56,9 @@ pub struct Loop {
     pub(super) broker_down: Option<Instant>,
     /// Something changed: plan again.
     pub(super) dirty: bool,
+    /// The plan claimed one wave of several: the next is claimed at once, not at the next
+    /// wake, so a start's consumers open together (see `consumer::StartGate`).
+    pub(super) next_wave: bool,
     pub(super) leaving: bool,
 }
 
@@ -86,6 +89,7 @@ impl Loop {
             heart: Some(heart),
             broker_down: None,
             dirty: true,
+            next_wave: false,
             leaving: false,
         }
     }
@@ -102,6 +106,10 @@ impl Loop {
             self.step();
             // A fixed schedule: a stream of events never delays the tick.
             let tick = at(self.next_tick);
+            let wave = match std::mem::take(&mut self.next_wave) {
+                true => at(Instant::now()),
+                false => never(),
+            };
             crossbeam_channel::select! {
                 recv(shutdown) -> deadline => {
                     return self.hand_over(deadline.unwrap_or_else(|_| Instant::now()), events);
@@ -129,6 +137,7 @@ impl Loop {
                     self.next_tick = Instant::now() + self.tick();
                     self.on_tick();
                 }
+                recv(wave) -> _ => {}
             }
         }
     }

@@ -40,7 +40,11 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
         .unwrap()
         .get(0);
     let started = Instant::now();
-    stack.start(&[]);
+    let started_wall = Utc::now();
+    let log = StartLog::new();
+    stack.replica_logs = Some(log.dir.clone());
+    stack.start(&[("LOG_LEVEL", "info")]);
+    stack.replica_logs = None;
     report.add("start_http_up_s", started.elapsed().as_secs_f64(), "s");
     let pid = stack.pid();
     let (last_start, cpu_at_last, sweep) = wait_all_running(stack, &backlog.queues, started);
@@ -62,6 +66,13 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
         .unwrap()
         .get(0);
     let seconds = (last - started_db).num_microseconds().unwrap_or(1) as f64 / 1e6;
+    let (consumers, last_started) = log.consumers_started(started_wall);
+    report.add(
+        "start_last_consumer_log_s",
+        last_started,
+        "s, the last consume-ok in tenantd's own log (goal <= 5)",
+    );
+    report.add("start_consumers_logged", consumers as f64, "consumers");
     let ingest_rate = backlog.total as f64 / seconds;
     report.add("start_ingest_msgs_per_s", ingest_rate.round(), "msg/s");
     let us = cpu.as_secs_f64() * 1e6 / backlog.total as f64;
@@ -136,6 +147,36 @@ fn wait_all_running(
         }
     });
     found.into_inner().unwrap()
+}
+
+/// The measured tenantd's own log, read for its "consumer started" lines: each is written as the
+/// broker's consume-ok arrives, so the last is a bound the broker's sweep cannot tighten. It is
+/// left in the temporary directory, for a look at the timeline.
+struct StartLog {
+    dir: std::path::PathBuf,
+}
+
+impl StartLog {
+    fn new() -> StartLog {
+        let dir = std::env::temp_dir().join(format!("tenantd-bench-start-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory for tenantd's log");
+        StartLog { dir }
+    }
+
+    /// How many consumers started, and the last one's time (s) after `since`.
+    fn consumers_started(&self, since: DateTime<Utc>) -> (usize, f64) {
+        let path = self.dir.join("main.log");
+        println!("tenantd's log of the start: {}", path.display());
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let times: Vec<f64> = text
+            .lines()
+            .filter(|l| l.contains("consumer started"))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<DateTime<Utc>>().ok())
+            .map(|t| (t - since).num_microseconds().unwrap_or(0) as f64 / 1e6)
+            .collect();
+        (times.len(), times.iter().copied().fold(0.0, f64::max))
+    }
 }
 
 /// Connections sweeping the queues for consumers at once.
