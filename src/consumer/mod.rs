@@ -26,10 +26,10 @@ use crate::stats::TenantStats;
 use crate::store::dead_letters::Ledger;
 
 mod drain;
-mod gate;
+mod start_gate;
 use drain::drain;
-use gate::Opening;
-pub use gate::StartGate;
+use start_gate::Opening;
+pub use start_gate::StartGate;
 
 /// What every tenant thread shares.
 pub struct ConsumerContext {
@@ -314,7 +314,7 @@ fn consume(
     let relay_channel = connection.open_channel(None)?;
     let longest = ctx.retry_delays.iter().max().copied().unwrap_or_default();
     let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout, longest)?;
-    opening.ready(gate::MAX_WAIT);
+    opening.ready(start_gate::MAX_WAIT);
     let consumer = queue.consume(ConsumerOptions::default())?;
     queues.started = true;
     info!(
