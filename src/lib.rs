@@ -193,7 +193,10 @@ fn service_settings(config: &Config) -> ServiceSettings {
         default_workers: config.default_workers,
         max_workers: config.max_workers,
         lock_timeout: config.shutdown_timeout + Duration::from_secs(10),
-        start_timeout: config.connect_timeout * 2 + Duration::from_secs(1),
+        // A start may also wait at the start gate for the consumers opening beside it.
+        start_timeout: config.connect_timeout * 2
+            + consumer::START_GATE_MAX_WAIT
+            + Duration::from_secs(1),
         stop_timeout: config.shutdown_timeout + Duration::from_secs(2),
         fence_grace: coordinator::grace(config.failover_timeout),
     }

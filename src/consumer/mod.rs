@@ -29,7 +29,7 @@ mod drain;
 mod start_gate;
 use drain::drain;
 use start_gate::Opening;
-pub use start_gate::StartGate;
+pub use start_gate::{StartGate, MAX_WAIT as START_GATE_MAX_WAIT};
 
 /// What every tenant thread shares.
 pub struct ConsumerContext {
@@ -314,7 +314,16 @@ fn consume(
     let relay_channel = connection.open_channel(None)?;
     let longest = ctx.retry_delays.iter().max().copied().unwrap_or_default();
     let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout, longest)?;
-    opening.ready(start_gate::MAX_WAIT);
+    // Not past the fence: a thread held at the gate consumes no later than the fence allows.
+    let fence = ctx.fence.at().saturating_duration_since(Instant::now());
+    opening.ready(start_gate::MAX_WAIT.min(fence));
+    if let Some(end) = told_before_consuming(ctx, control) {
+        relay.stop(Instant::now() + ctx.connect_timeout);
+        let _ = relay_channel.close();
+        drop(queue);
+        channel.close()?;
+        return Ok(end);
+    }
     let consumer = queue.consume(ConsumerOptions::default())?;
     queues.started = true;
     info!(
@@ -372,6 +381,27 @@ fn consume(
         }
     }
 }
+
+/// What the thread was told while its session opened, or waited at the start gate: a stop
+/// (also the fence's, which has fired when no heartbeat came for F/2: the thread waits for its
+/// stop, or for a heartbeat, rather than consume), or a new concurrency to open with.
+fn told_before_consuming(ctx: &ConsumerContext, control: &Receiver<Control>) -> Option<ChannelEnd> {
+    loop {
+        let fenced = ctx.fence.at() <= Instant::now();
+        let wait = if fenced { FENCE_POLL } else { Duration::ZERO };
+        match control.recv_timeout(wait) {
+            Ok(Control::Stop { .. }) | Err(RecvTimeoutError::Disconnected) => {
+                return Some(ChannelEnd::Stopped)
+            }
+            Ok(Control::Resize(n)) => return Some(ChannelEnd::Resized(n)),
+            Err(RecvTimeoutError::Timeout) if fenced => continue,
+            Err(RecvTimeoutError::Timeout) => return None,
+        }
+    }
+}
+
+/// How often a fenced thread that has not consumed yet looks for a heartbeat.
+const FENCE_POLL: Duration = Duration::from_millis(100);
 
 /// Says the consumer runs at `workers`, to the coordinator and in the metrics.
 fn running(ctx: &ConsumerContext, id: TenantId, workers: u16) {

@@ -142,7 +142,7 @@ impl Loop {
             .collect();
         // Due later, or in a later wave: plan again at the next wake.
         self.dirty |= due.len() < wanted.len() || due.len() > CLAIM_WAVE;
-        self.next_wave = due.len() > CLAIM_WAVE;
+        let more_waves = due.len() > CLAIM_WAVE;
         let due = &due[..due.len().min(CLAIM_WAVE)];
         if due.is_empty() {
             return Ok(0);
@@ -173,6 +173,9 @@ impl Loop {
             }
         }
         self.flush_releases();
+        // Only a wave that started something chains the next at once: refused claims (rows
+        // locked, an owner within its grace) wait for the next wake, not a tight loop.
+        self.next_wave = more_waves && started > 0;
         Ok(started)
     }
 

@@ -58,6 +58,8 @@ mod replay;
 mod replicas;
 /// Every fault kind once against three replicas on private servers, with the soak's goals.
 mod soak;
+/// Tenants started together: claim waves do not spin on refused claims; the gate keeps the fence.
+mod start_gate;
 /// A replica starting beside running ones reads the catalog and locks nothing they write.
 mod startup;
 /// The harness: the app in-process or as children, proxies, logs, vhosts, deadline waits.
