@@ -321,8 +321,23 @@ fn consume(
         relay.stop(Instant::now() + ctx.connect_timeout);
         let _ = relay_channel.close();
         drop(queue);
-        channel.close()?;
-        return Ok(end);
+        let closed = channel.close();
+        return match end {
+            // As after a drain: a failed close is never mistaken for a lost connection, which
+            // would reconnect a thread its manager already counts as stopping.
+            ChannelEnd::Stopped => {
+                if let Err(e) = closed {
+                    warn!(tenant_id:% = id; "closing the channel failed: {e:#}");
+                }
+                info!(tenant_id:% = id; "consumer stopped before it consumed");
+                Ok(ChannelEnd::Stopped)
+            }
+            ChannelEnd::Resized(n) => {
+                info!(tenant_id:% = id; "concurrency changed {} -> {n} before it consumed", spec.workers);
+                spec.workers = n;
+                closed.map(|()| ChannelEnd::Resized(n)).map_err(Into::into)
+            }
+        };
     }
     let consumer = queue.consume(ConsumerOptions::default())?;
     queues.started = true;
