@@ -7,11 +7,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use amiquip::{Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions, Delivery, Queue};
-use anyhow::{anyhow, bail, Context, Result};
-use crossbeam_channel::{
-    never, select, unbounded, Receiver, RecvTimeoutError, Sender, TryRecvError,
-};
+use amiquip::{Channel, Connection, ConsumerOptions, Queue};
+use anyhow::{Context, Result};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
 
 use crate::backoff::Backoff;
@@ -20,14 +18,16 @@ use crate::health::Health;
 use crate::ids::TenantId;
 use crate::inflight::{Book, InFlight};
 use crate::metrics::Metrics;
-use crate::pool::{BatchDone, WorkerPool};
+use crate::pool::WorkerPool;
 use crate::relay::Relay;
 use crate::stats::TenantStats;
 use crate::store::dead_letters::Ledger;
 
 mod drain;
+mod event_loop;
 mod start_gate;
 use drain::drain;
+use event_loop::{event_loop, Session};
 use start_gate::Opening;
 pub use start_gate::{StartGate, MAX_WAIT as START_GATE_MAX_WAIT};
 
@@ -429,89 +429,4 @@ fn running(ctx: &ConsumerContext, id: TenantId, workers: u16) {
         tenant: id,
         workers,
     });
-}
-
-/// What the event loop listens to.
-struct Session<'a> {
-    channel: &'a Channel,
-    consumer: &'a Consumer<'a>,
-    replies: &'a Receiver<BatchDone>,
-    control: &'a Receiver<Control>,
-}
-
-/// Runs until told to stop or to resize, or until the broker session fails.
-///
-/// The thread wakes once per burst, not per delivery: it takes every delivery already waiting
-/// before it decides what goes to the pool, and while every worker slot of the tenant is busy
-/// (or the database is failing) it does not listen for deliveries at all — they accumulate in
-/// the consumer's channel, bounded by the prefetch, and are taken together when a batch is done.
-/// So a busy tenant sleeps between batches and sends full ones; a quiet one still sends each
-/// message at once.
-fn event_loop(
-    ctx: &ConsumerContext,
-    session: &Session,
-    flight: &mut InFlight,
-    relay: &mut Relay,
-) -> Result<Leave> {
-    let Session {
-        channel,
-        consumer,
-        replies,
-        control,
-    } = *session;
-    loop {
-        take_waiting(consumer, flight)?;
-        flight.dispatch(&ctx.pool);
-        let deliveries = match flight.can_dispatch() {
-            true => consumer.receiver().clone(),
-            false => never(),
-        };
-        let retry = flight.retry_timer();
-        let relay_due = relay.timer();
-        select! {
-            recv(deliveries) -> message => flight.accept([delivery_of(message)?]),
-            recv(replies) -> done => {
-                let done = done.context("worker replies closed")?;
-                flight.complete(channel, done, replies.try_iter())?;
-            }
-            recv(control) -> command => match command {
-                Ok(Control::Resize(n)) if usize::from(n) != flight.workers() => {
-                    return Ok(Leave::Resize(n));
-                }
-                Ok(Control::Resize(n)) => running(ctx, flight.tenant(), n),
-                Ok(Control::Stop { deadline }) => return Ok(Leave::Stop(deadline)),
-                Err(_) => return Ok(Leave::Stop(Instant::now())),
-            },
-            recv(retry) -> _ => flight.retry_due(),
-            recv(relay.deliveries()) -> message => relay.hold(message)?,
-            recv(relay_due) -> _ => relay.release()?,
-        }
-    }
-}
-
-/// Takes every delivery already in the consumer's channel.
-fn take_waiting(consumer: &Consumer, flight: &mut InFlight) -> Result<()> {
-    let mut burst = Vec::new();
-    let result = loop {
-        match consumer.receiver().try_recv() {
-            Ok(message) => match delivery_of(Ok(message)) {
-                Ok(delivery) => burst.push(delivery),
-                Err(e) => break Err(e),
-            },
-            Err(TryRecvError::Empty) => break Ok(()),
-            Err(TryRecvError::Disconnected) => {
-                break Err(anyhow!("consumer ended: its channel closed"))
-            }
-        }
-    };
-    flight.accept(burst);
-    result
-}
-
-fn delivery_of(message: Result<ConsumerMessage, crossbeam_channel::RecvError>) -> Result<Delivery> {
-    match message {
-        Ok(ConsumerMessage::Delivery(delivery)) => Ok(delivery),
-        Ok(other) => bail!("consumer ended: {other:?}"),
-        Err(_) => bail!("consumer ended: its channel closed"),
-    }
 }
