@@ -317,27 +317,11 @@ fn consume(
     // Not past the fence: a thread held at the gate consumes no later than the fence allows.
     let fence = ctx.fence.at().saturating_duration_since(Instant::now());
     opening.ready(start_gate::MAX_WAIT.min(fence));
-    if let Some(end) = told_before_consuming(ctx, control) {
+    if let Some(end) = told_before_consuming(ctx, control, spec.workers) {
         relay.stop(Instant::now() + ctx.connect_timeout);
         let _ = relay_channel.close();
         drop(queue);
-        let closed = channel.close();
-        return match end {
-            // As after a drain: a failed close is never mistaken for a lost connection, which
-            // would reconnect a thread its manager already counts as stopping.
-            ChannelEnd::Stopped => {
-                if let Err(e) = closed {
-                    warn!(tenant_id:% = id; "closing the channel failed: {e:#}");
-                }
-                info!(tenant_id:% = id; "consumer stopped before it consumed");
-                Ok(ChannelEnd::Stopped)
-            }
-            ChannelEnd::Resized(n) => {
-                info!(tenant_id:% = id; "concurrency changed {} -> {n} before it consumed", spec.workers);
-                spec.workers = n;
-                closed.map(|()| ChannelEnd::Resized(n)).map_err(Into::into)
-            }
-        };
+        return close_unconsumed(channel, spec, end);
     }
     let consumer = queue.consume(ConsumerOptions::default())?;
     queues.started = true;
@@ -400,7 +384,11 @@ fn consume(
 /// What the thread was told while its session opened, or waited at the start gate: a stop
 /// (also the fence's, which has fired when no heartbeat came for F/2: the thread waits for its
 /// stop, or for a heartbeat, rather than consume), or a new concurrency to open with.
-fn told_before_consuming(ctx: &ConsumerContext, control: &Receiver<Control>) -> Option<ChannelEnd> {
+fn told_before_consuming(
+    ctx: &ConsumerContext,
+    control: &Receiver<Control>,
+    workers: u16,
+) -> Option<ChannelEnd> {
     loop {
         let fenced = ctx.fence.at() <= Instant::now();
         let wait = if fenced { FENCE_POLL } else { Duration::ZERO };
@@ -408,9 +396,37 @@ fn told_before_consuming(ctx: &ConsumerContext, control: &Receiver<Control>) -> 
             Ok(Control::Stop { .. }) | Err(RecvTimeoutError::Disconnected) => {
                 return Some(ChannelEnd::Stopped)
             }
-            Ok(Control::Resize(n)) => return Some(ChannelEnd::Resized(n)),
-            Err(RecvTimeoutError::Timeout) if fenced => continue,
+            Ok(Control::Resize(n)) if n != workers => return Some(ChannelEnd::Resized(n)),
+            // The same concurrency: the consumer about to start reports it.
+            Ok(Control::Resize(_)) => {}
+            Err(RecvTimeoutError::Timeout) if fenced => {}
             Err(RecvTimeoutError::Timeout) => return None,
+        }
+    }
+}
+
+/// Closes the channel of a session told to stop or resize before it consumed. As after a
+/// drain, a failed close never turns a stop into a lost connection (which would reconnect a
+/// thread its manager counts as stopping); a resize is kept whatever the close does.
+fn close_unconsumed(
+    channel: Channel,
+    spec: &mut TenantSpec,
+    end: ChannelEnd,
+) -> Result<ChannelEnd> {
+    let id = spec.id;
+    let closed = channel.close();
+    match end {
+        ChannelEnd::Stopped => {
+            if let Err(e) = closed {
+                warn!(tenant_id:% = id; "closing the channel failed: {e:#}");
+            }
+            info!(tenant_id:% = id; "consumer stopped before it consumed");
+            Ok(ChannelEnd::Stopped)
+        }
+        ChannelEnd::Resized(n) => {
+            info!(tenant_id:% = id; "concurrency changed {} -> {n} before it consumed", spec.workers);
+            spec.workers = n;
+            Ok(closed.map(|()| ChannelEnd::Resized(n))?)
         }
     }
 }

@@ -126,6 +126,19 @@ fn a_consumer_ready_before_the_fence_does_not_start_consuming_after_it() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The fence's stop reached both before they consumed.
+    let stopped = || {
+        tenants.iter().all(|t| {
+            since_here()
+                .iter()
+                .any(|l| l.contains("consumer stopped before it consumed") && l.contains(t))
+        })
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "both threads to stop unconsumed",
+        stopped,
+    );
     lock.rollback().unwrap();
     assert_eq!(started, 0);
 }
