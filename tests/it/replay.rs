@@ -196,13 +196,27 @@ fn a_replay_killed_midway_loses_no_letter_and_stores_none_twice() {
     // dead, none stored twice.
     let third = Tenantd::start(&env(1024 * 1024, rabbitmq_url()));
     let mut pg = db.client();
+    // Judged once the copies that reached the tenant's queue are all taken and settled: the
+    // letters whose replay was cut are all in the DLQ from the start, before any is stored.
+    let settled = |amqp: &mut Amqp| {
+        let counts = third
+            .request("GET", &format!("/api/tenants/{tenant}"), None)
+            .json()["counts"]
+            .clone();
+        let n = |k: &str| counts[k].as_u64().unwrap_or(0);
+        let queue = amqp
+            .queue_stats(&queue_name(&tenant))
+            .expect("the queue exists")
+            .0;
+        queue == 0 && n("consumed") > 0 && n("consumed") == n("stored") + n("duplicates")
+    };
     wait_until(
         Duration::from_secs(120),
         "every letter stored or dead",
         || {
             let mut seen = stored_ns(&mut pg, &tenant);
             seen.extend(letter_ns(&peek_all(&third.base, &tenant)));
-            seen == all
+            seen == all && settled(&mut amqp)
         },
     );
     let (rows, distinct) = stored(&mut pg, &tenant);
