@@ -25,6 +25,8 @@ pub struct Drain {
     pub threads: BTreeMap<String, Duration>,
     pub wall: Duration,
     pub peak_rss_mb: f64,
+    /// When the last of the backlog's rows was stored (Unix time, µs).
+    pub last_row_us: i64,
 }
 
 pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
@@ -298,7 +300,10 @@ pub fn timed_drain(stack: &Stack, backlog: &Backlog) -> Drain {
         procstat::thread_kinds_since(procstat::cpu_by_thread_kind(stack.pid()), &threads_before);
     let wall = wall.elapsed();
     let last: DateTime<Utc> = pg
-        .query_one("SELECT max(created_at) FROM messages", &[])
+        .query_one(
+            "SELECT max(created_at) FROM messages WHERE tenant_id::text = ANY($1)",
+            &[&backlog.tenants],
+        )
         .unwrap()
         .get(0);
     set_status_all(stack, &backlog.tenants, "inactive");
@@ -311,6 +316,7 @@ pub fn timed_drain(stack: &Stack, backlog: &Backlog) -> Drain {
         threads,
         wall,
         peak_rss_mb: peak.stop(),
+        last_row_us: last.timestamp_micros(),
     }
 }
 

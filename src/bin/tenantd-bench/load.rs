@@ -41,7 +41,7 @@ pub fn body_sent(seq: u64, sent_us: i64) -> Vec<u8> {
     .into_bytes()
 }
 
-fn now_us() -> i64 {
+pub fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
@@ -175,6 +175,11 @@ fn drain_one(url: &str, queue: &str, count: u64, prefetch: u16, acks: Acks) {
 /// Publishes `{"seq": n, "sent_us": …, ...}` to `queue` at `rate` per second for `seconds`;
 /// returns how many it published.
 pub fn publish_at_rate(url: &str, queue: &str, rate: u64, seconds: u64) -> u64 {
+    publish_at_rate_to(url, &[queue], rate, seconds)
+}
+
+/// The same, each message published to every one of `queues` (the same body, at once).
+pub fn publish_at_rate_to(url: &str, queues: &[&str], rate: u64, seconds: u64) -> u64 {
     let mut connection = connect(url);
     let channel = connection.open_channel(None).unwrap();
     let total = rate * seconds;
@@ -186,13 +191,48 @@ pub fn publish_at_rate(url: &str, queue: &str, rate: u64, seconds: u64) -> u64 {
         }
         let props = AmqpProperties::default().with_message_id(Uuid::now_v7().to_string());
         let body = body_sent(seq, now_us());
-        channel
-            .basic_publish("", Publish::with_properties(&body, queue, props))
-            .unwrap();
+        for queue in queues {
+            let publish = Publish::with_properties(&body, *queue, props.clone());
+            channel.basic_publish("", publish).unwrap();
+        }
     }
     let _ = channel.close();
     let _ = connection.close();
     total
+}
+
+/// A plain consumer on `queue` (no work, auto-ack) that, once it consumes, says so on `ready`,
+/// and returns each message's publish time (Unix µs) and publish → received (ms) once `count`
+/// arrived.
+pub fn receive_latencies(
+    url: &str,
+    queue: &str,
+    count: u64,
+    ready: std::sync::mpsc::Sender<()>,
+) -> Vec<(i64, f64)> {
+    let mut connection = connect(url);
+    let channel = connection.open_channel(None).unwrap();
+    let options = ConsumerOptions {
+        no_ack: true,
+        ..ConsumerOptions::default()
+    };
+    let consumer = channel.basic_consume(queue, options).unwrap();
+    let _ = ready.send(());
+    let mut latencies = Vec::with_capacity(count as usize);
+    while (latencies.len() as u64) < count {
+        let delivery = match consumer.receiver().recv().unwrap() {
+            ConsumerMessage::Delivery(d) => d,
+            other => panic!("the probe's consumer ended: {other:?}"),
+        };
+        let received = now_us();
+        let body: serde_json::Value = serde_json::from_slice(&delivery.body).unwrap();
+        let sent = body["sent_us"].as_i64().expect("a published time");
+        latencies.push((sent, (received - sent) as f64 / 1e3));
+    }
+    drop(consumer);
+    let _ = channel.close();
+    let _ = connection.close();
+    latencies
 }
 
 /// Publishes to every queue `per_queue_rate` messages a second (with ids and publish times)

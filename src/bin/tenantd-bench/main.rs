@@ -3,12 +3,14 @@
 //! PostgreSQL and RabbitMQ running and the release build of tenantd beside it:
 //! `cargo build --release && target/release/tenantd-bench`.
 
+mod burn;
 mod edge;
 mod fairness;
 mod ingest;
 mod latency;
 mod load;
 mod procstat;
+mod quiet;
 mod replicas;
 mod soak;
 mod stack;
@@ -139,6 +141,12 @@ impl Report {
 }
 
 fn main() {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, duty] = &raw[..] {
+        if flag == burn::FLAG {
+            burn::run(duty.parse().unwrap_or_else(|_| usage()));
+        }
+    }
     let args = Args::parse();
     load::set_payload_bytes(args.payload_bytes as usize);
     let pg = std::env::var("BENCH_PG")
