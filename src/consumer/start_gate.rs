@@ -6,22 +6,42 @@
 //! their AMQP handshakes, each a few round trips through a broker busy delivering: at 1,000
 //! tenants with backlogs the last handshakes took 5–25 s (some timing out and backing off). A
 //! thread counts as opening from before its connect until it is ready to consume (or its
-//! attempt failed); one that is ready waits while others are opening, at most `MAX_WAIT`. A lone
-//! start (a tenant created over HTTP) finds nobody opening and consumes at once.
+//! attempt failed). One that is ready waits while others are opening and still getting ready,
+//! one after another: it stops waiting when none is left opening, when none got ready for
+//! the stall (those left are stuck: a broker address that does not answer, connects refused), or
+//! after `MAX_WAIT`. A lone start (a tenant created over HTTP) finds nobody opening and consumes
+//! at once.
 
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-/// The longest a ready consumer waits for the others: 1,000 consumers open in about a second
-/// on an idle broker, and a thread stuck connecting (a broker that does not answer) holds the
-/// others back no longer than this.
-pub const MAX_WAIT: Duration = Duration::from_secs(3);
+/// The longest a ready consumer waits for the others, however steadily they get ready: 1,000
+/// consumers open in 1–4 s on a broker not yet delivering, on two cores.
+pub const MAX_WAIT: Duration = Duration::from_secs(8);
 
-#[derive(Default)]
+/// Once no other thread got ready for this long, those still opening are taken to be stuck and
+/// a ready thread waits for them no more. Sessions getting ready together complete every few
+/// milliseconds; a connect that is not answered takes `CONNECT_TIMEOUT_MS` to fail.
+pub const STALL: Duration = Duration::from_secs(1);
+
 pub struct StartGate {
-    opening: Mutex<usize>,
+    state: Mutex<State>,
     none_opening: Condvar,
+    stall: Duration,
+}
+
+struct State {
+    /// Threads opening a session now.
+    opening: usize,
+    /// When a thread last got ready to consume.
+    last_ready: Instant,
+}
+
+impl Default for StartGate {
+    fn default() -> StartGate {
+        StartGate::new(STALL)
+    }
 }
 
 /// One thread's opening, counted until it is ready or dropped.
@@ -32,9 +52,20 @@ pub struct Opening<'a> {
 }
 
 impl StartGate {
+    fn new(stall: Duration) -> StartGate {
+        StartGate {
+            state: Mutex::new(State {
+                opening: 0,
+                last_ready: Instant::now(),
+            }),
+            none_opening: Condvar::new(),
+            stall,
+        }
+    }
+
     /// Counts the calling thread as opening a session.
     pub fn opening(&self) -> Opening<'_> {
-        *self.opening.lock() += 1;
+        self.state.lock().opening += 1;
         Opening {
             gate: self,
             counted: true,
@@ -42,36 +73,40 @@ impl StartGate {
         }
     }
 
-    fn leave(&self) {
-        let mut opening = self.opening.lock();
-        *opening -= 1;
-        if *opening == 0 {
+    /// One thread is no longer opening: it is ready to consume, or its attempt failed.
+    fn leave(&self, ready: bool) {
+        let mut state = self.state.lock();
+        state.opening -= 1;
+        if ready {
+            state.last_ready = Instant::now();
+        }
+        if state.opening == 0 {
             self.none_opening.notify_all();
         }
     }
 }
 
 impl Opening<'_> {
-    /// The thread is ready to consume: waits until no other thread is opening, or `max_wait`.
-    /// Only the first call waits; later ones (a new channel after a resize) pass.
+    /// The thread is ready to consume: waits while others are opening and getting ready (see
+    /// the module's notes), at most `max_wait`. Only the first call waits; later ones (a new
+    /// channel after a resize) pass.
     pub fn ready(&mut self, max_wait: Duration) {
         if !std::mem::take(&mut self.counted) {
             return;
         }
-        self.gate.leave();
+        self.gate.leave(true);
         let now = Instant::now();
         log::debug!("session opened in {:?}", now - self.since);
         let deadline = now + max_wait;
-        let mut opening = self.gate.opening.lock();
-        while *opening > 0 {
-            if self
-                .gate
-                .none_opening
-                .wait_until(&mut opening, deadline)
-                .timed_out()
-            {
+        let mut state = self.gate.state.lock();
+        while state.opening > 0 {
+            // Woken when none is left opening, or when the others would have stalled: then
+            // whether one got ready meanwhile decides.
+            let until = deadline.min(state.last_ready + self.gate.stall);
+            if Instant::now() >= until {
                 return;
             }
+            self.gate.none_opening.wait_until(&mut state, until);
         }
     }
 }
@@ -79,7 +114,7 @@ impl Opening<'_> {
 impl Drop for Opening<'_> {
     fn drop(&mut self) {
         if self.counted {
-            self.gate.leave();
+            self.gate.leave(false);
         }
     }
 }
@@ -124,6 +159,39 @@ mod tests {
         gate.opening().ready(Duration::from_millis(100));
         let waited = started.elapsed();
         assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+    }
+
+    #[test]
+    fn a_ready_thread_waits_while_the_others_keep_getting_ready() {
+        let gate = StartGate::new(Duration::from_millis(500));
+        let mut waiting = gate.opening();
+        let mut others: Vec<Opening> = (0..8).map(|_| gate.opening()).collect();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(move || {
+                waiting.ready(Duration::from_secs(30));
+                Instant::now()
+            });
+            // One more gets ready every 100 ms: 800 ms in all, longer than the stall.
+            let mut last = Instant::now();
+            while let Some(mut next) = others.pop() {
+                std::thread::sleep(Duration::from_millis(100));
+                assert!(!waiter.is_finished(), "passed while the others got ready");
+                last = Instant::now();
+                next.ready(Duration::ZERO);
+            }
+            assert!(waiter.join().unwrap() >= last);
+        });
+    }
+
+    #[test]
+    fn a_ready_thread_stops_waiting_once_the_others_stall() {
+        let gate = StartGate::new(Duration::from_millis(300));
+        let _stuck = gate.opening();
+        let started = Instant::now();
+        gate.opening().ready(Duration::from_secs(30));
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
         assert!(waited < Duration::from_secs(5), "{waited:?}");
     }
 
