@@ -197,12 +197,69 @@ mod tests {
 
     #[test]
     fn only_the_first_ready_waits() {
-        let gate = StartGate::default();
+        // A stall longer than the assertions: only the second call's own behaviour can pass it.
+        let gate = StartGate::new(Duration::from_secs(30));
         let _stuck = gate.opening();
         let mut opening = gate.opening();
         opening.ready(Duration::from_millis(10));
         let started = Instant::now();
         opening.ready(Duration::from_secs(30));
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_bound_ends_the_wait_before_the_stall() {
+        // `max_wait` is what keeps a held thread within the fence: it must end the wait on its
+        // own, not the stall.
+        let gate = StartGate::new(Duration::from_secs(30));
+        let _stuck = gate.opening();
+        let started = Instant::now();
+        gate.opening().ready(Duration::from_millis(100));
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(waited < Duration::from_secs(1), "{waited:?}");
+    }
+
+    #[test]
+    fn a_failed_attempt_is_not_progress() {
+        // One stuck, another failing every 50 ms for 2 s: the waiter leaves after the stall.
+        let gate = StartGate::new(Duration::from_millis(300));
+        let _stuck = gate.opening();
+        let mut waiting = gate.opening();
+        std::thread::scope(|s| {
+            let started = Instant::now();
+            let waiter = s.spawn(move || {
+                waiting.ready(Duration::from_secs(30));
+                started.elapsed()
+            });
+            while started.elapsed() < Duration::from_secs(2) {
+                drop(gate.opening()); // a connect refused
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let waited = waiter.join().unwrap();
+            assert!(waited < Duration::from_millis(1500), "{waited:?}");
+        });
+    }
+
+    #[test]
+    fn the_last_opening_failing_releases_the_waiter_at_once() {
+        let gate = StartGate::new(Duration::from_secs(30));
+        let (mut waiting, other) = (gate.opening(), gate.opening());
+        std::thread::scope(|s| {
+            let waiter = s.spawn(move || {
+                waiting.ready(Duration::from_secs(30));
+                Instant::now()
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!waiter.is_finished(), "passed while one was opening");
+            let failed = Instant::now();
+            drop(other);
+            let left = waiter.join().unwrap();
+            assert!(
+                left - failed < Duration::from_secs(1),
+                "{:?}",
+                left - failed
+            );
+        });
     }
 }

@@ -80,7 +80,7 @@ fn a_consumer_ready_before_the_fence_does_not_start_consuming_after_it() {
     let proxy = Proxy::start(&amqp_host_port());
     let url = format!("{},{}", amqp_url_via(proxy.port()), rabbitmq_url());
     let app = TestApp::spawn_with(|c| {
-        c.failover_timeout = Duration::from_secs(4);
+        c.failover_timeout = Duration::from_secs(2); // fence at F/2 = 1 s: before the gate's stall ends
         c.rabbitmq_url = url;
     });
     let replica = app.config.replica_id.clone();
