@@ -10,7 +10,7 @@
 //! one after another: it stops waiting when none is left opening, when none got ready for
 //! the stall (those left are stuck: a broker address that does not answer, connects refused), or
 //! after `MAX_WAIT`. A lone start (a tenant created over HTTP) finds nobody opening and consumes
-//! at once.
+//! at once; beside threads stuck opening, it waits the stall.
 
 use std::time::{Duration, Instant};
 

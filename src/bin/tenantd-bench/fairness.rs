@@ -30,8 +30,9 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
         &idle.all(),
     );
 
-    // Rounds of (bare flood, tenantd flood), so that a slower minute of the host falls on both
-    // sides; each side's samples are pooled over the rounds.
+    // Rounds of (tenantd's flood, the bare flood, the bare flood beside storing's CPU), so that
+    // a slower minute of the host falls on every side; each side's samples are pooled over the
+    // rounds.
     let mut bare = Pooled::default();
     let mut tenantd = Pooled::default();
     let mut loaded = Pooled::default();
@@ -203,11 +204,16 @@ impl Stage {
     }
 
     fn probe_p99(&self) -> f64 {
+        percentile(&self.probe_during(), 0.99)
+    }
+
+    /// The probe's latencies of the messages published while the flood lasted.
+    fn probe_during(&self) -> Vec<f64> {
         let during = self
             .probe
             .iter()
             .filter(|(sent, _)| *sent < self.flood_end_us);
-        percentile(&during.map(|(_, l)| *l).collect::<Vec<_>>(), 0.99)
+        during.map(|(_, latency)| *latency).collect()
     }
 }
 
@@ -227,12 +233,7 @@ impl Pooled {
     fn add(&mut self, stage: Stage) {
         self.quiet.extend(stage.quiet.during(stage.flood_end_us));
         self.quiet_all.extend(stage.quiet.all());
-        let during = stage
-            .probe
-            .iter()
-            .filter(|(sent, _)| *sent < stage.flood_end_us);
-        self.probe.extend(during.map(|(_, latency)| latency));
-
+        self.probe.extend(stage.probe_during());
         self.rates.push(stage.flood_msgs_per_s);
         self.pool_wait_s += stage.quiet.pool_wait_s;
     }
