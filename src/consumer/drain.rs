@@ -83,11 +83,15 @@ pub(super) fn drain(
             }
             // Deliveries that raced the cancel stay unacked and go back to the queue.
             Woke::Delivery { raced_the_cancel } => cancelled |= !raced_the_cancel,
-            Woke::Control(Ok(Control::Resize(n))) => {
-                if let Leave::Resize(_) = leave {
-                    *leave = Leave::Resize(n);
-                }
-            }
+            Woke::Control(Ok(Control::Resize(n))) => match leave {
+                Leave::Resize(workers)
+                | Leave::Failed {
+                    resize: Some(workers),
+                    ..
+                } => *workers = n,
+                Leave::Failed { resize, .. } => *resize = Some(n),
+                Leave::Stop(_) => {}
+            },
             Woke::Control(command) => {
                 let stop_by = match command {
                     Ok(Control::Stop { deadline }) => deadline,

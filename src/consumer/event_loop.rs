@@ -20,7 +20,9 @@ pub(super) struct Session<'a> {
     pub control: &'a Receiver<Control>,
 }
 
-/// Runs until told to stop or to resize, or until the broker session fails.
+/// Runs until told to stop or to resize, or until the broker session fails. A failure of the
+/// relay (its own channel) leaves through the drain: the consumer's channel still acks what the
+/// pool commits, so nothing stored is delivered again.
 ///
 /// The thread wakes once per burst, not per delivery: it takes every delivery already waiting
 /// before it decides what goes to the pool, and while every worker slot of the tenant is busy
@@ -43,12 +45,16 @@ pub(super) fn event_loop(
     loop {
         take_waiting(consumer, flight)?;
         flight.dispatch(&ctx.pool);
+        if let Err(e) = relay.consume_due(flight.in_pool() > 0) {
+            return Ok(Leave::failed(e));
+        }
         let deliveries = match flight.can_dispatch() {
             true => consumer.receiver().clone(),
             false => never(),
         };
         let retry = flight.retry_timer();
         let relay_due = relay.timer();
+        let relay_consume = relay.consume_timer();
         select! {
             recv(deliveries) -> message => flight.accept([delivery_of(message)?]),
             recv(replies) -> done => {
@@ -64,8 +70,13 @@ pub(super) fn event_loop(
                 Err(_) => return Ok(Leave::Stop(Instant::now())),
             },
             recv(retry) -> _ => flight.retry_due(),
-            recv(relay.deliveries()) -> message => relay.hold(message)?,
-            recv(relay_due) -> _ => relay.release()?,
+            recv(relay.deliveries()) -> message => if let Err(e) = relay.hold(message) {
+                return Ok(Leave::failed(e));
+            },
+            recv(relay_due) -> _ => if let Err(e) = relay.release() {
+                return Ok(Leave::failed(e));
+            },
+            recv(relay_consume) -> _ => {}
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use amiquip::{Channel, Connection, ConsumerOptions, Queue};
+use amiquip::{Channel, Connection, Consumer, ConsumerOptions};
 use anyhow::{Context, Result};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
@@ -159,11 +159,26 @@ enum ChannelEnd {
 enum Leave {
     Stop(Instant),
     Resize(u16),
+    /// The relay failed: the consumer drains, then the session fails with `error` (and the
+    /// next one opens at `resize`, when one came meanwhile).
+    Failed {
+        error: anyhow::Error,
+        resize: Option<u16>,
+    },
+}
+
+impl Leave {
+    fn failed(error: anyhow::Error) -> Leave {
+        Leave::Failed {
+            error,
+            resize: None,
+        }
+    }
 }
 
 /// What the thread knows of its tenant's queues. The API declares them when it creates the
-/// tenant, so a session only looks the main queue up; they are declared from here only when one
-/// was found missing — never the main queue of a tenant that may be gone (see `open_queue`).
+/// tenant, so a session only consumes the main queue; they are declared from here only when one
+/// was found missing — never the main queue of a tenant that may be gone (see `consume_queue`).
 #[derive(Default)]
 struct Queues {
     /// A session of this thread has consumed.
@@ -265,34 +280,33 @@ fn run_session(
     result
 }
 
-/// The tenant's queue, looked up. When a queue was found missing the queues are declared
-/// first — before the lookup on the thread's first sessions (the coordinator just claimed the
-/// tenant, so it exists), after it on later ones (the main queue must still be there: a thread
-/// that outlives its tenant never brings a deleted tenant's queues back).
-fn open_queue<'c>(
+/// Consumes the tenant's queue by name: a queue that is not there closes the channel (404),
+/// which is the lookup. When a queue was found missing the queues are declared first — before
+/// the consume on the thread's first sessions (the coordinator just claimed the tenant, so it
+/// exists), after it on later ones (the main queue must still be there: a thread that outlives
+/// its tenant never brings a deleted tenant's queues back).
+fn consume_queue<'c>(
     ctx: &ConsumerContext,
     connection: &mut Connection,
     channel: &'c Channel,
     id: TenantId,
     queues: &mut Queues,
-) -> Result<Queue<'c>> {
-    if queues.declare && !queues.started {
-        broker::declare_tenant_queues(connection, id, ctx.queue_type)?;
-    }
-    let queue = channel
-        .queue_declare_passive(id.queue_name())
+) -> Result<Consumer<'c>> {
+    let consumer = channel
+        .basic_consume(id.queue_name(), ConsumerOptions::default())
         .map_err(|e| {
             let e = anyhow::Error::from(e);
             match broker::is_not_found(&e) {
                 true => e.context(MainQueueMissing(id.queue_name())),
-                false => e.context(format!("looking up queue {}", id.queue_name())),
+                false => e.context(format!("consuming queue {}", id.queue_name())),
             }
         })?;
     if queues.declare && queues.started {
         broker::declare_tenant_queues(connection, id, ctx.queue_type)?;
     }
     queues.declare = false;
-    Ok(queue)
+    queues.started = true;
+    Ok(consumer)
 }
 
 fn consume(
@@ -310,21 +324,25 @@ fn consume(
     channel.qos(0, ctx.prefetch(spec.workers), false)?;
     // Retries and dead letters are published here and acked only once the broker confirms them.
     let publisher = Publisher::enable(&channel, ctx.connect_timeout)?;
-    let queue = open_queue(ctx, connection, &channel, id, queues)?;
+    if queues.declare && !queues.started {
+        broker::declare_tenant_queues(connection, id, ctx.queue_type)?;
+    }
     let relay_channel = connection.open_channel(None)?;
     let longest = ctx.retry_delays.iter().max().copied().unwrap_or_default();
-    let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout, longest)?;
+    let mut relay = Relay::open(&relay_channel, id, ctx.connect_timeout, longest)?;
     // Not past the fence: a thread held at the gate consumes no later than the fence allows.
+    // After the gate the broker pushes every consumer's prefetch window at once and any call
+    // waits behind them, so the consume is the only call left for then: the queue is looked
+    // up by consuming it, and the relay consumes once the first batch is in the pool.
     let fence = ctx.fence.at().saturating_duration_since(Instant::now());
     opening.ready(start_gate::MAX_WAIT.min(fence));
     if let Some(end) = told_before_consuming(ctx, control, spec.workers) {
         relay.stop(Instant::now() + ctx.connect_timeout);
         let _ = relay_channel.close();
-        drop(queue);
         return close_unconsumed(channel, spec, end);
     }
-    let consumer = queue.consume(ConsumerOptions::default())?;
-    queues.started = true;
+    let consumer = consume_queue(ctx, connection, &channel, id, queues)?;
+    relay.arm();
     info!(
         tenant_id:% = id;
         "consumer started consumer_tag={} prefetch={}",
@@ -351,7 +369,7 @@ fn consume(
     let mut leave = event_loop(ctx, &session, &mut flight, &mut relay)?;
     let mut deadline = match leave {
         Leave::Stop(deadline) => deadline,
-        Leave::Resize(_) => Instant::now() + ctx.drain_timeout,
+        Leave::Resize(_) | Leave::Failed { .. } => Instant::now() + ctx.drain_timeout,
     };
     // What is committed is acked before the channel closes; what is not goes back to the
     // queue and comes again. The relay's copy, if it holds one, goes back to the retry queue.
@@ -360,7 +378,6 @@ fn consume(
     relay.stop(deadline);
     let _ = relay_channel.close();
     drop(consumer);
-    drop(queue);
     let closed = drained.and_then(|()| Ok(channel.close()?));
     match leave {
         Leave::Resize(n) => {
@@ -377,6 +394,10 @@ fn consume(
             }
             info!(tenant_id:% = id; "consumer stopped");
             Ok(ChannelEnd::Stopped)
+        }
+        Leave::Failed { error, resize } => {
+            spec.workers = resize.unwrap_or(spec.workers);
+            Err(error)
         }
     }
 }

@@ -11,6 +11,9 @@
 //! the stall (those left are stuck: a broker address that does not answer, connects refused), or
 //! after `MAX_WAIT`. A lone start (a tenant created over HTTP) finds nobody opening and consumes
 //! at once; beside threads stuck opening, it waits the stall.
+//!
+//! Ready means every call to the broker but the consume is made: once the gate opens, each
+//! consume makes its queue push a prefetch window, and any later call waits behind them all.
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,8 @@
 //! How long until the last consumer runs (and tenantd's CPU by then), the ingest of the whole
 //! backlog against the broker's own drain of the same messages from 10 queues, tenantd's CPU
 //! per message with the start included, and the bare amiquip floor for opening as many
-//! consumers (connect, channel, qos, consume) on this machine.
+//! consumers (connect, channel, qos, consume) on this machine: on empty queues, and on the
+//! preloaded ones with every consume held until all sessions are open, as tenantd's gate does.
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,19 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
     };
     stack.stop();
     backlog.preload(stack);
+    // The same opening against the backlog, before tenantd: each consume makes its queue push a
+    // prefetch window at once; closing gives the windows back to the queues.
+    let (loaded, _, consumes) = bare_consumers(&stack.amqp_url, &backlog.queues, true);
+    report.add(
+        "bare_gated_open_loaded_s",
+        loaded.as_secs_f64(),
+        "s, sessions opened, then all consume together, on the preloaded queues",
+    );
+    report.add(
+        "bare_gated_consumes_loaded_s",
+        consumes.as_secs_f64(),
+        "s of it from the gate to the last consume-ok (each consume pushes a window)",
+    );
 
     let mut pg = stack.pg();
     let target = stack.rows(&mut pg) + backlog.total as i64;
@@ -77,6 +91,10 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
     report.add("start_ingest_msgs_per_s", ingest_rate.round(), "msg/s");
     let us = cpu.as_secs_f64() * 1e6 / backlog.total as f64;
     report.add("start_tenantd_cpu_us_per_msg", us, "µs (goal <= 10)");
+    eprintln!(
+        "  stored by second since the start: {}",
+        stored_by_second(&mut pg, started_db)
+    );
     stack.stop();
 
     // The broker's own drain of the same messages from 10 queues, at tenantd's prefetch.
@@ -115,9 +133,21 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
     );
     ten.stop();
 
-    let (wall, cpu) = bare_consumers(&stack.amqp_url, &backlog.queues);
+    let (wall, cpu, _) = bare_consumers(&stack.amqp_url, &backlog.queues, false);
     report.add("bare_open_consumers_s", wall.as_secs_f64(), "s");
     report.add("bare_open_consumers_cpu_s", cpu.as_secs_f64(), "s of CPU");
+}
+
+/// The rows stored in each second since `start`, as "0:n0 1:n1 …": how the ingest ramps up.
+fn stored_by_second(pg: &mut postgres::Client, start: DateTime<Utc>) -> String {
+    let sql = "SELECT floor(extract(epoch FROM created_at - $1))::int8 AS s, count(*)
+               FROM messages GROUP BY 1 ORDER BY 1";
+    pg.query(sql, &[&start])
+        .unwrap()
+        .iter()
+        .map(|row| format!("{}:{}", row.get::<_, i64>(0), row.get::<_, i64>(1)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Polls the broker until every queue has a consumer (a passive declare counts them): when
@@ -213,23 +243,29 @@ fn sweep_until_consumed(
     (last, cpu, longest)
 }
 
-/// Opens a consumer on each (empty) queue as tenantd does, all at once, one connection each;
-/// the time until the last consumes and this process's CPU for it.
-fn bare_consumers(url: &str, queues: &[String]) -> (Duration, Duration) {
+/// Opens a consumer on each queue as tenantd does, all at once, one connection each; the time
+/// until the last consumes and this process's CPU for it. With `gated`, every consumer waits
+/// until all sessions are open (as tenantd's start gate does), and the third figure is the time
+/// from then to the last consume-ok.
+fn bare_consumers(url: &str, queues: &[String], gated: bool) -> (Duration, Duration, Duration) {
     let me = std::process::id();
     let cpu_before = procstat::cpu_time(me);
     let started = Instant::now();
     let prefetch = ingest::prefetch();
     let (opened_tx, opened) = crossbeam_channel::unbounded();
     let (close_tx, close) = crossbeam_channel::bounded::<()>(0);
-    let mut elapsed = Duration::ZERO;
+    let gate = std::sync::Barrier::new(if gated { queues.len() + 1 } else { 1 });
+    let (mut elapsed, mut after_gate) = (Duration::ZERO, Duration::ZERO);
     std::thread::scope(|s| {
         for queue in queues {
-            let (opened_tx, close) = (opened_tx.clone(), close.clone());
+            let (opened_tx, close, gate) = (opened_tx.clone(), close.clone(), &gate);
             s.spawn(move || {
                 let mut connection = load::connect(url);
                 let channel = connection.open_channel(None).unwrap();
                 channel.qos(0, prefetch, false).unwrap();
+                if gated {
+                    gate.wait();
+                }
                 let consumer = channel
                     .basic_consume(queue.as_str(), ConsumerOptions::default())
                     .unwrap();
@@ -239,11 +275,16 @@ fn bare_consumers(url: &str, queues: &[String]) -> (Duration, Duration) {
                 let _ = connection.close();
             });
         }
+        if gated {
+            gate.wait();
+        }
+        let released = Instant::now();
         for _ in queues {
             opened.recv().unwrap();
         }
-        elapsed = started.elapsed();
+        (elapsed, after_gate) = (started.elapsed(), released.elapsed());
         drop(close_tx);
     });
-    (elapsed, procstat::cpu_time(me).saturating_sub(cpu_before))
+    let cpu = procstat::cpu_time(me).saturating_sub(cpu_before);
+    (elapsed, cpu, after_gate)
 }

@@ -1,0 +1,351 @@
+//! The order of a tenant's session: everything but the consume is opened before the start gate,
+//! the tenant's queue is consumed by name (a missing one answers 404), and the retry relay
+//! consumes its queue only after the tenant's first batch (or 200 ms after the consume). What
+//! a user sees of it: retries still flow, a relay that fails stores nothing twice, and the
+//! queues of a tenant that is gone are never declared again.
+
+use std::time::{Duration, Instant};
+
+use amiquip::{Connection, ConsumerOptions};
+use serde_json::json;
+
+use crate::support::proxy::Proxy;
+use crate::support::{
+    amqp_host_port, amqp_url_via, dlq_name, logs, queue_name, rabbitmq_url, retry_name,
+    tenant_thread, wait_until, Amqp, TestApp,
+};
+
+/// A bare connection that looks queues up passively (one round trip each), for the consumer
+/// counts of queues that may not exist.
+struct Watch {
+    connection: Connection,
+}
+
+impl Watch {
+    fn new() -> Watch {
+        let addr = tenantd::BrokerAddr::parse(&rabbitmq_url()).unwrap();
+        let connection =
+            tenantd::connect_broker(&addr, Duration::from_secs(5), "review watch").unwrap();
+        Watch { connection }
+    }
+
+    /// Consumers on `queue` (0 when it does not exist).
+    fn consumers(&mut self, queue: &str) -> u32 {
+        let channel = self.connection.open_channel(None).unwrap();
+        let n = channel
+            .queue_declare_passive(queue)
+            .ok()
+            .and_then(|q| q.declared_consumer_count())
+            .unwrap_or(0);
+        let _ = channel.close();
+        n
+    }
+
+    fn exists(&mut self, queue: &str) -> bool {
+        let channel = self.connection.open_channel(None).unwrap();
+        let found = channel.queue_declare_passive(queue).is_ok();
+        let _ = channel.close();
+        found
+    }
+}
+
+fn activate(app: &TestApp, tenants: &[String]) {
+    let ids = tenants
+        .iter()
+        .map(|t| format!("'{t}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    app.pg()
+        .batch_execute(&format!(
+            "UPDATE tenants SET status = 'active', version = version + 1 WHERE id IN ({ids});
+             SELECT pg_notify('tenantd', 'x')"
+        ))
+        .unwrap();
+}
+
+fn pause(app: &TestApp, tenant: &str) {
+    let r = app.request(
+        "PATCH",
+        &format!("/api/tenants/{tenant}"),
+        Some(r#"{"status":"inactive"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// An idle tenant's relay consumes ~200 ms after the tenant's own consumer, counted from that
+/// consume, also for a thread the start gate held for a second (a clock started before the
+/// gate would have run out there, and the relay's consume would follow the tenant's at once).
+#[test]
+fn a_start_held_at_the_gate_consumes_the_retry_queue_only_after_its_own_first_window() {
+    // The first broker address hangs every connect for CONNECT_TIMEOUT_MS: one tenant's thread
+    // is ready and held at the gate (STALL = 1 s) while the other is stuck connecting.
+    let proxy = Proxy::start(&amqp_host_port());
+    let url = format!("{},{}", amqp_url_via(proxy.port()), rabbitmq_url());
+    let app = TestApp::spawn_with(|c| c.rabbitmq_url = url);
+    let tenants = vec![
+        app.create_tenant("relay-gated-a"),
+        app.create_tenant("relay-gated-b"),
+    ];
+    for t in &tenants {
+        pause(&app, t);
+    }
+    let mut watch = Watch::new();
+    wait_until(Duration::from_secs(10), "no consumers", || {
+        tenants
+            .iter()
+            .all(|t| watch.consumers(&queue_name(t)) == 0 && watch.consumers(&retry_name(t)) == 0)
+    });
+    proxy.freeze();
+    let started = Instant::now();
+    activate(&app, &tenants);
+    let mut main_at: Vec<Option<Duration>> = vec![None; tenants.len()];
+    let mut retry_at: Vec<Option<Duration>> = vec![None; tenants.len()];
+    while retry_at.iter().any(Option::is_none) || main_at.iter().any(Option::is_none) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "consumers never came"
+        );
+        for (i, t) in tenants.iter().enumerate() {
+            if main_at[i].is_none() && watch.consumers(&queue_name(t)) > 0 {
+                main_at[i] = Some(started.elapsed());
+            }
+            if retry_at[i].is_none() && watch.consumers(&retry_name(t)) > 0 {
+                retry_at[i] = Some(started.elapsed());
+            }
+        }
+    }
+    let mut report = Vec::new();
+    for i in 0..tenants.len() {
+        let (main, retry) = (main_at[i].unwrap(), retry_at[i].unwrap());
+        report.push(format!(
+            "tenant {i}: main consumer seen at {main:?}, retry consumer at {retry:?}, gap {:?}",
+            retry.saturating_sub(main)
+        ));
+    }
+    eprintln!("{}", report.join("\n"));
+    for i in 0..tenants.len() {
+        let gap = retry_at[i].unwrap().saturating_sub(main_at[i].unwrap());
+        assert!(
+            retry_at[i].unwrap() >= main_at[i].unwrap() && gap >= Duration::from_millis(120),
+            "an idle tenant's relay consumed {gap:?} after its own consumer (expected ~200 ms):\n{}",
+            report.join("\n")
+        );
+    }
+}
+
+/// A retry queue missing at a start: the relay's consume fails (404) once the first batch is in
+/// the pool. The consumer drains (what commits is acked) before the session fails, and the next
+/// session declares the queue. Messages without a UUID `message_id` get a new id at each
+/// delivery, so one delivered again after its commit would be stored twice: each is stored once.
+#[test]
+fn a_retry_queue_missing_at_start_stores_a_backlog_without_ids_once() {
+    const N: i64 = 500;
+    let app = TestApp::spawn();
+    let tenant = app.create_tenant_with(json!({"name": "retryless", "status": "inactive"}));
+    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let mut amqp = Amqp::connect();
+    amqp.publish_numbered(&queue_name(&tenant), N as usize);
+    amqp.delete_queue(&retry_name(&tenant));
+    activate(&app, std::slice::from_ref(&tenant));
+    let mut watch = Watch::new();
+    wait_until(Duration::from_secs(30), "the retry queue consumed", || {
+        watch.consumers(&retry_name(&tenant)) == 1
+    });
+    wait_until(Duration::from_secs(30), "the backlog taken", || {
+        amqp.queue_stats(&queue_name(&tenant)).map(|s| s.0) == Some(0)
+            && app.partition_rows(&tenant) >= N
+    });
+    let failed = logs::lines_with(&[&tenant, "retrying in"]).len();
+    assert!(
+        failed >= 1,
+        "the relay's consume did not fail: the test proves nothing"
+    );
+    let distinct: i64 = app
+        .pg()
+        .query_one(
+            &format!(
+                "SELECT count(DISTINCT payload->>'i') FROM {}",
+                crate::support::partition_name(&tenant)
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let rows = app.partition_rows(&tenant);
+    eprintln!("rows {rows}, distinct payloads {distinct}");
+    assert_eq!(distinct, N);
+    assert_eq!(rows, N, "messages stored more than once");
+}
+
+/// The same where the relay's consume keeps failing (another connection consumes the retry
+/// queue exclusively, 403): session after session takes a window and fails; what was committed
+/// was acked each time, so no message is stored twice.
+#[test]
+fn a_relay_that_cannot_consume_does_not_store_the_same_messages_over_and_over() {
+    const N: i64 = 100;
+    let app = TestApp::spawn();
+    let tenant = app.create_tenant_with(json!({"name": "retry-held", "status": "inactive"}));
+    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let mut amqp = Amqp::connect();
+    amqp.publish_numbered(&queue_name(&tenant), N as usize);
+    // Another client holds the retry queue exclusively: tenantd's consume of it is refused.
+    let addr = tenantd::BrokerAddr::parse(&rabbitmq_url()).unwrap();
+    let mut holder = tenantd::connect_broker(&addr, Duration::from_secs(5), "holder").unwrap();
+    let channel = holder.open_channel(None).unwrap();
+    let options = ConsumerOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    let exclusive = channel.basic_consume(retry_name(&tenant), options).unwrap();
+    activate(&app, std::slice::from_ref(&tenant));
+    wait_until(Duration::from_secs(30), "three failed sessions", || {
+        logs::lines_with(&[&tenant, "retrying in"]).len() >= 3
+    });
+    let rows = app.partition_rows(&tenant);
+    drop(exclusive);
+    let _ = channel.close();
+    let _ = holder.close();
+    assert!(
+        rows <= N,
+        "{rows} rows stored from {N} messages while the relay could not consume"
+    );
+}
+
+/// The tenant's queue is looked up by consuming it: missing on a thread's first session, the
+/// queues are declared and consumed; gone after the thread consumed, the thread ends.
+#[test]
+fn a_main_queue_missing_is_declared_on_a_first_session_and_ends_a_thread_that_consumed() {
+    let app = TestApp::spawn();
+    let tenant = app.create_tenant_with(json!({"name": "queueless start", "status": "inactive"}));
+    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let mut amqp = Amqp::connect();
+    amqp.delete_tenant_queues(&tenant);
+    activate(&app, std::slice::from_ref(&tenant));
+    let mut watch = Watch::new();
+    wait_until(
+        Duration::from_secs(20),
+        "the queues declared and consumed",
+        || {
+            watch.consumers(&queue_name(&tenant)) == 1
+                && watch.consumers(&retry_name(&tenant)) == 1
+                && watch.exists(&dlq_name(&tenant))
+        },
+    );
+    assert!(
+        !logs::lines_with(&[&tenant, "does not exist"]).is_empty(),
+        "the first session said the queue was missing"
+    );
+    amqp.publish(&queue_name(&tenant), br#"{"a": 1}"#, None);
+    amqp.wait_confirms();
+    app.wait_rows(&tenant, 1);
+
+    // Now the main queue goes under the running consumer: the thread ends, declaring nothing.
+    amqp.delete_queue(&queue_name(&tenant));
+    wait_until(Duration::from_secs(20), "the thread to end", || {
+        !logs::lines_with(&[&tenant, "its queue is gone"]).is_empty()
+    });
+}
+
+/// Queues of a tenant whose row says `deleting` are deleted under a running consumer (the
+/// API's order: main, retry, DLQ), at several moments of the relay's first 200 ms and after:
+/// every thread ends, and none brings any of them back.
+#[test]
+fn a_thread_outliving_its_tenant_declares_nothing() {
+    let app = TestApp::spawn_with(|c| c.retry_delays = vec![Duration::from_millis(50)]);
+    let mut amqp = Amqp::connect();
+    let mut watch = Watch::new();
+    let delays = [0u64, 50, 100, 150, 190, 210, 300];
+    let tenants: Vec<String> = delays
+        .iter()
+        .map(|d| {
+            let t = app
+                .create_tenant_with(json!({"name": format!("outlived {d}"), "status": "inactive"}));
+            t["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    for (tenant, delay) in tenants.iter().zip(delays) {
+        activate(&app, std::slice::from_ref(tenant));
+        wait_until(Duration::from_secs(20), "running", || {
+            watch.consumers(&queue_name(tenant)) == 1
+        });
+        std::thread::sleep(Duration::from_millis(delay));
+        app.pg()
+            .execute(
+                "UPDATE tenants SET status = 'deleting' WHERE id = $1::text::uuid",
+                &[tenant],
+            )
+            .unwrap();
+        amqp.delete_tenant_queues(tenant);
+    }
+    for tenant in &tenants {
+        wait_until(
+            Duration::from_secs(20),
+            "the tenant's thread to end",
+            || crate::support::threads_named(&tenant_thread(tenant)) == 0,
+        );
+    }
+    for tenant in &tenants {
+        for q in [queue_name(tenant), retry_name(tenant), dlq_name(tenant)] {
+            assert!(!watch.exists(&q), "{q} came back");
+        }
+    }
+}
+
+/// Resizes open a new channel and a new relay each time: the relay consumes again (once), and
+/// a retry copy still goes back and is dead-lettered after its attempts.
+#[test]
+fn resizes_reopen_the_relay_and_retries_still_flow() {
+    let app = TestApp::spawn_with(|c| c.retry_delays = vec![Duration::from_millis(300); 3]);
+    let tenant = app.create_tenant("resized relay");
+    let mut amqp = Amqp::connect();
+    let mut watch = Watch::new();
+    amqp.publish(&queue_name(&tenant), b"not json", None);
+    amqp.wait_confirms();
+    for workers in [2, 3, 1, 4, 2, 1] {
+        let r = app.request(
+            "PUT",
+            &format!("/api/tenants/{tenant}/config/concurrency"),
+            Some(&format!(r#"{{"workers":{workers}}}"#)),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    wait_until(Duration::from_secs(5), "one relay consumer", || {
+        watch.consumers(&retry_name(&tenant)) == 1
+    });
+    assert_eq!(watch.consumers(&queue_name(&tenant)), 1);
+    wait_until(Duration::from_secs(20), "the poison in the DLQ", || {
+        amqp.queue_stats(&dlq_name(&tenant)).map(|s| s.0) == Some(1)
+    });
+}
+
+/// An idle tenant's thread sleeps: the relay's consume timer does not spin it.
+#[test]
+fn an_idle_tenant_thread_costs_no_cpu() {
+    let app = TestApp::spawn();
+    let tenant = app.create_tenant("idle relay");
+    let mut watch = Watch::new();
+    wait_until(Duration::from_secs(10), "relay consuming", || {
+        watch.consumers(&retry_name(&tenant)) == 1
+    });
+    let name = tenant_thread(&tenant);
+    let ticks = || -> u64 {
+        let mut total = 0;
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+            let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+                .split_whitespace()
+                .collect();
+            total += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        }
+        total
+    };
+    let t0 = ticks();
+    std::thread::sleep(Duration::from_secs(3));
+    let used = ticks() - t0;
+    assert!(used <= 2, "{used} ticks in 3 s");
+}
