@@ -19,13 +19,7 @@ use crate::ids::TenantId;
 pub struct Relay<'c> {
     tenant: TenantId,
     channel: &'c Channel,
-    /// None until `consume_due` consumes: the relay's channel is opened before the tenant's
-    /// consumer, its consumer after.
-    consumer: Option<Consumer<'c>>,
-    /// When the relay consumes at the latest if the tenant's own deliveries do not start it:
-    /// set once the tenant's consumer runs (`arm`), not before (a thread may wait at the start
-    /// gate for seconds between the two).
-    consume_by: Option<Instant>,
+    consumer: Consumer<'c>,
     publisher: Publisher,
     /// The copy taken from the retry queue, and when it is due.
     held: Option<(Delivery, Instant)>,
@@ -33,14 +27,11 @@ pub struct Relay<'c> {
     longest: Duration,
 }
 
-/// How long after the tenant's consumer starts the relay consumes at the latest.
-const CONSUME_WITHIN: Duration = Duration::from_millis(200);
-
 impl<'c> Relay<'c> {
-    /// Readies the relay on `channel`, which must serve nothing else (acks and prefetch are per
-    /// channel and consumer); it consumes the retry queue once `consume_due` says. No copy is
-    /// held longer than `longest` (the largest retry delay), whatever its due time says.
-    pub fn open(
+    /// Starts consuming the retry queue on `channel`, which must serve nothing else (acks and
+    /// prefetch are per channel and consumer). No copy is held longer than `longest` (the
+    /// largest retry delay), whatever its due time says.
+    pub fn start(
         channel: &'c Channel,
         tenant: TenantId,
         timeout: Duration,
@@ -50,53 +41,21 @@ impl<'c> Relay<'c> {
         // later one may come late, never early).
         channel.qos(0, 1, false)?;
         let publisher = Publisher::enable(channel, timeout)?;
+        let consumer = channel
+            .basic_consume(tenant.retry_name(), ConsumerOptions::default())
+            .with_context(|| format!("consuming {}", tenant.retry_name()))?;
         Ok(Relay {
             tenant,
             channel,
-            consumer: None,
-            consume_by: None,
+            consumer,
             publisher,
             held: None,
             longest,
         })
     }
 
-    /// Consumes the retry queue when it is time: once the tenant's first batch is in the pool
-    /// (`started`), or `CONSUME_WITHIN` after the tenant's consumer started. A start of many
-    /// consumers makes every queue push its prefetch window at once, and a call to the broker
-    /// waits behind them all (seconds): made before the tenant's first batch, it would hold
-    /// that batch as long. Retries wait at least their delay anyway.
-    pub fn consume_due(&mut self, started: bool) -> Result<()> {
-        let late = self.consume_by.is_some_and(|by| Instant::now() >= by);
-        if self.consumer.is_some() || !(started || late) {
-            return Ok(());
-        }
-        let consumer = self
-            .channel
-            .basic_consume(self.tenant.retry_name(), ConsumerOptions::default())
-            .with_context(|| format!("consuming {}", self.tenant.retry_name()))?;
-        self.consumer = Some(consumer);
-        Ok(())
-    }
-
-    /// The tenant's consumer runs: the relay consumes within `CONSUME_WITHIN` from now.
-    pub fn arm(&mut self) {
-        self.consume_by = Some(Instant::now() + CONSUME_WITHIN);
-    }
-
-    /// Fires when the relay should consume although the tenant's consumer has given nothing.
-    pub fn consume_timer(&self) -> Receiver<Instant> {
-        match (&self.consumer, self.consume_by) {
-            (None, Some(by)) => after(by.saturating_duration_since(Instant::now())),
-            _ => never(),
-        }
-    }
-
-    pub fn deliveries(&self) -> Receiver<ConsumerMessage> {
-        match &self.consumer {
-            Some(consumer) => consumer.receiver().clone(),
-            None => never(),
-        }
+    pub fn deliveries(&self) -> &Receiver<ConsumerMessage> {
+        self.consumer.receiver()
     }
 
     /// Fires when the held copy is due.
@@ -123,16 +82,13 @@ impl<'c> Relay<'c> {
     /// closes. Waits (until `deadline`) for the broker to confirm the cancel: amiquip tears the
     /// whole connection down if the consumer is dropped before that confirmation arrives.
     pub fn stop(self, deadline: Instant) {
-        let Some(consumer) = self.consumer else {
-            return;
-        };
-        if consumer.cancel().is_err() {
+        if self.consumer.cancel().is_err() {
             return;
         }
         let timeout = after(deadline.saturating_duration_since(Instant::now()));
         loop {
             crossbeam_channel::select! {
-                recv(consumer.receiver()) -> message => match message {
+                recv(self.consumer.receiver()) -> message => match message {
                     Ok(ConsumerMessage::Delivery(_)) => {}
                     _ => return,
                 },

@@ -45,16 +45,12 @@ pub(super) fn event_loop(
     loop {
         take_waiting(consumer, flight)?;
         flight.dispatch(&ctx.pool);
-        if let Err(e) = relay.consume_due(flight.in_pool() > 0) {
-            return Ok(Leave::failed(e));
-        }
         let deliveries = match flight.can_dispatch() {
             true => consumer.receiver().clone(),
             false => never(),
         };
         let retry = flight.retry_timer();
         let relay_due = relay.timer();
-        let relay_consume = relay.consume_timer();
         select! {
             recv(deliveries) -> message => flight.accept([delivery_of(message)?]),
             recv(replies) -> done => {
@@ -76,7 +72,6 @@ pub(super) fn event_loop(
             recv(relay_due) -> _ => if let Err(e) = relay.release() {
                 return Ok(Leave::failed(e));
             },
-            recv(relay_consume) -> _ => {}
         }
     }
 }

@@ -178,7 +178,7 @@ impl Leave {
 
 /// What the thread knows of its tenant's queues. The API declares them when it creates the
 /// tenant, so a session only consumes the main queue; they are declared from here only when one
-/// was found missing — never the main queue of a tenant that may be gone (see `consume_queue`).
+/// was found missing — never the main queue of a tenant that may be gone (see `declare_missing`).
 #[derive(Default)]
 struct Queues {
     /// A session of this thread has consumed.
@@ -280,33 +280,49 @@ fn run_session(
     result
 }
 
-/// Consumes the tenant's queue by name: a queue that is not there closes the channel (404),
-/// which is the lookup. When a queue was found missing the queues are declared first — before
-/// the consume on the thread's first sessions (the coordinator just claimed the tenant, so it
-/// exists), after it on later ones (the main queue must still be there: a thread that outlives
-/// its tenant never brings a deleted tenant's queues back).
-fn consume_queue<'c>(
+/// Declares the tenant's queues when one was found missing: at once on the thread's first
+/// sessions (the coordinator just claimed the tenant, so it exists), on later ones only if the
+/// main queue is still there (a thread that outlives its tenant never brings a deleted tenant's
+/// queues back). Before the relay consumes, whose queue may be the one missing.
+fn declare_missing(
     ctx: &ConsumerContext,
     connection: &mut Connection,
+    channel: &Channel,
+    id: TenantId,
+    queues: &mut Queues,
+) -> Result<()> {
+    if !queues.declare {
+        return Ok(());
+    }
+    if queues.started {
+        channel
+            .queue_declare_passive(id.queue_name())
+            .map_err(|e| main_queue_error(e.into(), id))?;
+    }
+    broker::declare_tenant_queues(connection, id, ctx.queue_type)?;
+    queues.declare = false;
+    Ok(())
+}
+
+/// Consumes the tenant's queue by name: a queue that is not there answers 404 (the channel
+/// closes), which is the lookup.
+fn consume_queue<'c>(
     channel: &'c Channel,
     id: TenantId,
     queues: &mut Queues,
 ) -> Result<Consumer<'c>> {
     let consumer = channel
         .basic_consume(id.queue_name(), ConsumerOptions::default())
-        .map_err(|e| {
-            let e = anyhow::Error::from(e);
-            match broker::is_not_found(&e) {
-                true => e.context(MainQueueMissing(id.queue_name())),
-                false => e.context(format!("consuming queue {}", id.queue_name())),
-            }
-        })?;
-    if queues.declare && queues.started {
-        broker::declare_tenant_queues(connection, id, ctx.queue_type)?;
-    }
-    queues.declare = false;
+        .map_err(|e| main_queue_error(e.into(), id))?;
     queues.started = true;
     Ok(consumer)
+}
+
+fn main_queue_error(e: anyhow::Error, id: TenantId) -> anyhow::Error {
+    match broker::is_not_found(&e) {
+        true => e.context(MainQueueMissing(id.queue_name())),
+        false => e.context(format!("consuming queue {}", id.queue_name())),
+    }
 }
 
 fn consume(
@@ -324,16 +340,16 @@ fn consume(
     channel.qos(0, ctx.prefetch(spec.workers), false)?;
     // Retries and dead letters are published here and acked only once the broker confirms them.
     let publisher = Publisher::enable(&channel, ctx.connect_timeout)?;
-    if queues.declare && !queues.started {
-        broker::declare_tenant_queues(connection, id, ctx.queue_type)?;
-    }
+    declare_missing(ctx, connection, &channel, id, queues)?;
     let relay_channel = connection.open_channel(None)?;
     let longest = ctx.retry_delays.iter().max().copied().unwrap_or_default();
-    let mut relay = Relay::open(&relay_channel, id, ctx.connect_timeout, longest)?;
+    let mut relay = Relay::start(&relay_channel, id, ctx.connect_timeout, longest)?;
     // Not past the fence: a thread held at the gate consumes no later than the fence allows.
     // After the gate the broker pushes every consumer's prefetch window at once and any call
-    // waits behind them, so the consume is the only call left for then: the queue is looked
-    // up by consuming it, and the relay consumes once the first batch is in the pool.
+    // waits behind them all, so the consume is the only call left for then (the queue is
+    // looked up by consuming it). The relay consumes before: a retry queue found missing once
+    // the tenant's messages are in the pool would end the session with their poison copies
+    // unroutable.
     let fence = ctx.fence.at().saturating_duration_since(Instant::now());
     opening.ready(start_gate::MAX_WAIT.min(fence));
     if let Some(end) = told_before_consuming(ctx, control, spec.workers) {
@@ -341,8 +357,7 @@ fn consume(
         let _ = relay_channel.close();
         return close_unconsumed(channel, spec, end);
     }
-    let consumer = consume_queue(ctx, connection, &channel, id, queues)?;
-    relay.arm();
+    let consumer = consume_queue(&channel, id, queues)?;
     info!(
         tenant_id:% = id;
         "consumer started consumer_tag={} prefetch={}",
@@ -396,6 +411,9 @@ fn consume(
             Ok(ChannelEnd::Stopped)
         }
         Leave::Failed { error, resize } => {
+            if let Err(e) = closed {
+                warn!(tenant_id:% = id; "draining after the retry relay failed: {e:#}");
+            }
             spec.workers = resize.unwrap_or(spec.workers);
             Err(error)
         }

@@ -52,8 +52,8 @@ mod pagination;
 mod races;
 /// Consumers facing a refusing broker or a stalling database retry, and readiness says so.
 mod recovery;
-/// A session's order: the tenant's queue consumed by name, the retry relay after the first
-/// batch; a relay that fails stores nothing twice; queues of a gone tenant never come back.
+/// A session's order: the relay before the gate, the tenant's queue consumed by name; a missing
+/// retry queue stores nothing twice; queues of a gone tenant never come back.
 mod relay_start;
 /// Replaying dead letters: each stored once, also across a SIGKILL; one replay at a time.
 mod replay;
