@@ -100,6 +100,7 @@ pub(super) fn drain(
                         Instant::now()
                     }
                 };
+                say_relay_failure(leave, flight, "told to stop");
                 *leave = Leave::Stop(stop_by);
                 if stop_by < *deadline {
                     *deadline = stop_by;
@@ -120,6 +121,7 @@ pub(super) fn drain(
                     "fenced: no heartbeat, the drain ends with {} batches in flight; they will be redelivered",
                     flight.in_pool()
                 );
+                say_relay_failure(leave, flight, "fenced");
                 *leave = Leave::Stop(Instant::now());
                 *deadline = Instant::now();
                 break;
@@ -128,4 +130,12 @@ pub(super) fn drain(
         }
     }
     Ok(())
+}
+
+/// A stop that ends the drain of a failed session takes its place: its error, logged here, is
+/// not returned.
+fn say_relay_failure(leave: &Leave, flight: &InFlight, ended_by: &str) {
+    if let Leave::Failed { error, .. } = leave {
+        warn!(tenant_id:% = flight.tenant(); "{ended_by} while draining after the retry relay failed: {error:#}");
+    }
 }
