@@ -10,7 +10,8 @@ use amiquip::{Connection, ConsumerOptions};
 use serde_json::json;
 
 use crate::support::{
-    dlq_name, logs, queue_name, rabbitmq_url, retry_name, tenant_thread, wait_until, Amqp, TestApp,
+    dlq_name, logs, queue_name, rabbitmq_url, retry_name, tenant_thread, thread_ticks, wait_until,
+    Amqp, TestApp,
 };
 
 /// A bare connection that looks queues up passively (one round trip each), for the consumer
@@ -47,6 +48,12 @@ impl Watch {
     }
 }
 
+/// A paused tenant's id: its queues are there, nothing consumes them until `activate`.
+fn paused_tenant(app: &TestApp, name: &str) -> String {
+    let tenant = app.create_tenant_with(json!({"name": name, "status": "inactive"}));
+    tenant["id"].as_str().unwrap().to_string()
+}
+
 fn activate(app: &TestApp, tenants: &[String]) {
     let ids = tenants
         .iter()
@@ -78,8 +85,7 @@ fn pause(app: &TestApp, tenant: &str) {
 fn a_retry_queue_missing_at_start_stores_a_backlog_without_ids_once() {
     const N: i64 = 500;
     let app = TestApp::spawn();
-    let tenant = app.create_tenant_with(json!({"name": "retryless", "status": "inactive"}));
-    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let tenant = paused_tenant(&app, "retryless");
     let mut amqp = Amqp::connect();
     amqp.publish_numbered(&queue_name(&tenant), N as usize);
     amqp.delete_queue(&retry_name(&tenant));
@@ -121,8 +127,7 @@ fn a_retry_queue_missing_at_start_stores_a_backlog_without_ids_once() {
 fn a_relay_that_cannot_consume_does_not_store_the_same_messages_over_and_over() {
     const N: i64 = 100;
     let app = TestApp::spawn();
-    let tenant = app.create_tenant_with(json!({"name": "retry-held", "status": "inactive"}));
-    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let tenant = paused_tenant(&app, "retry-held");
     let mut amqp = Amqp::connect();
     amqp.publish_numbered(&queue_name(&tenant), N as usize);
     // Another client holds the retry queue exclusively: tenantd's consume of it is refused.
@@ -153,8 +158,7 @@ fn a_relay_that_cannot_consume_does_not_store_the_same_messages_over_and_over() 
 #[test]
 fn a_main_queue_missing_is_declared_on_a_first_session_and_ends_a_thread_that_consumed() {
     let app = TestApp::spawn();
-    let tenant = app.create_tenant_with(json!({"name": "queueless start", "status": "inactive"}));
-    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let tenant = paused_tenant(&app, "queueless start");
     let mut amqp = Amqp::connect();
     amqp.delete_queue(&queue_name(&tenant));
     activate(&app, std::slice::from_ref(&tenant));
@@ -194,11 +198,7 @@ fn a_thread_outliving_its_tenant_declares_nothing() {
     let delays = [0u64, 50, 100, 150, 190, 210, 300];
     let tenants: Vec<String> = delays
         .iter()
-        .map(|d| {
-            let t = app
-                .create_tenant_with(json!({"name": format!("outlived {d}"), "status": "inactive"}));
-            t["id"].as_str().unwrap().to_string()
-        })
+        .map(|d| paused_tenant(&app, &format!("outlived {d}")))
         .collect();
     for (tenant, delay) in tenants.iter().zip(delays) {
         activate(&app, std::slice::from_ref(tenant));
@@ -266,21 +266,7 @@ fn an_idle_tenant_thread_costs_no_cpu() {
         watch.consumers(&retry_name(&tenant)) == 1
     });
     let name = tenant_thread(&tenant);
-    let ticks = || -> u64 {
-        let mut total = 0;
-        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if comm.trim() != name {
-                continue;
-            }
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
-            let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-                .split_whitespace()
-                .collect();
-            total += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        }
-        total
-    };
+    let ticks = || thread_ticks(&name);
     let t0 = ticks();
     std::thread::sleep(Duration::from_secs(3));
     let used = ticks() - t0;
@@ -295,8 +281,7 @@ fn an_idle_tenant_thread_costs_no_cpu() {
 fn a_poison_message_with_the_retry_queue_missing_at_start_stores_nothing_twice() {
     const N: i64 = 300;
     let app = TestApp::spawn_with(|c| c.retry_delays = vec![Duration::from_millis(100)]);
-    let tenant = app.create_tenant_with(json!({"name": "retryless poison", "status": "inactive"}));
-    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let tenant = paused_tenant(&app, "retryless poison");
     let mut amqp = Amqp::connect();
     amqp.publish(&queue_name(&tenant), b"poison", None);
     amqp.wait_confirms();

@@ -4,24 +4,9 @@
 use std::time::{Duration, Instant};
 
 use crate::support::proxy::Proxy;
-use crate::support::{amqp_host_port, amqp_url_via, logs, rabbitmq_url, wait_until, TestApp};
-
-/// CPU ticks (1/100 s) used so far by this process's threads named `name`.
-fn thread_ticks(name: &str) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
-        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-            .split_whitespace()
-            .collect();
-        total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    }
-    total
-}
+use crate::support::{
+    amqp_host_port, amqp_url_via, logs, rabbitmq_url, thread_ticks, wait_until, TestApp,
+};
 
 fn commits(pg: &mut postgres::Client) -> i64 {
     pg.batch_execute("SELECT pg_stat_clear_snapshot()").unwrap();

@@ -265,6 +265,23 @@ pub fn threads_named(name: &str) -> usize {
         .count()
 }
 
+/// CPU ticks (1/100 s) used so far by this process's threads named `name`.
+pub fn thread_ticks(name: &str) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .collect();
+        total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    total
+}
+
 pub fn tenant_thread(tenant: &str) -> String {
     format!("tenant-{}", &tenant.replace('-', "")[..8])
 }
