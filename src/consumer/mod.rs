@@ -411,11 +411,13 @@ fn consume(
             Ok(ChannelEnd::Stopped)
         }
         Leave::Failed { error, resize } => {
-            if let Err(e) = closed {
-                warn!(tenant_id:% = id; "draining after the retry relay failed: {e:#}");
-            }
             spec.workers = resize.unwrap_or(spec.workers);
-            Err(error)
+            // One line for the session's end: the drain's own failure (most often the same lost
+            // connection) goes with the relay's.
+            Err(match closed {
+                Ok(()) => error,
+                Err(e) => error.context(format!("the drain after it failed too ({e:#})")),
+            })
         }
     }
 }

@@ -80,23 +80,6 @@ fn consumers_refused_by_the_broker_retry_until_they_run_and_readiness_says_so() 
     app.stop();
 }
 
-/// CPU ticks (1/100 s) used so far by this process's threads named `name`.
-fn cpu_ticks(name: &str) -> u64 {
-    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
-    tasks
-        .filter_map(|t| {
-            let path = t.ok()?.path();
-            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
-            if comm.trim_end() != name {
-                return None;
-            }
-            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            Some(fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?)
-        })
-        .sum()
-}
-
 #[test]
 fn a_pause_waiting_for_a_blocked_batch_costs_no_cpu() {
     let app = TestApp::spawn_with(|c| c.statement_timeout = Duration::ZERO);
@@ -126,9 +109,9 @@ fn a_pause_waiting_for_a_blocked_batch_costs_no_cpu() {
         "the consumer to be cancelled",
         || amqp.consumers(&queue_name(&tenant)) == 0,
     );
-    let before = cpu_ticks(&tenant_thread(&tenant));
+    let before = crate::support::thread_ticks(&tenant_thread(&tenant));
     std::thread::sleep(Duration::from_secs(1)); // the interval measured
-    let used = cpu_ticks(&tenant_thread(&tenant)) - before;
+    let used = crate::support::thread_ticks(&tenant_thread(&tenant)) - before;
     assert!(used < 5, "the draining tenant used {used}% of a core");
     lock.commit().unwrap();
     let paused = pause.join().unwrap();

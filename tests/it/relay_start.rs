@@ -48,6 +48,15 @@ impl Watch {
     }
 }
 
+/// A paused tenant with `messages` numbered messages (no ids) in its queue.
+fn paused_with_backlog(name: &str, messages: i64) -> (TestApp, String, Amqp) {
+    let app = TestApp::spawn();
+    let tenant = paused_tenant(&app, name);
+    let mut amqp = Amqp::connect();
+    amqp.publish_numbered(&queue_name(&tenant), messages as usize);
+    (app, tenant, amqp)
+}
+
 /// A paused tenant's id: its queues are there, nothing consumes them until `activate`.
 fn paused_tenant(app: &TestApp, name: &str) -> String {
     let tenant = app.create_tenant_with(json!({"name": name, "status": "inactive"}));
@@ -84,10 +93,7 @@ fn pause(app: &TestApp, tenant: &str) {
 #[test]
 fn a_retry_queue_missing_at_start_stores_a_backlog_without_ids_once() {
     const N: i64 = 500;
-    let app = TestApp::spawn();
-    let tenant = paused_tenant(&app, "retryless");
-    let mut amqp = Amqp::connect();
-    amqp.publish_numbered(&queue_name(&tenant), N as usize);
+    let (app, tenant, mut amqp) = paused_with_backlog("retryless", N);
     amqp.delete_queue(&retry_name(&tenant));
     activate(&app, std::slice::from_ref(&tenant));
     let mut watch = Watch::new();
@@ -126,10 +132,7 @@ fn a_retry_queue_missing_at_start_stores_a_backlog_without_ids_once() {
 #[test]
 fn a_relay_that_cannot_consume_does_not_store_the_same_messages_over_and_over() {
     const N: i64 = 100;
-    let app = TestApp::spawn();
-    let tenant = paused_tenant(&app, "retry-held");
-    let mut amqp = Amqp::connect();
-    amqp.publish_numbered(&queue_name(&tenant), N as usize);
+    let (app, tenant, _amqp) = paused_with_backlog("retry-held", N);
     // Another client holds the retry queue exclusively: tenantd's consume of it is refused.
     let addr = tenantd::BrokerAddr::parse(&rabbitmq_url()).unwrap();
     let mut holder = tenantd::connect_broker(&addr, Duration::from_secs(5), "holder").unwrap();
@@ -195,7 +198,7 @@ fn a_thread_outliving_its_tenant_declares_nothing() {
     let app = TestApp::spawn_with(|c| c.retry_delays = vec![Duration::from_millis(50)]);
     let mut amqp = Amqp::connect();
     let mut watch = Watch::new();
-    let delays = [0u64, 50, 100, 150, 190, 210, 300];
+    let delays = [0u64, 100, 300];
     let tenants: Vec<String> = delays
         .iter()
         .map(|d| paused_tenant(&app, &format!("outlived {d}")))
@@ -268,9 +271,9 @@ fn an_idle_tenant_thread_costs_no_cpu() {
     let name = tenant_thread(&tenant);
     let ticks = || thread_ticks(&name);
     let t0 = ticks();
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(1)); // the interval measured
     let used = ticks() - t0;
-    assert!(used <= 2, "{used} ticks in 3 s");
+    assert!(used <= 2, "{used}% of a core while idle");
 }
 
 /// A poison message at the head of a backlog without ids, the retry queue missing at the start:
