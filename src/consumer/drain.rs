@@ -79,7 +79,9 @@ pub(super) fn drain(
         match woke {
             Woke::Done(done) => {
                 let done = done.context("worker replies closed")?;
-                flight.complete(channel, done, replies.try_iter())?;
+                if let Err(e) = flight.complete(channel, done, replies.try_iter()) {
+                    copy_refused(leave, flight, e);
+                }
             }
             // Deliveries that raced the cancel stay unacked and go back to the queue.
             Woke::Delivery { raced_the_cancel } => cancelled |= !raced_the_cancel,
@@ -100,7 +102,7 @@ pub(super) fn drain(
                         Instant::now()
                     }
                 };
-                say_relay_failure(leave, flight, "told to stop");
+                say_failure(leave, flight, "told to stop");
                 *leave = Leave::Stop(stop_by);
                 if stop_by < *deadline {
                     *deadline = stop_by;
@@ -121,7 +123,7 @@ pub(super) fn drain(
                     "fenced: no heartbeat, the drain ends with {} batches in flight; they will be redelivered",
                     flight.in_pool()
                 );
-                say_relay_failure(leave, flight, "fenced");
+                say_failure(leave, flight, "fenced");
                 *leave = Leave::Stop(Instant::now());
                 *deadline = Instant::now();
                 break;
@@ -129,13 +131,31 @@ pub(super) fn drain(
             Woke::Fenced => {}
         }
     }
-    Ok(())
+    // Past a message left unacked, what committed is acked one by one.
+    flight.ack_every_committed(channel)
+}
+
+/// A failed message's copy refused while draining: the drain goes on (what commits is still
+/// acked) and the message, unacked, comes again. A resize's drain becomes a failed session's.
+fn copy_refused(leave: &mut Leave, flight: &InFlight, error: anyhow::Error) {
+    match leave {
+        Leave::Resize(workers) => {
+            *leave = Leave::Failed {
+                error,
+                resize: Some(*workers),
+            }
+        }
+        Leave::Stop(_) => {
+            warn!(tenant_id:% = flight.tenant(); "while stopping: {error:#}; the message comes again")
+        }
+        Leave::Failed { .. } => {}
+    }
 }
 
 /// A stop that ends the drain of a failed session takes its place: its error, logged here, is
 /// not returned.
-fn say_relay_failure(leave: &Leave, flight: &InFlight, ended_by: &str) {
+fn say_failure(leave: &Leave, flight: &InFlight, ended_by: &str) {
     if let Leave::Failed { error, .. } = leave {
-        warn!(tenant_id:% = flight.tenant(); "{ended_by} while draining after the retry relay failed: {error:#}");
+        warn!(tenant_id:% = flight.tenant(); "{ended_by} while draining after a failure: {error:#}");
     }
 }

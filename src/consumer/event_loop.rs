@@ -21,8 +21,9 @@ pub(super) struct Session<'a> {
 }
 
 /// Runs until told to stop or to resize, or until the broker session fails. A failure of the
-/// relay (its own channel) leaves through the drain: the consumer's channel still acks what the
-/// pool commits, so nothing stored is delivered again.
+/// relay (its own channel), or a failed message's copy that the broker refuses, leaves through
+/// the drain: the consumer's channel still acks what the pool commits, so nothing stored is
+/// delivered again.
 ///
 /// The thread wakes once per burst, not per delivery: it takes every delivery already waiting
 /// before it decides what goes to the pool, and while every worker slot of the tenant is busy
@@ -55,7 +56,9 @@ pub(super) fn event_loop(
             recv(deliveries) -> message => flight.accept([delivery_of(message)?]),
             recv(replies) -> done => {
                 let done = done.context("worker replies closed")?;
-                flight.complete(channel, done, replies.try_iter())?;
+                if let Err(e) = flight.complete(channel, done, replies.try_iter()) {
+                    return Ok(Leave::failed(e));
+                }
             }
             recv(control) -> command => match command {
                 Ok(Control::Resize(n)) if usize::from(n) != flight.workers() => {

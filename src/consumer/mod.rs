@@ -159,8 +159,8 @@ enum ChannelEnd {
 enum Leave {
     Stop(Instant),
     Resize(u16),
-    /// The relay failed: the consumer drains, then the session fails with `error` (and the
-    /// next one opens at `resize`, when one came meanwhile).
+    /// The relay failed, or a failed message's copy was refused: the consumer drains, then the
+    /// session fails with `error` (and the next one opens at `resize`, when one came meanwhile).
     Failed {
         error: anyhow::Error,
         resize: Option<u16>,

@@ -61,6 +61,9 @@ pub struct InFlight {
     /// While set (the database failed), nothing goes to the pool before it.
     retry_at: Option<Instant>,
     retry_backoff: Backoff,
+    /// A copy of a failed message was refused: the session is ending, and failed messages are
+    /// left unacked (they come again on the next one) rather than copied.
+    copy_refused: bool,
 }
 
 impl InFlight {
@@ -79,6 +82,7 @@ impl InFlight {
             busy: 0,
             retry_at: None,
             retry_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
+            copy_refused: false,
         }
     }
 
@@ -152,27 +156,55 @@ impl InFlight {
 
     /// Takes what the workers replied (every reply already waiting, with `done` first) and acks
     /// what is committed with one `ack_multiple`: one wake of amiquip's I/O thread per burst.
+    ///
+    /// A copy the broker refuses fails it, but only after every reply is taken and what they
+    /// committed is acked: the session then drains and ends, and only what is unacked comes
+    /// again (a message without an id, delivered again after its commit, would be stored twice).
     pub fn complete(
         &mut self,
         channel: &Channel,
         done: BatchDone,
         also: impl IntoIterator<Item = BatchDone>,
     ) -> Result<()> {
-        let settled = std::iter::once(done)
-            .chain(also)
-            .try_for_each(|done| self.settle(channel, done));
-        // What committed before a reply failed (a copy the broker refused) is acked all the
-        // same: the session ends on the error, and only what is unacked comes again.
+        let mut settled = Ok(());
+        for done in std::iter::once(done).chain(also) {
+            let copied = self.settle(channel, done);
+            settled = settled.and(copied);
+        }
         let acked = self.ack_committed(channel);
         settled.and(acked)
     }
 
+    /// Acks every committed delivery before the session ends: the run at the low end with one
+    /// `ack_multiple`, each one past a delivery that will not commit now (a failed message left
+    /// unacked, a batch waiting for the database) on its own.
+    pub fn ack_every_committed(&mut self, channel: &Channel) -> Result<()> {
+        self.ack_committed(channel)?;
+        for delivery in self.unacked.take_every_committed() {
+            delivery.ack(channel)?;
+        }
+        Ok(())
+    }
+
+    /// Records one reply: its rows are committed (or wait for the database again) before its
+    /// failed messages are copied, so a refused copy holds back no commit.
     fn settle(&mut self, channel: &Channel, done: BatchDone) -> Result<()> {
         self.busy -= 1;
-        for poison in done.poison {
-            self.retry_or_dead_letter(channel, poison)?;
+        self.record(done.outcome);
+        if self.copy_refused {
+            return Ok(());
         }
-        match done.outcome {
+        for poison in done.poison {
+            if let Err(e) = self.retry_or_dead_letter(channel, poison) {
+                self.copy_refused = true;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, outcome: Outcome) {
+        match outcome {
             Outcome::Stored { settled, inserted } => {
                 self.retry_backoff.reset();
                 self.stats.stored(settled.len() as u64, inserted);
@@ -191,7 +223,6 @@ impl InFlight {
                 self.retry_at = Some(Instant::now() + delay);
             }
         }
-        Ok(())
     }
 
     /// Sends a message that failed to the retry queue (it comes back after the delay for its

@@ -13,7 +13,7 @@ use super::{Book, InFlight};
 use crate::broker::{self, BrokerAddr, Publisher};
 use crate::ids::TenantId;
 use crate::metrics::Metrics;
-use crate::pool::{BatchDone, Outcome, Poison};
+use crate::pool::{BatchDone, Item, Outcome, Poison};
 use crate::stats::TenantStats;
 use crate::store::dead_letters::Ledger;
 use crate::store::DbSettings;
@@ -32,6 +32,67 @@ fn broker_addr() -> BrokerAddr {
 /// message comes back.
 #[test]
 fn a_reply_that_fails_midway_through_a_burst_still_acks_what_committed_before_it() {
+    let (failed, back) = burst(&[b"{}", b"not JSON"], |mut items| {
+        let bad = items.pop().unwrap();
+        vec![stored(&items, vec![]), stored(&[], vec![poison(bad)])]
+    });
+    assert!(failed, "the copy has no queue to go to");
+    assert_eq!(
+        back, 1,
+        "only the poison message comes back, not the committed one"
+    );
+}
+
+/// The refused reply comes first in the burst: the replies after it are still taken, and what
+/// they committed is acked.
+#[test]
+fn a_refused_copy_first_in_a_burst_still_acks_what_the_next_replies_committed() {
+    let (failed, back) = burst(&[b"not JSON", b"{}"], |mut items| {
+        let good = items.pop().unwrap();
+        let bad = items.pop().unwrap();
+        vec![stored(&[], vec![poison(bad)]), stored(&[good], vec![])]
+    });
+    assert!(failed, "the copy has no queue to go to");
+    assert_eq!(
+        back, 1,
+        "only the poison message comes back, not the committed one"
+    );
+}
+
+/// One batch committed some messages and failed one, whose copy is refused: the commit holds.
+#[test]
+fn a_refused_copy_does_not_hold_back_the_commit_of_its_own_batch() {
+    let (failed, back) = burst(&[b"{}", b"not JSON", b"{}"], |mut items| {
+        let bad = items.remove(1);
+        vec![stored(&items, vec![poison(bad)])]
+    });
+    assert!(failed, "the copy has no queue to go to");
+    assert_eq!(
+        back, 1,
+        "only the poison message comes back, not the committed ones"
+    );
+}
+
+/// The refused message is the lowest unacked delivery, so no `ack_multiple` reaches past it:
+/// the session's end acks the committed ones above it one by one.
+#[test]
+fn what_committed_past_a_message_left_unacked_is_acked_when_the_session_ends() {
+    let (failed, back) = burst(&[b"not JSON", b"{}", b"{}"], |mut items| {
+        let bad = items.remove(0);
+        vec![stored(&[], vec![poison(bad)]), stored(&items, vec![])]
+    });
+    assert!(failed, "the copy has no queue to go to");
+    assert_eq!(
+        back, 1,
+        "only the poison message comes back, not the committed ones"
+    );
+}
+
+/// Publishes `bodies` to a new queue and takes them into a book, each its own batch in the
+/// pool; `replies` makes what the workers reply from the items. The replies are completed as one
+/// burst, then the session ends as a drain ends it. Whether `complete` failed, and how many
+/// messages come back.
+fn burst(bodies: &[&[u8]], replies: impl FnOnce(Vec<Item>) -> Vec<BatchDone>) -> (bool, u32) {
     let addr = broker_addr();
     let tenant = TenantId::from(Uuid::new_v4());
     let queue = tenant.queue_name();
@@ -40,7 +101,7 @@ fn a_reply_that_fails_midway_through_a_burst_still_acks_what_committed_before_it
     setup
         .queue_declare(queue.as_str(), QueueDeclareOptions::default())
         .unwrap();
-    for body in [&b"{}"[..], b"not JSON"] {
+    for body in bodies {
         let publish = Publish::with_properties(body, queue.as_str(), AmqpProperties::default());
         setup.basic_publish("", publish).unwrap();
     }
@@ -55,38 +116,18 @@ fn a_reply_that_fails_midway_through_a_burst_still_acks_what_committed_before_it
         .consume(ConsumerOptions::default())
         .unwrap();
     let mut flight = book(tenant, publisher);
-    for _ in 0..2 {
+    for _ in bodies {
         match consumer.receiver().recv_timeout(TIMEOUT).unwrap() {
             ConsumerMessage::Delivery(d) => flight.accept([d]),
             other => panic!("expected a delivery, got {other:?}"),
         }
     }
-    flight.busy = 2; // each message its own batch in the pool
-    let mut items = flight.waiting.drain(..);
-    let (good, bad) = (items.next().unwrap(), items.next().unwrap());
-    drop(items);
-    let committed = BatchDone {
-        poison: Vec::new(),
-        outcome: Outcome::Stored {
-            settled: vec![good.tag],
-            inserted: 1,
-        },
-    };
-    let refused = BatchDone {
-        poison: vec![Poison {
-            tag: bad.tag,
-            id: bad.id,
-            body: bad.body,
-            reason: "message is not JSON".into(),
-        }],
-        outcome: Outcome::Stored {
-            settled: Vec::new(),
-            inserted: 0,
-        },
-    };
-
-    let result = flight.complete(&channel, committed, [refused]);
-    assert!(result.is_err(), "the copy has no queue to go to");
+    let items: Vec<Item> = flight.waiting.drain(..).collect();
+    let mut replies = replies(items).into_iter();
+    flight.busy = replies.len();
+    let first = replies.next().unwrap();
+    let failed = flight.complete(&channel, first, replies).is_err();
+    flight.ack_every_committed(&channel).unwrap();
     // The session ends, as the event loop ends it on this error.
     drop((consumer, flight));
     session.close().unwrap();
@@ -94,10 +135,26 @@ fn a_reply_that_fails_midway_through_a_burst_still_acks_what_committed_before_it
     let back = ready_once_unconsumed(&setup, &queue);
     let _ = setup.queue_delete(queue.as_str(), QueueDeleteOptions::default());
     let _ = admin.close();
-    assert_eq!(
-        back, 1,
-        "only the poison message comes back, not the committed one"
-    );
+    (failed, back)
+}
+
+fn stored(items: &[Item], poison: Vec<Poison>) -> BatchDone {
+    BatchDone {
+        poison,
+        outcome: Outcome::Stored {
+            settled: items.iter().map(|i| i.tag).collect(),
+            inserted: items.len() as u64,
+        },
+    }
+}
+
+fn poison(item: Item) -> Poison {
+    Poison {
+        tag: item.tag,
+        id: item.id,
+        body: item.body,
+        reason: "message is not JSON".into(),
+    }
 }
 
 fn book(tenant: TenantId, publisher: Publisher) -> InFlight {

@@ -64,6 +64,17 @@ impl<T> Unacked<T> {
         last
     }
 
+    /// Takes every committed delivery, also those past one that will not commit (a message
+    /// whose copy was refused, a batch put back while the database fails): a session that ends
+    /// acks each of them, or they would come again and be stored twice.
+    pub fn take_every_committed(&mut self) -> Vec<T> {
+        let (committed, kept) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition::<VecDeque<_>, _>(|e| e.committed);
+        self.entries = kept;
+        committed.into_iter().map(|e| e.value).collect()
+    }
+
     fn position(&self, tag: u64) -> Option<usize> {
         self.entries.binary_search_by_key(&tag, |e| e.tag).ok()
     }
@@ -132,6 +143,17 @@ mod tests {
         book.commit([1]);
         assert_eq!(book.take_committed_run(), Some(3));
         assert_eq!(book.take_committed_run(), None);
+    }
+
+    #[test]
+    fn every_committed_delivery_is_taken_past_one_that_is_not() {
+        let mut book = holding(&[1, 2, 3, 4, 5]);
+        book.commit([2, 4, 5]);
+        assert_eq!(book.take_committed_run(), None, "1 is not committed");
+        assert_eq!(book.take_every_committed(), vec![2, 4, 5]);
+        assert_eq!(book.take_every_committed(), Vec::<u64>::new());
+        book.commit([1, 3]);
+        assert_eq!(book.take_committed_run(), Some(3), "1 and 3 are still held");
     }
 
     /// Random pushes, commits, removals, put-backs and runs against the ordered map and set

@@ -2,7 +2,8 @@
 //! (the retry relay's consume included), and the tenant's queue is consumed by name (a missing
 //! one answers 404). What a user sees of it: retries still flow, a missing or refused retry
 //! queue stores nothing twice, a relay that fails mid-session ends its session in time and keeps
-//! its copy, and the queues of a tenant that is gone are never declared again.
+//! its copy, a dead letter refused mid-session drains the session as the relay's failure does,
+//! and the queues of a tenant that is gone are never declared again.
 
 use std::time::{Duration, Instant};
 
@@ -344,5 +345,61 @@ fn a_relay_whose_republish_is_refused_stops_in_time_and_keeps_its_copy() {
         Duration::from_secs(5),
         "the copy back in the retry queue",
         || amqp.queue_stats(&retry_name(&tenant)).map(|s| s.0) == Some(1),
+    );
+}
+
+/// The DLQ is deleted before a poison message among a backlog without ids is taken (no retries:
+/// it is dead-lettered at once). Its letter is refused while batches of its own and other
+/// messages are committed or in the pool: the session acks what they commit before it ends,
+/// so each message is stored once, and the next session declares the DLQ again and takes the
+/// letter.
+#[test]
+fn a_dead_letter_refused_mid_session_stores_nothing_twice() {
+    const N: i64 = 2000;
+    let app = TestApp::spawn_with(|c| c.retry_delays = Vec::new());
+    let tenant = paused_tenant(&app, "letter refused");
+    let mut amqp = Amqp::connect();
+    for i in 0..N {
+        if i == N / 2 {
+            amqp.publish(&queue_name(&tenant), b"poison", None);
+        }
+        amqp.publish(
+            &queue_name(&tenant),
+            json!({ "i": i }).to_string().as_bytes(),
+            None,
+        );
+    }
+    amqp.wait_confirms();
+    amqp.delete_queue(&dlq_name(&tenant));
+    activate(&app, std::slice::from_ref(&tenant));
+    wait_until(
+        Duration::from_secs(60),
+        "the backlog stored, the poison dead-lettered",
+        || {
+            amqp.queue_stats(&queue_name(&tenant)).map(|s| s.0) == Some(0)
+                && amqp.queue_stats(&dlq_name(&tenant)).map(|s| s.0) == Some(1)
+                && app.partition_rows(&tenant) >= N
+        },
+    );
+    assert!(
+        !logs::lines_with(&[&tenant, "copying a failed message"]).is_empty(),
+        "the letter was not refused: the test proves nothing"
+    );
+    let distinct: i64 = app
+        .pg()
+        .query_one(
+            &format!(
+                "SELECT count(DISTINCT payload->>'i') FROM {}",
+                crate::support::partition_name(&tenant)
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(distinct, N);
+    assert_eq!(
+        app.partition_rows(&tenant),
+        N,
+        "messages stored more than once"
     );
 }
