@@ -131,8 +131,8 @@ pub(super) fn drain(
             Woke::Fenced => {}
         }
     }
-    // Past a message left unacked, what committed is acked one by one.
-    flight.ack_every_committed(channel)
+    // Replies already waiting when the deadline or the fence ended it are commits too.
+    flight.end(channel, replies.try_iter())
 }
 
 /// A failed message's copy refused while draining: the drain goes on (what commits is still

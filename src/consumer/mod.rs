@@ -24,6 +24,8 @@ use crate::stats::TenantStats;
 use crate::store::dead_letters::Ledger;
 
 mod drain;
+#[cfg(test)]
+mod drain_end_tests;
 mod event_loop;
 mod start_gate;
 use drain::drain;
@@ -391,6 +393,10 @@ fn consume(
     // A stop that comes meanwhile (also while a resize drains) ends the drain by its deadline.
     let drained = drain(&session, &mut flight, &mut leave, &mut deadline, &ctx.fence);
     relay.stop(deadline);
+    // A round trip on the connection before the consumer is dropped: the drain's acks are on
+    // the wire by its answer. A drain ended by its deadline or the fence may not have had the
+    // broker's cancel-ok yet, and a consumer dropped before it fails the whole connection in
+    // amiquip, with whatever it had not written yet.
     let _ = relay_channel.close();
     drop(consumer);
     let closed = drained.and_then(|()| Ok(channel.close()?));

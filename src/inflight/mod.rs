@@ -26,6 +26,8 @@ use unacked::Unacked;
 mod unacked;
 
 #[cfg(test)]
+pub(crate) mod test_support;
+#[cfg(test)]
 mod tests;
 
 /// What a book is kept for: the tenant, its concurrency on this channel, and the settings.
@@ -61,9 +63,9 @@ pub struct InFlight {
     /// While set (the database failed), nothing goes to the pool before it.
     retry_at: Option<Instant>,
     retry_backoff: Backoff,
-    /// A copy of a failed message was refused: the session is ending, and failed messages are
-    /// left unacked (they come again on the next one) rather than copied.
-    copy_refused: bool,
+    /// The session is ending (a copy of a failed message was refused, or the drain is over):
+    /// failed messages are left unacked, to come again on the next one, rather than copied.
+    no_more_copies: bool,
 }
 
 impl InFlight {
@@ -82,7 +84,7 @@ impl InFlight {
             busy: 0,
             retry_at: None,
             retry_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
-            copy_refused: false,
+            no_more_copies: false,
         }
     }
 
@@ -175,10 +177,20 @@ impl InFlight {
         settled.and(acked)
     }
 
-    /// Acks every committed delivery before the session ends: the run at the low end with one
-    /// `ack_multiple`, each one past a delivery that will not commit now (a failed message left
-    /// unacked, a batch waiting for the database) on its own.
-    pub fn ack_every_committed(&mut self, channel: &Channel) -> Result<()> {
+    /// The session's end. Replies that came too late for the drain (its deadline or the fence
+    /// ended it) are recorded, their failed messages left unacked (no copy waits for a confirm
+    /// past the deadline); then every committed delivery is acked: the run at the low end with
+    /// one `ack_multiple`, each one past a delivery that will not commit now (a failed message
+    /// left unacked, a batch waiting for the database) on its own.
+    pub fn end(
+        &mut self,
+        channel: &Channel,
+        late: impl IntoIterator<Item = BatchDone>,
+    ) -> Result<()> {
+        self.no_more_copies = true;
+        for done in late {
+            self.settle(channel, done)?;
+        }
         self.ack_committed(channel)?;
         for delivery in self.unacked.take_every_committed() {
             delivery.ack(channel)?;
@@ -191,12 +203,12 @@ impl InFlight {
     fn settle(&mut self, channel: &Channel, done: BatchDone) -> Result<()> {
         self.busy -= 1;
         self.record(done.outcome);
-        if self.copy_refused {
+        if self.no_more_copies {
             return Ok(());
         }
         for poison in done.poison {
             if let Err(e) = self.retry_or_dead_letter(channel, poison) {
-                self.copy_refused = true;
+                self.no_more_copies = true;
                 return Err(e);
             }
         }
@@ -274,6 +286,12 @@ impl InFlight {
         // The id the message is stored under: the publisher's when it is a UUID (every copy of
         // the message shares it), else one of its own (as its rows are), so that two messages
         // under one such id are two letters.
+        if self.retry_at.is_some() {
+            // The database failed a moment ago (this burst's store or ledger): the message waits
+            // with the rest, rather than each failed message waiting on the ledger in turn.
+            self.wait_for_database(delivery, poison);
+            return Ok(());
+        }
         let id = poison.id.to_string();
         let ledger = self.ledger.clone();
         let pending = match ledger.begin(self.tenant, &id, replays(&properties)) {
@@ -356,6 +374,12 @@ impl InFlight {
             tenant_id:% = self.tenant;
             "dead-lettering waits {delay:?}: the ledger of dead letters is unavailable: {error:#}"
         );
+        self.wait_for_database(delivery, poison);
+        self.retry_at = Some(Instant::now() + delay);
+    }
+
+    /// Keeps a failed message unacked, first of what waits for the pool.
+    fn wait_for_database(&mut self, delivery: Delivery, poison: Poison) {
         self.unacked.push(poison.tag, delivery);
         self.waiting.push_front(Item {
             tag: poison.tag,
@@ -363,7 +387,6 @@ impl InFlight {
             body: poison.body,
             accepted: Instant::now(),
         });
-        self.retry_at = Some(Instant::now() + delay);
     }
 
     /// Acks, with one `ack_multiple`, the longest run of committed deliveries at the low end.

@@ -1,30 +1,7 @@
 //! The book against the real broker: what it acks when a burst of replies goes wrong midway.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use amiquip::{
-    AmqpProperties, Channel, ConsumerMessage, ConsumerOptions, Publish, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
-use uuid::Uuid;
-
-use super::{Book, InFlight};
-use crate::broker::{self, BrokerAddr, Publisher};
-use crate::ids::TenantId;
-use crate::metrics::Metrics;
+use super::test_support::{self, Rig};
 use crate::pool::{BatchDone, Item, Outcome, Poison};
-use crate::stats::TenantStats;
-use crate::store::dead_letters::Ledger;
-use crate::store::DbSettings;
-
-const TIMEOUT: Duration = Duration::from_secs(5);
-
-fn broker_addr() -> BrokerAddr {
-    let url = std::env::var("TENANTD_TEST_AMQP")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    BrokerAddr::parse(&url).unwrap()
-}
 
 /// Two replies wait when the tenant thread wakes: the first committed a message, the second
 /// holds a poison message whose copy the broker refuses (no retry queue to route it to). The
@@ -88,54 +65,22 @@ fn what_committed_past_a_message_left_unacked_is_acked_when_the_session_ends() {
     );
 }
 
-/// Publishes `bodies` to a new queue and takes them into a book, each its own batch in the
-/// pool; `replies` makes what the workers reply from the items. The replies are completed as one
-/// burst, then the session ends as a drain ends it. Whether `complete` failed, and how many
-/// messages come back.
+/// Takes `bodies` into a book, each its own batch in the pool; `replies` makes what the workers
+/// reply from the items. The replies are completed as one burst, then the session ends as a
+/// drain ends it. Whether `complete` failed, and how many messages come back.
 fn burst(bodies: &[&[u8]], replies: impl FnOnce(Vec<Item>) -> Vec<BatchDone>) -> (bool, u32) {
-    let addr = broker_addr();
-    let tenant = TenantId::from(Uuid::new_v4());
-    let queue = tenant.queue_name();
-    let mut admin = broker::connect(&addr, TIMEOUT, "tenantd test").unwrap();
-    let setup = admin.open_channel(None).unwrap();
-    setup
-        .queue_declare(queue.as_str(), QueueDeclareOptions::default())
-        .unwrap();
-    for body in bodies {
-        let publish = Publish::with_properties(body, queue.as_str(), AmqpProperties::default());
-        setup.basic_publish("", publish).unwrap();
-    }
-
-    let mut session = broker::connect(&addr, TIMEOUT, "tenantd test").unwrap();
-    let channel = session.open_channel(None).unwrap();
-    channel.qos(0, 10, false).unwrap();
-    let publisher = Publisher::enable(&channel, TIMEOUT).unwrap();
-    let consumer = channel
-        .queue_declare_passive(queue.as_str())
-        .unwrap()
-        .consume(ConsumerOptions::default())
-        .unwrap();
-    let mut flight = book(tenant, publisher);
-    for _ in bodies {
-        match consumer.receiver().recv_timeout(TIMEOUT).unwrap() {
-            ConsumerMessage::Delivery(d) => flight.accept([d]),
-            other => panic!("expected a delivery, got {other:?}"),
-        }
-    }
-    let items: Vec<Item> = flight.waiting.drain(..).collect();
+    let rig = Rig::holding(bodies);
+    let consumer = rig.consume();
+    let mut flight = rig.book(crossbeam_channel::unbounded().0, |_| {});
+    rig.take(&consumer, &mut flight, bodies.len());
+    let items = flight.hand_to_pool(bodies.len(), 0);
     let mut replies = replies(items).into_iter();
     flight.busy = replies.len();
     let first = replies.next().unwrap();
-    let failed = flight.complete(&channel, first, replies).is_err();
-    flight.ack_every_committed(&channel).unwrap();
-    // The session ends, as the event loop ends it on this error.
+    let failed = flight.complete(&rig.channel, first, replies).is_err();
+    flight.end(&rig.channel, []).unwrap();
     drop((consumer, flight));
-    session.close().unwrap();
-
-    let back = ready_once_unconsumed(&setup, &queue);
-    let _ = setup.queue_delete(queue.as_str(), QueueDeleteOptions::default());
-    let _ = admin.close();
-    (failed, back)
+    (failed, rig.end_and_count_back())
 }
 
 fn stored(items: &[Item], poison: Vec<Poison>) -> BatchDone {
@@ -157,39 +102,40 @@ fn poison(item: Item) -> Poison {
     }
 }
 
-fn book(tenant: TenantId, publisher: Publisher) -> InFlight {
-    let metrics = Metrics::new();
-    let book = Book {
-        tenant,
-        workers: 2,
-        batch_size: 1,
-        retry_delays: vec![Duration::from_secs(60)],
-        stats: Arc::new(TenantStats::new(tenant, &metrics)),
-        // Retries only: the ledger of dead letters is never reached.
-        ledger: Arc::new(Ledger::new(
-            DbSettings {
-                url: "postgres://127.0.0.1:1/unused".into(),
-                connect_timeout: Duration::from_secs(1),
-                statement_timeout: Duration::ZERO,
-                keepalive: Duration::from_secs(10),
-            },
-            1,
-            Duration::from_secs(10),
-        )),
-    };
-    InFlight::new(book, crossbeam_channel::unbounded().0, publisher)
-}
-
-/// The queue's ready messages once it has no consumer (what the closed session left unacked
-/// is back by then).
-fn ready_once_unconsumed(channel: &Channel, queue: &str) -> u32 {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let q = channel.queue_declare_passive(queue).unwrap();
-        if q.declared_consumer_count() == Some(0) && q.declared_message_count() > Some(0) {
-            return q.declared_message_count().unwrap();
+/// The ledger of dead letters fails (its server drops every connection): the first failed
+/// message of a burst finds that out, and the others wait with it for the database's backoff,
+/// unacked, rather than each trying the ledger in turn (a ledger that times out would hold the
+/// tenant thread one connect timeout per message).
+#[test]
+fn the_failed_messages_of_a_burst_try_an_unavailable_ledger_once() {
+    const FAILED: usize = 5;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("postgres://{}/ledger", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
         }
-        assert!(Instant::now() < deadline, "the queue still has a consumer");
-        std::thread::sleep(Duration::from_millis(20)); // polling, bounded by the deadline
-    }
+    });
+    let rig = Rig::holding(&[&b"not JSON"[..]; FAILED]);
+    let consumer = rig.consume();
+    let mut flight = rig.book(crossbeam_channel::unbounded().0, |book| {
+        book.retry_delays = Vec::new();
+        book.ledger = test_support::ledger(&url);
+    });
+    rig.take(&consumer, &mut flight, FAILED);
+    let failed = flight
+        .hand_to_pool(FAILED, 1)
+        .into_iter()
+        .map(poison)
+        .collect();
+    flight
+        .complete(&rig.channel, stored(&[], failed), [])
+        .unwrap();
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(flight.waiting.len(), FAILED, "each failed message waits");
+    drop((consumer, flight));
+    assert_eq!(rig.end_and_count_back(), FAILED as u32);
 }
