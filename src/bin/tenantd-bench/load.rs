@@ -120,12 +120,37 @@ pub fn drain_rate(
     prefetch: u16,
     acks: Acks,
 ) -> BrokerDrain {
+    drain(url, queues, per_queue, prefetch, acks, false)
+}
+
+/// The same, a connection per queue, with every consume held until all are open (as tenantd's
+/// start gate holds them) and the time counted from the first connect: the floor of a start
+/// under backlog for any consumer that opens a connection per tenant, acking per burst.
+pub fn gated_drain_rate(
+    url: &str,
+    queues: &[String],
+    per_queue: u64,
+    prefetch: u16,
+) -> BrokerDrain {
+    drain(url, queues, per_queue, prefetch, Acks::PerBurst, true)
+}
+
+fn drain(
+    url: &str,
+    queues: &[String],
+    per_queue: u64,
+    prefetch: u16,
+    acks: Acks,
+    gated: bool,
+) -> BrokerDrain {
     let started = Instant::now();
     let me = [std::process::id()];
     let cpu_before = crate::procstat::CpuSplit::now(&me);
+    let gate = std::sync::Barrier::new(if gated { queues.len() } else { 1 });
     std::thread::scope(|s| {
         for queue in queues {
-            s.spawn(move || drain_one(url, queue, per_queue, prefetch, acks));
+            let gate = &gate;
+            s.spawn(move || drain_one(url, queue, per_queue, prefetch, acks, gate));
         }
     });
     let wall = started.elapsed();
@@ -136,10 +161,18 @@ pub fn drain_rate(
     }
 }
 
-fn drain_one(url: &str, queue: &str, count: u64, prefetch: u16, acks: Acks) {
+fn drain_one(
+    url: &str,
+    queue: &str,
+    count: u64,
+    prefetch: u16,
+    acks: Acks,
+    gate: &std::sync::Barrier,
+) {
     let mut connection = connect(url);
     let channel = connection.open_channel(None).unwrap();
     channel.qos(0, prefetch, false).unwrap();
+    gate.wait();
     let consumer = channel
         .basic_consume(queue, ConsumerOptions::default())
         .unwrap();

@@ -4,6 +4,8 @@
 //! per message with the start included, and the bare amiquip floor for opening as many
 //! consumers (connect, channel, qos, consume) on this machine: on empty queues, and on the
 //! preloaded ones with every consume held until all sessions are open, as tenantd's gate does.
+//! Those gated consumers then drain the backlog, storing nothing: the rate and CPU per message
+//! that a connection per tenant allows at best, against which tenantd's start is read.
 
 use std::time::{Duration, Instant};
 
@@ -46,6 +48,26 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
         consumes.as_secs_f64(),
         "s of it from the gate to the last consume-ok (each consume pushes a window)",
     );
+    // The same consumers draining it all, acking per burst and storing nothing: what a
+    // connection per tenant allows at best.
+    let bare = load::gated_drain_rate(
+        &stack.amqp_url,
+        &backlog.queues,
+        per_queue,
+        ingest::prefetch(),
+    );
+    let bare_us = bare.cpu.tenantd.as_secs_f64() * 1e6 / backlog.total as f64;
+    report.add(
+        "bare_start_drain_msgs_per_s",
+        bare.msgs_per_s.round(),
+        "msg/s, a connection per queue, gated, from the first connect",
+    );
+    report.add(
+        "bare_start_drain_cpu_us_per_msg",
+        bare_us,
+        "µs of the consumers' CPU (the floor of start_tenantd_cpu_us_per_msg)",
+    );
+    backlog.preload(stack);
 
     let mut pg = stack.pg();
     let target = stack.rows(&mut pg) + backlog.total as i64;
@@ -130,6 +152,11 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
         "start_ingest_ratio",
         ingest_rate / broker.msgs_per_s,
         "(goal >= 0.8)",
+    );
+    report.add(
+        "bare_start_drain_ratio",
+        bare.msgs_per_s / broker.msgs_per_s,
+        "(the bare gated drain's: the ceiling of start_ingest_ratio)",
     );
     ten.stop();
 
