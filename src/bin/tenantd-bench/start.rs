@@ -15,7 +15,8 @@ use chrono::{DateTime, Utc};
 use crate::ingest::{self, Backlog};
 use crate::load::{self, Acks};
 use crate::stack::Stack;
-use crate::{procstat, Args, Report};
+use crate::procstat::{self, CpuSplit};
+use crate::{Args, Report};
 
 pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
     let (count, per_queue) = (args.start_tenants, args.start_per_tenant);
@@ -48,26 +49,6 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
         consumes.as_secs_f64(),
         "s of it from the gate to the last consume-ok (each consume pushes a window)",
     );
-    // The same consumers draining it all, acking per burst and storing nothing: what a
-    // connection per tenant allows at best.
-    let bare = load::gated_drain_rate(
-        &stack.amqp_url,
-        &backlog.queues,
-        per_queue,
-        ingest::prefetch(),
-    );
-    let bare_us = bare.cpu.tenantd.as_secs_f64() * 1e6 / backlog.total as f64;
-    report.add(
-        "bare_start_drain_msgs_per_s",
-        bare.msgs_per_s.round(),
-        "msg/s, a connection per queue, gated, from the first connect",
-    );
-    report.add(
-        "bare_start_drain_cpu_us_per_msg",
-        bare_us,
-        "µs of the consumers' CPU (the floor of start_tenantd_cpu_us_per_msg)",
-    );
-    backlog.preload(stack);
 
     let mut pg = stack.pg();
     let target = stack.rows(&mut pg) + backlog.total as i64;
@@ -77,6 +58,7 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
         .get(0);
     let started = Instant::now();
     let started_wall = Utc::now();
+    let cpu_before = CpuSplit::now(&[]);
     let log = StartLog::new();
     stack.replica_logs = Some(log.dir.clone());
     stack.start(&[("LOG_LEVEL", "info")]);
@@ -97,6 +79,7 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
     report.add("start_cpu_by_last_s", cpu_at_last.as_secs_f64(), "s of CPU");
     ingest::wait_for_rows(stack, &mut pg, &backlog.queues, target);
     let cpu = procstat::cpu_time(pid);
+    let others = CpuSplit::now(&[]).since(cpu_before);
     let last: DateTime<Utc> = pg
         .query_one("SELECT max(created_at) FROM messages", &[])
         .unwrap()
@@ -153,12 +136,51 @@ pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {
         ingest_rate / broker.msgs_per_s,
         "(goal >= 0.8)",
     );
+
+    ten.stop();
+
+    // The same 1,000 consumers draining the backlog, acking per burst and storing nothing: what
+    // a connection per tenant allows at best.
+    backlog.preload(stack);
+    let bare = load::gated_drain_rate(
+        &stack.amqp_url,
+        &backlog.queues,
+        per_queue,
+        ingest::prefetch(),
+    );
+    let per_msg = |d: Duration| d.as_secs_f64() * 1e6 / backlog.total as f64;
+    let floor = per_msg(bare.cpu.tenantd);
+    report.add(
+        "bare_start_drain_msgs_per_s",
+        bare.msgs_per_s.round(),
+        "msg/s, a connection per queue, gated, from the first connect",
+    );
     report.add(
         "bare_start_drain_ratio",
         bare.msgs_per_s / broker.msgs_per_s,
-        "(the bare gated drain's: the ceiling of start_ingest_ratio)",
+        "of the broker's 10-queue drain: a connection per tenant costs the broker nothing",
     );
-    ten.stop();
+    report.add(
+        "bare_start_drain_cpu_us_per_msg",
+        floor,
+        "µs of the consumers' CPU: the floor of start_tenantd_cpu_us_per_msg",
+    );
+    // The CPU the start used, spent with tenantd costing only that floor, or nothing: the best
+    // ratio the machine allows, given what the broker and PostgreSQL spent storing it.
+    let (rabbitmq, postgres) = (per_msg(others.rabbitmq), per_msg(others.postgres));
+    let spent = rabbitmq + postgres + us;
+    report.add("start_rabbitmq_us_per_msg", rabbitmq, "µs");
+    report.add("start_postgres_us_per_msg", postgres, "µs");
+    report.add(
+        "start_ratio_at_floor",
+        ingest_rate * spent / (rabbitmq + postgres + floor) / broker.msgs_per_s,
+        "(tenantd at the bare consumers' CPU)",
+    );
+    report.add(
+        "start_ratio_tenantd_free",
+        ingest_rate * spent / (rabbitmq + postgres) / broker.msgs_per_s,
+        "(tenantd costing nothing: the broker and PostgreSQL alone)",
+    );
 
     let (wall, cpu, _) = bare_consumers(&stack.amqp_url, &backlog.queues, false);
     report.add("bare_open_consumers_s", wall.as_secs_f64(), "s");

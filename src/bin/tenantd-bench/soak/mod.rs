@@ -150,7 +150,13 @@ pub fn run(args: &Args, report: &mut Report) {
         loadavg()
     );
     check::stored(&mut fleet.pg(), &run.published, &tenants, report);
-    check::dead_letters(&servers.amqp_url(), &tenants, &run.published, report);
+    check::dead_letters(
+        &servers.amqp_url(),
+        &tenants,
+        &run.published,
+        &run.faults,
+        report,
+    );
     let rows = check::spans(&run.faults, &seen.gaps, &seen.doubles, report);
     let goal = settings.goal().as_secs_f64();
     report.add("goal_s", goal, "s without a consumer, at most");

@@ -78,6 +78,8 @@ pub struct Fault {
     /// Tenants running on that replica when the fault began.
     pub replica_tenants: Option<i64>,
     pub start: Instant,
+    /// When the blow landed: the SIGKILL (after the burst it waits for), else the start.
+    pub struck: Instant,
     /// When it was healed: the replica continued, restarted or reconnected, the server back.
     pub healed: Instant,
     /// When the next fault could start: everything consumed again (or given up on), and a calm
@@ -121,10 +123,12 @@ impl Nemesis<'_> {
     fn inject(&mut self, kind: Kind, replica: Option<usize>) -> Fault {
         let replica_tenants = replica.and_then(|i| Some(self.loads()?[i]));
         let start = Instant::now();
+        let mut struck = start;
         let i = replica.unwrap_or(0);
         match kind {
             Kind::Kill => {
                 self.kill_during_a_burst(i);
+                struck = Instant::now();
                 self.hold(kind, start);
                 self.fleet.restart(i);
             }
@@ -161,6 +165,7 @@ impl Nemesis<'_> {
             replica: replica.map(|i| NAMES[i]),
             replica_tenants,
             start,
+            struck,
             healed,
             end: Instant::now(),
         }
