@@ -79,8 +79,9 @@ impl<'c> Relay<'c> {
     }
 
     /// Stops consuming: the held copy, unacked, goes back to the retry queue when the channel
-    /// closes. Waits (until `deadline`) for the broker to confirm the cancel: amiquip tears the
-    /// whole connection down if the consumer is dropped before that confirmation arrives.
+    /// closes. Waits (until `deadline`) for the consumer's last message after the cancel: amiquip
+    /// answers the cancel before it sends that message, and tears the whole connection down if
+    /// the consumer is dropped in between.
     pub fn stop(self, deadline: Instant) {
         if self.consumer.cancel().is_err() {
             return;

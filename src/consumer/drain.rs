@@ -13,8 +13,10 @@ use crate::inflight::InFlight;
 use crate::pool::BatchDone;
 
 /// Stops taking deliveries and waits (until `deadline`) for the pool to finish what it holds and
-/// for the broker to confirm the cancel (the consumer must outlive that confirmation, or amiquip
-/// fails the whole connection). What is unacked after that is requeued when the channel closes.
+/// for the consumer's last message after the cancel (amiquip sends it after answering the
+/// cancel, and fails the whole connection if the consumer is dropped in between). At its end,
+/// what committed is acked, also replies that were waiting when the deadline came; what is
+/// unacked after that is requeued when the channel closes.
 ///
 /// It keeps listening to its control channel: a stop turns a resize's drain into a stop's, and
 /// brings the deadline forward when its own is sooner (the fence's is now); a resize while
@@ -24,7 +26,8 @@ use crate::pool::BatchDone;
 /// after the last heartbeat), whatever deadline it was given. Nothing is acked that was not
 /// committed (acks come only from the workers' replies); a batch still in the pool may commit
 /// after the fence, and its messages, redelivered to the tenant's new owner, are stored once by
-/// their ids.
+/// their ids (a message published without a UUID `message_id` gets a new one and is stored
+/// again).
 ///
 /// Once the consumer's channel has disconnected it is always ready in `select!`: it is then
 /// dropped from the select, so waiting for a slow batch costs no CPU (as is the control
@@ -148,7 +151,9 @@ fn copy_refused(leave: &mut Leave, flight: &InFlight, error: anyhow::Error) {
         Leave::Stop(_) => {
             warn!(tenant_id:% = flight.tenant(); "while stopping: {error:#}; the message comes again")
         }
-        Leave::Failed { .. } => {}
+        Leave::Failed { .. } => {
+            warn!(tenant_id:% = flight.tenant(); "while draining after a failure: {error:#}")
+        }
     }
 }
 

@@ -218,7 +218,11 @@ impl InFlight {
     fn record(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Stored { settled, inserted } => {
-                self.retry_backoff.reset();
+                // Only a batch that stored something says the database answers (one of failed
+                // messages alone touched none: a dead letter waiting for the ledger backs off).
+                if !settled.is_empty() {
+                    self.retry_backoff.reset();
+                }
                 self.stats.stored(settled.len() as u64, inserted);
                 self.unacked.commit(settled);
             }

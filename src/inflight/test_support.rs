@@ -95,8 +95,10 @@ impl Rig {
         }
     }
 
-    /// A round trip on the session's channel: what was sent before it (acks) is on the wire,
-    /// as the session's close of the relay's channel makes it before the consumer is dropped.
+    /// A round trip on the session's channel before the consumer is dropped, as the session's
+    /// close of the relay's channel is: amiquip answers a cancel before it sends the consumer
+    /// its last message, and a consumer dropped in between fails the connection with what it
+    /// had not written yet (the acks).
     pub fn round_trip(&self) {
         self.channel
             .queue_declare_passive(self.tenant.queue_name())
@@ -113,9 +115,8 @@ impl Rig {
             session,
             ..
         } = self;
-        // A drain ended by its deadline may have dropped its consumer before the broker
-        // confirmed the cancel, which fails the connection: what it left unacked is back all
-        // the same.
+        // The consumer may have been dropped before amiquip sent it its last message, which
+        // fails the connection: what it left unacked is back all the same.
         let _ = session.close();
         let queue = tenant.queue_name();
         let deadline = Instant::now() + TIMEOUT;

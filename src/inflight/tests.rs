@@ -139,3 +139,41 @@ fn the_failed_messages_of_a_burst_try_an_unavailable_ledger_once() {
     drop((consumer, flight));
     assert_eq!(rig.end_and_count_back(), FAILED as u32);
 }
+
+/// A failed message waits for a ledger it cannot reach: each try fails, so its wait grows with
+/// the database's backoff (50 ms doubling to 5 s), though its own batch, holding nothing but the
+/// failed message, touched no database (its reply once reset the backoff, and the ledger was
+/// tried some twenty times a second for as long as the database was away).
+#[test]
+fn a_dead_letter_waiting_for_an_unreachable_ledger_backs_off() {
+    use std::time::{Duration, Instant};
+    const TRIES: usize = 6;
+    let rig = Rig::holding(&[&b"not JSON"[..]]);
+    let consumer = rig.consume();
+    // The rig's ledger is a port nothing listens on: every try is refused at once.
+    let mut flight = rig.book(crossbeam_channel::unbounded().0, |book| {
+        book.retry_delays = Vec::new();
+    });
+    rig.take(&consumer, &mut flight, 1);
+    let mut waits = Vec::new();
+    for _ in 0..TRIES {
+        // The message goes to the pool again, alone, and comes back failed.
+        let item = flight.hand_to_pool(1, 1).pop().expect("the message waits");
+        flight
+            .complete(&rig.channel, stored(&[], vec![poison(item)]), [])
+            .unwrap();
+        let at = flight
+            .retry_at
+            .expect("the ledger is unreachable: the message waits");
+        waits.push(at.saturating_duration_since(Instant::now()));
+        flight.retry_due();
+    }
+    drop((consumer, flight));
+    assert_eq!(rig.end_and_count_back(), 1, "the message is not lost");
+    // Doubling from 50 ms, the 6th wait is 1.6 s, 800 ms at least with the jitter; a wait that
+    // does not grow stays near 50 ms.
+    assert!(
+        waits[TRIES - 1] >= Duration::from_millis(400),
+        "the waits for the ledger do not grow: {waits:?}"
+    );
+}

@@ -14,8 +14,8 @@ use chrono::{DateTime, Utc};
 
 use crate::ingest::{self, Backlog};
 use crate::load::{self, Acks};
-use crate::stack::Stack;
 use crate::procstat::{self, CpuSplit};
+use crate::stack::Stack;
 use crate::{Args, Report};
 
 pub fn run(stack: &mut Stack, args: &Args, report: &mut Report) {

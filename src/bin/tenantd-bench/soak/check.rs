@@ -101,10 +101,10 @@ pub fn stored(pg: &mut Client, published: &Published, tenants: &[Uuid], report: 
 }
 
 /// Dead letters against poison messages: every letter taken off the tenants' DLQs. A message
-/// lettered twice whose first letter was made just before a replica was killed or stopped is
-/// the window the design admits (a letter confirmed, its record not yet committed: the
-/// redelivered original is lettered again); it is counted apart, every other second letter is a
-/// fault.
+/// lettered twice, its first letter made just before a replica was killed or stopped or its
+/// broker path failed and its second after that, is the window the design admits (a letter
+/// confirmed, or its confirm lost, before its record committed: the redelivered original is
+/// lettered again); it is counted apart, every other second letter is a fault.
 pub fn dead_letters(
     url: &str,
     tenants: &[Uuid],
@@ -117,7 +117,7 @@ pub fn dead_letters(
         .expect("connecting to the soak's broker");
     let channel = connection.open_channel(None).expect("a channel");
     let mut letters: Vec<Option<Uuid>> = Vec::new();
-    let mut first_letter: HashMap<Option<Uuid>, Instant> = HashMap::new();
+    let mut stamps: HashMap<Option<Uuid>, Vec<Instant>> = HashMap::new();
     for t in tenants {
         while let Some(get) = channel
             .basic_get(format!("tenant_{t}_dlq"), true)
@@ -127,8 +127,7 @@ pub fn dead_letters(
             let id = properties.message_id().as_ref();
             let id = id.and_then(|id| id.parse().ok());
             if let Some(at) = lettered_at(properties) {
-                let first = first_letter.entry(id).or_insert(at);
-                *first = (*first).min(at);
+                stamps.entry(id).or_default().push(at);
             }
             letters.push(id);
         }
@@ -150,7 +149,7 @@ pub fn dead_letters(
         .count();
     let blows: Vec<Instant> = faults
         .iter()
-        .filter(|f| matches!(f.kind, Kind::Kill | Kind::Stop))
+        .filter(|f| !matches!(f.kind, Kind::DbCut | Kind::DbRestart))
         .map(|f| f.struck)
         .collect();
     let mut per_id: HashMap<Option<Uuid>, usize> = HashMap::new();
@@ -159,13 +158,9 @@ pub fn dead_letters(
     }
     let (mut twice, mut at_a_blow) = (0, 0);
     for (id, n) in per_id.into_iter().filter(|(_, n)| *n > 1) {
-        let excused = first_letter.get(&id).is_some_and(|&at| {
-            blows
-                .iter()
-                .any(|&blow| at <= blow && blow.duration_since(at) <= LETTER_TO_RECORD)
-        });
+        let excused = n == 2 && stamps.get(&id).is_some_and(|s| across_a_blow(s, &blows));
         match excused {
-            true => at_a_blow += n - 1,
+            true => at_a_blow += 1,
             false => twice += n - 1,
         }
     }
@@ -178,7 +173,7 @@ pub fn dead_letters(
     report.add(
         "dead_letters_twice_at_a_blow",
         at_a_blow as f64,
-        "of a message first lettered just before a kill or stop",
+        "of a message lettered just before a kill, a stop or a broker fault, and after it",
     );
     report.add("poison_not_dead_lettered", missing as f64, "");
     report.add("dead_letters_not_poison", not_poison as f64, "");
@@ -187,6 +182,18 @@ pub fn dead_letters(
 /// The longest a letter's confirm and its record's commit can follow its stamp under the soak's
 /// load: a blow within this after a letter may have fallen between them.
 const LETTER_TO_RECORD: Duration = Duration::from_secs(2);
+
+/// Whether two letters of one message fall on either side of a blow, the first at most
+/// `LETTER_TO_RECORD` before it.
+fn across_a_blow(stamps: &[Instant], blows: &[Instant]) -> bool {
+    let [a, b] = stamps else {
+        return false;
+    };
+    let (first, second) = (a.min(b), a.max(b));
+    blows.iter().any(|&blow| {
+        *first <= blow && blow.duration_since(*first) <= LETTER_TO_RECORD && *second > blow
+    })
+}
 
 /// When a letter was made (its `x-tenantd-dead-lettered-at`, Unix ms), on this process's clock.
 fn lettered_at(properties: &amiquip::AmqpProperties) -> Option<Instant> {
