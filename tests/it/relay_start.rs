@@ -110,21 +110,7 @@ fn a_retry_queue_missing_at_start_stores_a_backlog_without_ids_once() {
         failed >= 1,
         "the relay's consume did not fail: the test proves nothing"
     );
-    let distinct: i64 = app
-        .pg()
-        .query_one(
-            &format!(
-                "SELECT count(DISTINCT payload->>'i') FROM {}",
-                crate::support::partition_name(&tenant)
-            ),
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    let rows = app.partition_rows(&tenant);
-    eprintln!("rows {rows}, distinct payloads {distinct}");
-    assert_eq!(distinct, N);
-    assert_eq!(rows, N, "messages stored more than once");
+    assert_stored_once(&app, &tenant, N);
 }
 
 /// The same where the relay's consume keeps failing (another connection consumes the retry
@@ -292,20 +278,8 @@ fn a_poison_message_with_the_retry_queue_missing_at_start_stores_nothing_twice()
     amqp.publish_numbered(&queue_name(&tenant), N as usize);
     amqp.delete_queue(&retry_name(&tenant));
     activate(&app, std::slice::from_ref(&tenant));
-    wait_until(
-        Duration::from_secs(60),
-        "the backlog stored, the poison dead-lettered",
-        || {
-            amqp.queue_stats(&queue_name(&tenant)).map(|s| s.0) == Some(0)
-                && amqp.queue_stats(&dlq_name(&tenant)).map(|s| s.0) == Some(1)
-                && app.partition_rows(&tenant) >= N
-        },
-    );
-    assert_eq!(
-        app.partition_rows(&tenant),
-        N,
-        "messages stored more than once"
-    );
+    stored_and_lettered(&app, &mut amqp, &tenant, N);
+    assert_stored_once(&app, &tenant, N);
 }
 
 /// The relay's republish is refused (the tenant's queue rejects publishes): each session's relay
@@ -372,34 +346,42 @@ fn a_dead_letter_refused_mid_session_stores_nothing_twice() {
     amqp.wait_confirms();
     amqp.delete_queue(&dlq_name(&tenant));
     activate(&app, std::slice::from_ref(&tenant));
-    wait_until(
-        Duration::from_secs(60),
-        "the backlog stored, the poison dead-lettered",
-        || {
-            amqp.queue_stats(&queue_name(&tenant)).map(|s| s.0) == Some(0)
-                && amqp.queue_stats(&dlq_name(&tenant)).map(|s| s.0) == Some(1)
-                && app.partition_rows(&tenant) >= N
-        },
-    );
+    stored_and_lettered(&app, &mut amqp, &tenant, N);
     assert!(
         !logs::lines_with(&[&tenant, "copying a failed message"]).is_empty(),
         "the letter was not refused: the test proves nothing"
     );
+    assert_stored_once(&app, &tenant, N);
+}
+
+/// Waits until the tenant's backlog of `n` messages is stored and its one poison message
+/// dead-lettered.
+fn stored_and_lettered(app: &TestApp, amqp: &mut Amqp, tenant: &str, n: i64) {
+    wait_until(
+        Duration::from_secs(60),
+        "the backlog stored, the poison dead-lettered",
+        || {
+            amqp.queue_stats(&queue_name(tenant)).map(|s| s.0) == Some(0)
+                && amqp.queue_stats(&dlq_name(tenant)).map(|s| s.0) == Some(1)
+                && app.partition_rows(tenant) >= n
+        },
+    );
+}
+
+/// `n` numbered messages (`{"i": …}`, no ids), each stored once.
+fn assert_stored_once(app: &TestApp, tenant: &str, n: i64) {
     let distinct: i64 = app
         .pg()
         .query_one(
             &format!(
                 "SELECT count(DISTINCT payload->>'i') FROM {}",
-                crate::support::partition_name(&tenant)
+                crate::support::partition_name(tenant)
             ),
             &[],
         )
         .unwrap()
         .get(0);
-    assert_eq!(distinct, N);
-    assert_eq!(
-        app.partition_rows(&tenant),
-        N,
-        "messages stored more than once"
-    );
+    let rows = app.partition_rows(tenant);
+    assert_eq!(distinct, n, "messages missing");
+    assert_eq!(rows, n, "messages stored more than once");
 }
