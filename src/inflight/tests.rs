@@ -177,3 +177,49 @@ fn a_dead_letter_waiting_for_an_unreachable_ledger_backs_off() {
         "the waits for the ledger do not grow: {waits:?}"
     );
 }
+
+/// A ledger whose server takes the connection and never answers (a stopped postmaster, a frozen
+/// VM or pooler): the connect gives up within twice its timeout, the failed message waits for
+/// the database's backoff, and what the burst committed is acked. The tenant thread is not held
+/// (it would not hear a stop, the fence or a shutdown meanwhile).
+#[test]
+fn a_ledger_that_never_answers_does_not_hold_the_tenant_thread() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let silent = crate::store::Silent::start();
+    let rig = Rig::holding(&[&b"{}"[..], &b"not JSON"[..]]);
+    let consumer = rig.consume();
+    let mut flight = rig.book(crossbeam_channel::unbounded().0, |book| {
+        book.retry_delays = Vec::new();
+        book.ledger = test_support::ledger(&silent.url);
+    });
+    rig.take(&consumer, &mut flight, 2);
+    let mut items = flight.hand_to_pool(2, 1);
+    let bad = items.pop().unwrap();
+    // Should the connect wait for ever, the server lets go after 10 s, and the test fails.
+    let (done, finished) = crossbeam_channel::bounded::<()>(1);
+    let released = Arc::new(AtomicBool::new(false));
+    let (release, said) = (silent.releaser(), released.clone());
+    std::thread::spawn(move || {
+        if finished.recv_timeout(Duration::from_secs(10)).is_err() {
+            said.store(true, Ordering::SeqCst);
+            release();
+        }
+    });
+    flight
+        .complete(&rig.channel, stored(&items, vec![poison(bad)]), [])
+        .unwrap();
+    let _ = done.send(());
+    assert!(
+        !released.load(Ordering::SeqCst),
+        "the tenant thread was held until the silent server let go"
+    );
+    assert_eq!(flight.waiting.len(), 1, "the failed message waits");
+    drop((consumer, flight));
+    assert_eq!(
+        rig.end_and_count_back(),
+        1,
+        "only the failed message comes back"
+    );
+}

@@ -4,6 +4,7 @@
 //! Names of tables come from `TenantId`; every value travels as a bind parameter, except the
 //! partition bound in DDL, which PostgreSQL cannot bind and which is printed from a parsed UUID.
 
+mod connect;
 pub mod dead_letters;
 pub mod limits;
 mod locks;
@@ -12,13 +13,16 @@ pub mod orphans;
 pub mod replicas;
 pub mod tenants;
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use parking_lot::Mutex;
-use postgres::{Client, NoTls};
+use postgres::Client;
+
+pub use connect::connect;
+#[cfg(test)]
+pub use connect::silent::Silent;
 
 const SCHEMA: &str = include_str!("../../schema.sql");
 
@@ -35,46 +39,6 @@ pub struct DbSettings {
     /// A connection whose server stays silent this long (TCP keepalive probes unanswered, or
     /// data unacknowledged) is declared dead.
     pub keepalive: Duration,
-}
-
-/// Opens a connection, giving up after the connect timeout; the error names the server, never
-/// the password.
-pub fn connect(settings: &DbSettings, name: &str) -> Result<Client> {
-    let mut config =
-        postgres::Config::from_str(&settings.url).context("DATABASE_URL is not a valid URL")?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(settings.connect_timeout);
-    }
-    // TCP counts keepalive times in whole seconds, and refuses zero.
-    let second = Duration::from_secs(1);
-    let keepalive = settings.keepalive.max(second * 2);
-    config
-        .application_name(name)
-        .keepalives(true)
-        .keepalives_idle((keepalive / 2).max(second))
-        .keepalives_interval((keepalive / 6).max(second))
-        .keepalives_retries(3)
-        .tcp_user_timeout(keepalive);
-    if !settings.statement_timeout.is_zero() {
-        let ms = settings.statement_timeout.as_millis();
-        config.options(&format!("-c statement_timeout={ms}"));
-    }
-    config
-        .connect(NoTls)
-        .with_context(|| format!("cannot connect to PostgreSQL at {}", describe(&config)))
-}
-
-fn describe(config: &postgres::Config) -> String {
-    let host = match config.get_hosts().first() {
-        Some(postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "{host}:{port}/{}",
-        config.get_dbname().unwrap_or("postgres")
-    )
 }
 
 /// Connections for the API, opened on demand and kept while they work. A connection is used by
