@@ -151,6 +151,9 @@ pub enum Failure {
 impl Failure {
     /// Reads what an error of this module means (the one place that looks into its causes).
     pub fn of(e: &anyhow::Error) -> Failure {
+        if e.chain().any(|c| c.is::<connect::GaveUp>()) {
+            return Failure::Unreachable;
+        }
         let pg = e.chain().find_map(|c| c.downcast_ref::<postgres::Error>());
         match pg {
             Some(pg) if pg.is_closed() || pg.code().is_none() => Failure::Unreachable,
