@@ -1,9 +1,9 @@
 //! How a consumer leaves: it cancels, lets the pool finish what it holds, and acks what was
 //! committed, by a deadline — while still hearing a stop or a resize.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use amiquip::ConsumerMessage;
+use amiquip::{Consumer, ConsumerMessage};
 use anyhow::{Context, Result};
 use crossbeam_channel::{after, never, select};
 use log::warn;
@@ -135,8 +135,24 @@ pub(super) fn drain(
         }
     }
     // Replies already waiting when the deadline or the fence ended it are commits too.
-    flight.end(channel, replies.try_iter())
+    let ended = flight.end(channel, replies.try_iter());
+    if !cancelled {
+        take_the_consumer_end(consumer);
+    }
+    ended
 }
+
+/// Takes the consumer's last message, which amiquip sends right after it answered the cancel:
+/// a consumer dropped before it fails the whole connection, with what it had not written yet
+/// (the acks just sent). Bounded, should the connection be failing meanwhile.
+fn take_the_consumer_end(consumer: &Consumer) {
+    let until = Instant::now() + CONSUMER_END_WAIT;
+    while let Ok(ConsumerMessage::Delivery(_)) = consumer.receiver().recv_deadline(until) {}
+}
+
+/// The longest a drain waits for its consumer's last message (it comes at once: the broker has
+/// answered the cancel already).
+const CONSUMER_END_WAIT: Duration = Duration::from_secs(1);
 
 /// A failed message's copy refused while draining: the drain goes on (what commits is still
 /// acked) and the message, unacked, comes again. A resize's drain becomes a failed session's.

@@ -393,10 +393,6 @@ fn consume(
     // A stop that comes meanwhile (also while a resize drains) ends the drain by its deadline.
     let drained = drain(&session, &mut flight, &mut leave, &mut deadline, &ctx.fence);
     relay.stop(deadline);
-    // A round trip on the connection before the consumer is dropped. amiquip answers a cancel
-    // before it sends the consumer its last message, and a consumer dropped in between fails
-    // the whole connection, with what it had not written yet (the drain's acks). The drain
-    // waits for that message, but not when its deadline or the fence ended it.
     let _ = relay_channel.close();
     drop(consumer);
     let closed = drained.and_then(|()| Ok(channel.close()?));

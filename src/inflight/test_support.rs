@@ -95,16 +95,6 @@ impl Rig {
         }
     }
 
-    /// A round trip on the session's channel before the consumer is dropped, as the session's
-    /// close of the relay's channel is: amiquip answers a cancel before it sends the consumer
-    /// its last message, and a consumer dropped in between fails the connection with what it
-    /// had not written yet (the acks).
-    pub fn round_trip(&self) {
-        self.channel
-            .queue_declare_passive(self.tenant.queue_name())
-            .unwrap();
-    }
-
     /// Ends the session (what it left unacked goes back to the queue) and counts the messages
     /// back in the queue.
     pub fn end_and_count_back(self) -> u32 {
