@@ -287,15 +287,15 @@ impl InFlight {
         properties: AmqpProperties,
     ) -> Result<()> {
         let attempt = attempts(&properties);
-        // The id the message is stored under: the publisher's when it is a UUID (every copy of
-        // the message shares it), else one of its own (as its rows are), so that two messages
-        // under one such id are two letters.
         if self.retry_at.is_some() {
             // The database failed a moment ago (this burst's store or ledger): the message waits
             // with the rest, rather than each failed message waiting on the ledger in turn.
             self.wait_for_database(delivery, poison);
             return Ok(());
         }
+        // The id the message is stored under: the publisher's when it is a UUID (every copy of
+        // the message shares it), else one of its own (as its rows are), so that two messages
+        // under one such id are two letters.
         let id = poison.id.to_string();
         let ledger = self.ledger.clone();
         let pending = match ledger.begin(self.tenant, &id, replays(&properties)) {

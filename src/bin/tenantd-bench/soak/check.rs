@@ -321,3 +321,41 @@ pub fn print_faults(rows: &[Row], settings: &Settings) {
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::across_a_blow;
+
+    #[test]
+    fn only_two_letters_on_either_side_of_a_blow_just_after_the_first_are_excused() {
+        let blow = Instant::now() + Duration::from_secs(60);
+        let at = |ms: i64| match ms < 0 {
+            true => blow - Duration::from_millis(ms.unsigned_abs()),
+            false => blow + Duration::from_millis(ms as u64),
+        };
+        assert!(across_a_blow(&[at(-500), at(8000)], &[blow]));
+        assert!(
+            across_a_blow(&[at(8000), at(-500)], &[blow]),
+            "in any order"
+        );
+        assert!(
+            !across_a_blow(&[at(-3000), at(8000)], &[blow]),
+            "long before it"
+        );
+        assert!(
+            !across_a_blow(&[at(-500), at(-100)], &[blow]),
+            "both before it"
+        );
+        assert!(
+            !across_a_blow(&[at(100), at(8000)], &[blow]),
+            "both after it"
+        );
+        assert!(!across_a_blow(&[at(-500), at(8000)], &[]), "no blow");
+        assert!(
+            !across_a_blow(&[at(-500), at(1), at(8000)], &[blow]),
+            "three letters"
+        );
+    }
+}
